@@ -1,0 +1,263 @@
+"""WikiANN NER data for all three stages: loading, sub-word label alignment, batching.
+
+    WIKIANN_DIR=../shared/data/wikiann python ner_data.py --lang en --split train   # summary of a split
+
+    from ner_data import load_wikiann, encode_sentences, BatchStream
+    train = load_wikiann("en", "train", data_dir="../shared/data/wikiann", max_sentences=2000)
+    examples = encode_sentences(train, tokenizer, max_len=128)
+    stream = BatchStream(examples, batch_size=16, seed=0, pad_id=tokenizer.pad_token_id)
+    batch = stream.next_batch()     # dict of padded tensors: input_ids, attention_mask, labels
+
+Where the data comes from (`load_wikiann`): a PAN-X folder `<dir>/<lang>/{train,dev,test}`
+(XTREME's layout: one `lang:token<TAB>tag` per line, a blank line between sentences) given by
+`--data-dir` or `$WIKIANN_DIR`; else the hub's `wikiann` dataset. Either way the result is a
+`datasets.Dataset` with `tokens` and `ner_tags` (a ClassLabel in the hub's label order).
+"""
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]  # the hub's wikiann order
+SPLITS = ("train", "dev", "test")
+HUB_DATASET = "unimelb-nlp/wikiann"  # the hub's wikiann; its "validation" is PAN-X's "dev"
+IGNORE = -100  # label of sub-words that carry no prediction (torch's cross-entropy ignore_index)
+
+
+# ----------------------------------------------------------------------------------------
+# Reading
+
+def resolve_data_dir(data_dir=None):
+    """--data-dir, else $WIKIANN_DIR, else None (meaning: the hub)."""
+    data_dir = data_dir or os.environ.get("WIKIANN_DIR")
+    if not data_dir:
+        return None
+    if not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"data folder {data_dir} does not exist: pass --data-dir with a PAN-X "
+                                f"folder (<dir>/<lang>/train|dev|test) or set WIKIANN_DIR")
+    return Path(data_dir)
+
+
+def available_languages(data_dir):
+    """Languages of a PAN-X folder: its sub-folders that hold a train, dev or test file."""
+    return sorted(p.name for p in Path(data_dir).iterdir()
+                  if p.is_dir() and any((p / s).is_file() for s in SPLITS))
+
+
+def parse_languages(text):
+    """'de,es' -> ['de', 'es'] (a flag value; empty items are a clear error)."""
+    langs = [l.strip() for l in text.split(",")]
+    if not all(langs):
+        raise ValueError(f"bad language list {text!r}: give codes separated by commas, e.g. de,es")
+    return langs
+
+
+def read_panx_file(path, max_sentences=None):
+    """Sentences of one PAN-X file as (tokens, tags) lists; a malformed line names file:line."""
+    sentences, tokens, tags = [], [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\n").rstrip("\r")
+            if not line.strip():
+                if tokens:
+                    sentences.append((tokens, tags))
+                    tokens, tags = [], []
+                    if max_sentences is not None and len(sentences) >= max_sentences:
+                        return sentences
+                continue
+            word, sep, tag = line.rpartition("\t")
+            lang, colon, token = word.partition(":")
+            if not sep or not colon or not token or not lang:
+                raise ValueError(f"{path}:{lineno}: malformed line {line[:60]!r}: "
+                                 f"expected 'lang:token<TAB>tag'")
+            if tag not in LABELS:
+                raise ValueError(f"{path}:{lineno}: unknown tag {tag!r}: expected one of {', '.join(LABELS)}")
+            tokens.append(token)
+            tags.append(LABELS.index(tag))
+    if tokens:
+        sentences.append((tokens, tags))
+    return sentences
+
+
+def _as_dataset(sentences):
+    from datasets import ClassLabel, Dataset, Features, Sequence, Value
+    features = Features({"tokens": Sequence(Value("string")), "ner_tags": Sequence(ClassLabel(names=LABELS))})
+    return Dataset.from_dict({"tokens": [s[0] for s in sentences], "ner_tags": [s[1] for s in sentences]},
+                             features=features)
+
+
+def load_wikiann(lang, split, data_dir=None, max_sentences=None):
+    """One split of one language as a datasets.Dataset (tokens, ner_tags); the first
+    max_sentences sentences only, when given (for small budgets)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    if max_sentences is not None and max_sentences < 1:
+        raise ValueError(f"--max-sentences {max_sentences}: give a positive number")
+    folder = resolve_data_dir(data_dir)
+    if folder is None:
+        return _load_from_hub(lang, split, max_sentences)
+    path = folder / lang / split
+    if not path.is_file():
+        if not (folder / lang).is_dir():
+            raise ValueError(f"unknown language {lang!r}: {folder} has {', '.join(available_languages(folder))}")
+        raise FileNotFoundError(f"{path} is missing: a PAN-X folder holds <lang>/train, dev and test")
+    return _as_dataset(read_panx_file(path, max_sentences))
+
+
+def _load_from_hub(lang, split, max_sentences):
+    from datasets import load_dataset
+    hub_split = {"dev": "validation"}.get(split, split)
+    if max_sentences is not None:
+        hub_split += f"[:{max_sentences}]"
+    try:
+        ds = load_dataset(HUB_DATASET, lang, split=hub_split)
+    except Exception as e:  # offline, unknown config, ...: one clear line, not a hub traceback
+        raise ValueError(f"could not load {HUB_DATASET} ({lang}, {split}) from the hub ({type(e).__name__}); "
+                         f"pass --data-dir or set WIKIANN_DIR to a PAN-X folder") from None
+    return ds.select_columns(["tokens", "ner_tags"])
+
+
+# ----------------------------------------------------------------------------------------
+# Sub-word tokenisation with label alignment
+
+def encode_sentences(dataset, tokenizer, max_len=128):
+    """Tokenise pre-split sentences; label the first sub-word of each word, -100 elsewhere.
+
+    Returns a list of dicts: input_ids, labels, word_ids (the word of each position, None for
+    special tokens and non-first sub-words) and n_words. Words beyond max_len are cut; words
+    that give no sub-word at all (e.g. a lone zero-width space) simply have no position: both
+    are predicted "O" when mapped back to words (`word_predictions`)."""
+    enc = tokenizer(list(dataset["tokens"]), is_split_into_words=True, truncation=True, max_length=max_len)
+    examples = []
+    for i, tags in enumerate(list(dataset["ner_tags"])):
+        word_ids = enc.word_ids(i)
+        labels, first_words, previous = [], [], None
+        for w in word_ids:
+            first = w is not None and w != previous
+            labels.append(tags[w] if first else IGNORE)
+            first_words.append(w if first else None)
+            previous = w
+        examples.append({"input_ids": enc["input_ids"][i], "labels": labels,
+                         "word_ids": first_words, "n_words": len(tags)})
+    return examples
+
+
+def word_predictions(token_predictions, word_ids, n_words, outside=0):
+    """Map per-position label ids back to one label id per word (missing words -> O)."""
+    words = [outside] * n_words
+    for pred, w in zip(token_predictions, word_ids):
+        if w is not None:
+            words[w] = int(pred)
+    return words
+
+
+# ----------------------------------------------------------------------------------------
+# Length-bucketed batching with dynamic padding
+
+def bucketed_batches(lengths, batch_size=32, max_tokens=None, generator=None, pool_batches=100):
+    """Index lists that cover every example exactly once.
+
+    Shuffle, cut into pools of `pool_batches` batches, sort each pool by length, cut it into
+    batches of similar lengths, then shuffle the batches: little padding, still random. With
+    max_tokens, a batch grows while (size x longest length) stays within the budget, instead
+    of a fixed batch_size. generator=None keeps the original order (no shuffling)."""
+    order = torch.randperm(len(lengths), generator=generator).tolist() if generator is not None \
+        else list(range(len(lengths)))
+    pool_size = (batch_size or 32) * pool_batches
+    batches = []
+    for start in range(0, len(order), pool_size):
+        pool = sorted(order[start:start + pool_size], key=lambda i: lengths[i])
+        batches.extend(_cut(pool, lengths, batch_size, max_tokens))
+    if generator is not None:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
+def _cut(pool, lengths, batch_size, max_tokens):
+    """Cut a length-sorted pool into batches by count or by padded-token budget."""
+    if max_tokens is None:
+        return [pool[i:i + batch_size] for i in range(0, len(pool), batch_size)]
+    batches, current = [], []
+    for i in pool:
+        if current and (len(current) + 1) * max(lengths[i], lengths[current[-1]]) > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + [current] if current else batches
+
+
+def collate(examples, pad_id, device="cpu"):
+    """Pad a list of encoded examples to their longest length: input_ids, attention_mask, labels."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def padding_efficiency(batches, lengths):
+    """Real tokens / padded tokens over a list of index batches."""
+    real = sum(lengths[i] for b in batches for i in b)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return real / padded
+
+
+class BatchStream:
+    """An endless, seeded stream of padded batches, epoch after epoch.
+
+    Epoch e uses the batches drawn with seed (seed, e), so the stream's whole state is
+    (epoch, position): `state()` / `load_state()` make a resumed run draw the same batches."""
+
+    def __init__(self, examples, batch_size=16, seed=0, pad_id=1, device="cpu", max_tokens=None):
+        if not examples:
+            raise ValueError("no examples to batch: check --max-sentences and the data folder")
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.pad_id, self.device, self.max_tokens = pad_id, device, max_tokens
+        self.lengths = [len(e["input_ids"]) for e in examples]
+        self.epoch, self.position, self._batches = 0, 0, None
+
+    def _epoch_batches(self):
+        if self._batches is None:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            self._batches = bucketed_batches(self.lengths, self.batch_size, self.max_tokens, g)
+        return self._batches
+
+    def next_batch(self):
+        batches = self._epoch_batches()
+        if self.position >= len(batches):
+            self.epoch, self.position, self._batches = self.epoch + 1, 0, None
+            batches = self._epoch_batches()
+        batch = batches[self.position]
+        self.position += 1
+        return collate([self.examples[i] for i in batch], self.pad_id, self.device)
+
+    def state(self):
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state(self, state):
+        self.epoch, self.position, self._batches = state["epoch"], state["position"], None
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Print a summary of one WikiANN split.")
+    parser.add_argument("--lang", default="en", help="language code, e.g. en, de")
+    parser.add_argument("--split", default="train", choices=SPLITS, help="which split")
+    parser.add_argument("--data-dir", default=None, help="PAN-X folder (default: $WIKIANN_DIR, else the hub)")
+    args = parser.parse_args()
+    try:
+        ds = load_wikiann(args.lang, args.split, args.data_dir)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    n_tokens = sum(len(t) for t in ds["tokens"])
+    print(f"{args.lang}/{args.split}: {len(ds)} sentences, {n_tokens} words; first: {' '.join(ds[0]['tokens'])}")
+
+
+if __name__ == "__main__":
+    main()
