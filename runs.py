@@ -110,6 +110,7 @@ class MetricsLog:
     """Append-only JSON-lines metrics file in a run folder (one line per logged step)."""
 
     def __init__(self, folder, fresh=True):
+        Path(folder).mkdir(parents=True, exist_ok=True)
         self.path = Path(folder) / METRICS
         if fresh:
             self.path.unlink(missing_ok=True)

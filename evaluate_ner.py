@@ -1,0 +1,111 @@
+"""Zero-shot cross-lingual evaluation of a fine-tuned checkpoint (entity-level F1, seqeval).
+
+    python evaluate_ner.py --ckpt checkpoints/ft-primed-maml-adapter-s0-adapter-en-s0              # fr,nl,pt test
+    python evaluate_ner.py --ckpt checkpoints/ft-e5-small-adapter-en-s0 --langs fr,nl,pt --split dev
+    python evaluate_ner.py --ckpt ... --gpu 0 --max-sentences 1000
+
+--ckpt is a folder of finetune_peft.py: PEFT tensors + head (its run.json names the body they
+were trained on) or a full model (--peft full). Prints a markdown table of precision, recall
+and F1 (strict IOB2, CoNLL style) per language and their average, and writes the same as JSON
+(default: <ckpt>/eval-<split>.json). A target language that was used in priming or in
+fine-tuning gets a warning: that evaluation would not be zero-shot.
+"""
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import adapters
+from ner_data import LABELS, SPLITS, encode_sentences, load_wikiann, parse_languages, score_model
+from pretrained import load_token_classifier, load_tokenizer, pick_device
+from runs import read_record, run_cli, write_json
+
+LANGS = "fr,nl,pt"  # target languages: never used in the default priming (de,es) or training (en)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Evaluate a fine-tuned NER checkpoint zero-shot on other languages.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a folder written by finetune_peft.py")
+    p.add_argument("--langs", default=LANGS, help="comma-separated target languages")
+    p.add_argument("--split", choices=SPLITS, default="test", help="which split to score")
+    p.add_argument("--max-sentences", type=int, default=None, help="score only the first N sentences per language")
+    p.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass")
+    p.add_argument("--max-len", type=int, default=128, help="sub-word truncation length (cut words count as O)")
+    p.add_argument("--data-dir", default=None, help="PAN-X folder (default: $WIKIANN_DIR, else the hub's wikiann)")
+    p.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
+    p.add_argument("--out", default=None, help="JSON output (default: <ckpt>/eval-<split>.json)")
+    return p
+
+
+def load_finetuned(ckpt, device):
+    """The fine-tuned model of a finetune_peft.py folder, and that folder's run.json."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"--ckpt {ckpt} does not exist")
+    record = read_record(ckpt)
+    if (ckpt / "peft_config.json").is_file():
+        saved = json.loads((ckpt / "peft_config.json").read_text()).get("extra", {})
+        body = saved.get("body_path") or saved.get("body")
+        if body is None:
+            raise ValueError(f"{ckpt}/peft_config.json does not say which body it was trained on")
+        if saved.get("labels", LABELS) != LABELS:
+            raise ValueError(f"{ckpt} predicts labels {saved['labels']}, but the data uses {LABELS}")
+        model = load_token_classifier(body, num_labels=len(LABELS), id2label=LABELS, device=device)
+        adapters.load_peft(model, ckpt)
+        return model, load_tokenizer(body), record
+    if (ckpt / "config.json").is_file():  # full fine-tuning
+        model = load_token_classifier(str(ckpt), device=device)
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        if labels != LABELS:
+            raise ValueError(f"{ckpt} predicts labels {labels}, but the data uses {LABELS}")
+        return model, load_tokenizer(str(ckpt)), record
+    hint = " (a primed body: fine-tune it first with finetune_peft.py --init)" if (ckpt / "resume.pt").exists() else ""
+    raise FileNotFoundError(f"{ckpt} is not a fine-tuned checkpoint: no peft_config.json or config.json{hint}")
+
+
+def warn_if_not_zero_shot(record, langs):
+    """Languages seen in fine-tuning or priming make the evaluation not zero-shot."""
+    if not record:
+        return
+    seen = {record["args"].get("lang")}
+    primed = (record.get("init_record") or {}).get("args", {})
+    seen |= set(primed.get("priming_langs", "").split(",")) | {primed.get("source_lang")}
+    for lang in langs:
+        if lang in seen:
+            warnings.warn(f"{lang} was used in fine-tuning or priming of this checkpoint: "
+                          f"its score is not zero-shot", stacklevel=2)
+
+
+def markdown_table(results):
+    rows = ["| language | precision | recall | F1 |", "|---|---:|---:|---:|"]
+    rows += [f"| {lang} | {r['precision']:.2f} | {r['recall']:.2f} | {r['f1']:.2f} |" for lang, r in results.items()]
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    langs = parse_languages(args.langs)
+    device = pick_device(args.gpu)
+    model, tokenizer, record = load_finetuned(args.ckpt, device)
+    warn_if_not_zero_shot(record, langs)
+    results, seconds = {}, {}
+    for lang in langs:
+        t0 = time.perf_counter()
+        data = load_wikiann(lang, args.split, args.data_dir, args.max_sentences)
+        examples = encode_sentences(data, tokenizer, args.max_len)
+        results[lang] = score_model(model, data, examples, args.batch_size, device, tokenizer.pad_token_id)
+        results[lang]["sentences"] = len(data)
+        seconds[lang] = round(time.perf_counter() - t0, 1)
+    results["average"] = {k: sum(results[l][k] for l in langs) / len(langs) for k in ("precision", "recall", "f1")}
+    out = Path(args.out) if args.out else Path(args.ckpt) / f"eval-{args.split}.json"
+    write_json(out, {"ckpt": str(args.ckpt), "split": args.split, "langs": langs, "results": results,
+                     "seconds": seconds, "device": str(device)})
+    print(markdown_table(results))
+    print(f"scores written to {out} ({', '.join(f'{l} {s}s' for l, s in seconds.items())})")
+
+
+if __name__ == "__main__":
+    run_cli(main)
