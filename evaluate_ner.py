@@ -56,13 +56,14 @@ def load_finetuned(ckpt, device):
         model = load_token_classifier(body, num_labels=len(LABELS), id2label=LABELS, device=device)
         adapters.load_peft(model, ckpt)
         return model, load_tokenizer(body), record
-    if (ckpt / "config.json").is_file():  # full fine-tuning
+    if (ckpt / "config.json").is_file() and (record or {}).get("stage") == "finetune_peft":  # --peft full
         model = load_token_classifier(str(ckpt), device=device)
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
         if labels != LABELS:
             raise ValueError(f"{ckpt} predicts labels {labels}, but the data uses {LABELS}")
         return model, load_tokenizer(str(ckpt)), record
-    hint = " (a primed body: fine-tune it first with finetune_peft.py --init)" if (ckpt / "resume.pt").exists() else ""
+    hint = " (a pretrained or primed body: fine-tune it first with finetune_peft.py --init)" \
+        if (ckpt / "config.json").is_file() else ""
     raise FileNotFoundError(f"{ckpt} is not a fine-tuned checkpoint: no peft_config.json or config.json{hint}")
 
 

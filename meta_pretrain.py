@@ -260,9 +260,16 @@ def body_only(model, args):
     return plain
 
 
+def trained_state(model):
+    """What priming changes: the parameters that train, and the PEFT tensors and head (frozen
+    word embeddings, most of the model, are the input model's and need no copy)."""
+    keep = {n for n, p in model.named_parameters() if p.requires_grad} | set(adapters.peft_parameters(model))
+    return {n: t for n, t in model.state_dict().items() if n in keep}
+
+
 def save_resume_state(out, step, model, optimizer, streams, task_rng, phi_rng):
     torch_save(Path(out) / "resume.pt", {
-        "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "step": step, "model": trained_state(model), "optimizer": optimizer.state_dict(),
         "streams": {k: s.state() for k, s in streams.items()}, "task_rng": task_rng.get_state(),
         "phi_rng": phi_rng.get_state(), "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
@@ -273,7 +280,7 @@ def load_resume_state(out, model, optimizer, streams, task_rng, phi_rng):
     if not path.is_file():
         raise FileNotFoundError(f"--resume: {path} does not exist (no checkpoint saved yet in {out})")
     state = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["model"], strict=False)  # the frozen rest is the input model's
     optimizer.load_state_dict(state["optimizer"])
     for k, s in streams.items():
         s.load_state(state["streams"][k])
