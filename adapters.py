@@ -1,0 +1,472 @@
+"""Parameter-efficient fine-tuning (PEFT) methods written from scratch: adapters, prefixes, LoRA.
+
+    import torch
+    from transformers import BertConfig, BertForTokenClassification
+    from adapters import PeftConfig, add_peft, freeze_body, peft_parameters, save_peft, load_peft
+
+    model = BertForTokenClassification(BertConfig(num_labels=7)).eval()
+    add_peft(model, PeftConfig("adapter", placement="houlsby"), seed=0)
+    freeze_body(model)                           # theta frozen, phi = PEFT + head trainable
+    optimizer = torch.optim.AdamW(peft_parameters(model).values(), lr=1e-3)
+    save_peft(model, "/tmp/peft-demo")           # megabytes: PEFT tensors + head only
+    load_peft(BertForTokenClassification(BertConfig(num_labels=7)), "/tmp/peft-demo")
+
+For the BERT and XLM-R token classifiers of transformers 5 (the head is `model.classifier`).
+Notation as in PAPER.md: theta = the encoder's own parameters ("body"), phi = the PEFT
+tensors plus the head.
+
+Injection never renames a parameter of the model: PEFT modules are added as new children
+(`...attention.output.dense.adapter`, `...attention.self.query.lora`, `<base>.encoder.peft_prefix`)
+and act through forward hooks, or, for prefixes, through a replacement forward of the
+self-attention modules. Hooks read their tensors as module attributes, so
+`torch.func.functional_call(model, fast_tensors, ...)` sees the swapped tensors, and every
+computation is plain autograd, so `autograd.grad(create_graph=True)` differentiates through it.
+
+Bottleneck adapter (Houlsby et al. 2019), on a sub-layer output h of width d, bottleneck m:
+
+    adapter(h) = h + W_up f(W_down h + b_down) + b_up,    W_down: m x d,  W_up: d x m,  f = GELU
+
+Houlsby placement puts one after the attention output projection and one after the
+feed-forward output projection of every layer, before the residual + LayerNorm; Pfeiffer
+placement (Pfeiffer et al. 2021) keeps only the feed-forward one. Near-identity start:
+W_up ~ truncated N(0, 1e-3) (the init_scale of Houlsby et al.'s code) and zero biases, so
+the adapter starts within ~1e-3 of the identity; W_down gets PyTorch's default Linear init
+so the bottleneck is active. A zero W_up would give W_down a zero gradient at the first
+step; this tiny non-zero one does not.
+
+Prefix tuning (Li & Liang 2021): layer l attends over [P_k^l ; K] and [P_v^l ; V], P
+trainable vectors of width d per layer, prepended to the keys and values only, so queries,
+outputs and the position ids of the real tokens are those of the plain model. The attention
+mask gets P leading "attend" columns; padding stays masked. With the reparameterisation
+MLP, shared by all layers as in Li & Liang,
+
+    [P_k^1 ; P_v^1 ; ... ; P_k^L ; P_v^L] = W_2 tanh(W_1 E + b_1) + b_2,   E: P x d
+
+(E ~ N(0, 1) like nn.Embedding, W_1, W_2 PyTorch's default Linear init); each layer computes
+only its own rows of W_2, so no state is carried between layers. `fold_prefix_mlp` replaces
+the MLP by its output (Li & Liang drop the MLP after training). Without the MLP the prefixes
+are drawn from N(0, initializer_range): small keys and values, a mild attention sink.
+
+LoRA (Hu et al. 2021) on the query and value projections: W x + (alpha / r) B A x, with A
+from the Kaiming-uniform init of Hu et al.'s loralib and B = 0, so the model starts exactly
+at the pretrained function. As in standard LoRA, B = 0 gives A a zero gradient at the first
+step; B moves first, then A.
+"""
+
+import json
+import math
+import os
+import sys
+import tempfile
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from types import MethodType
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+METHODS = ("adapter", "prefix", "lora")
+PLACEMENTS = ("houlsby", "pfeiffer")
+HEAD = "classifier"  # name of the token-classification head in BERT / XLM-R models
+WEIGHTS_FILE, CONFIG_FILE = "peft.safetensors", "peft_config.json"
+_CONFIG_ATTR = "_scratch_peft_config"  # not `peft_config`, which transformers' peft integration owns
+
+
+@dataclass
+class PeftConfig:
+    """Which PEFT method to inject and its sizes."""
+
+    method: str                      # "adapter" | "prefix" | "lora"
+    placement: str = "houlsby"       # adapter: "houlsby" (attention + FFN) | "pfeiffer" (FFN only)
+    bottleneck: int | None = None    # adapter width; None -> hidden_size // reduction_factor
+    reduction_factor: int = 16
+    prefix_length: int = 16
+    prefix_mlp: bool = True          # reparameterisation MLP (Li & Liang 2021)
+    prefix_hidden: int = 128         # MLP hidden width
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"PeftConfig.method must be one of {METHODS}, got {self.method!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"PeftConfig.placement must be one of {PLACEMENTS}, got {self.placement!r}")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> "PeftConfig":
+        """Inverse of to_dict; missing fields take their defaults, unknown ones are an error."""
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"PeftConfig.from_dict: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+    def bottleneck_for(self, hidden_size: int) -> int:
+        """Adapter width for a model of this hidden size."""
+        return self.bottleneck or max(1, hidden_size // self.reduction_factor)
+
+
+# ----------------------------------------------------------------------------- init helpers
+# Every draw happens on the CPU in float32 from `generator` (None: torch's global RNG), then
+# moves to the model's device and dtype, so a seed gives the same phi on every device.
+
+def _uniform(shape, bound, g):
+    return torch.empty(shape).uniform_(-bound, bound, generator=g)
+
+
+def _normal(shape, std, g):
+    return torch.empty(shape).normal_(0.0, std, generator=g)
+
+
+def _linear_default(linear, g, bias_zero=False):
+    """PyTorch's nn.Linear init (Kaiming-uniform, a=sqrt(5)): U(+-1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(linear.in_features)
+    bias = torch.zeros(linear.out_features) if bias_zero else _uniform(linear.out_features, bound, g)
+    return {"weight": _uniform(linear.weight.shape, bound, g), "bias": bias}
+
+
+class PeftModule(nn.Module):
+    """Base of the injected modules; `fresh` returns newly drawn values for its parameters."""
+
+    def fresh(self, generator=None) -> dict:
+        raise NotImplementedError
+
+
+class Adapter(PeftModule):
+    """Bottleneck adapter h + W_up GELU(W_down h) (Houlsby et al. 2019)."""
+
+    def __init__(self, hidden: int, bottleneck: int):
+        super().__init__()
+        self.down, self.up = nn.Linear(hidden, bottleneck), nn.Linear(bottleneck, hidden)
+
+    def forward(self, h):
+        return h + self.up(F.gelu(self.down(h)))
+
+    def fresh(self, generator=None):
+        down = _linear_default(self.down, generator, bias_zero=True)
+        up_w = nn.init.trunc_normal_(torch.empty(self.up.weight.shape), std=1e-3, a=-2e-3, b=2e-3,
+                                     generator=generator)
+        return {"down.weight": down["weight"], "down.bias": down["bias"],
+                "up.weight": up_w, "up.bias": torch.zeros(self.up.out_features)}
+
+
+class LoRA(PeftModule):
+    """Low-rank update (alpha / r) B A x added to a frozen projection (Hu et al. 2021)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, in_features))
+        self.B = nn.Parameter(torch.empty(out_features, rank))
+        self.scaling = alpha / rank
+
+    def forward(self, x):
+        return F.linear(F.linear(x, self.A), self.B * self.scaling)  # scale the small factor
+
+    def fresh(self, generator=None):
+        return {"A": _uniform(self.A.shape, 1.0 / math.sqrt(self.A.shape[1]), generator),
+                "B": torch.zeros(self.B.shape)}
+
+
+class Prefix(PeftModule):
+    """Key/value prefixes of every layer, directly or through the MLP of Li & Liang (2021)."""
+
+    def __init__(self, length, num_layers, hidden, mlp_hidden=None, init_std=0.02):
+        super().__init__()
+        self.length, self.num_layers, self.hidden, self.init_std = length, num_layers, hidden, init_std
+        self.visible = True  # False masks the prefix out: a check that injection is otherwise exact
+        if mlp_hidden:
+            self.embedding = nn.Parameter(torch.empty(length, hidden))
+            self.mlp_in = nn.Linear(hidden, mlp_hidden)
+            self.mlp_out = nn.Linear(mlp_hidden, num_layers * 2 * hidden)
+        else:
+            self.key_values = nn.Parameter(torch.empty(num_layers, 2, length, hidden))
+
+    @property
+    def has_mlp(self) -> bool:
+        return "embedding" in self._parameters
+
+    def key_value(self, layer: int):
+        """The (P x d) key and value prefixes of one layer."""
+        if not self.has_mlp:
+            return self.key_values[layer, 0], self.key_values[layer, 1]
+        z = torch.tanh(self.mlp_in(self.embedding))
+        rows = slice(layer * 2 * self.hidden, (layer + 1) * 2 * self.hidden)
+        kv = F.linear(z, self.mlp_out.weight[rows], self.mlp_out.bias[rows]).view(self.length, 2, self.hidden)
+        return kv[:, 0], kv[:, 1]
+
+    def all_key_values(self):
+        """All prefixes as one (layers, 2, P, d) tensor, the layout of the folded form."""
+        return torch.stack([torch.stack(self.key_value(layer)) for layer in range(self.num_layers)])
+
+    def fresh(self, generator=None):
+        if not self.has_mlp:
+            return {"key_values": _normal(self.key_values.shape, self.init_std, generator)}
+        out = {"embedding": _normal(self.embedding.shape, 1.0, generator)}
+        for name in ("mlp_in", "mlp_out"):
+            out.update({f"{name}.{k}": v for k, v in _linear_default(getattr(self, name), generator).items()})
+        return out
+
+
+# ----------------------------------------------------------------------------- injection
+
+def _adapter_hook(dense, args, output):
+    """Forward hook: the adapter acts on the projection's output, before residual + LayerNorm."""
+    return dense.adapter(output)
+
+
+def _lora_hook(linear, args, output):
+    """Forward hook: W x + (alpha / r) B A x."""
+    return output + linear.lora(args[0])
+
+
+def _extend_mask(mask, length, visible, batch, queries, dtype, device):
+    """Prepend `length` key columns to a 4-D attention mask (None, boolean, or additive float)."""
+    if mask is None and visible:
+        return None  # no padding: every query sees every key, prefix included
+    if mask is None:
+        mask = torch.zeros(batch, 1, queries, queries, dtype=dtype, device=device)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"prefix tuning supports tensor attention masks (eager, sdpa), got {type(mask)}")
+    if mask.dtype == torch.bool:
+        cols = torch.full((*mask.shape[:-1], length), visible, dtype=torch.bool, device=mask.device)
+    else:
+        cols = torch.full((*mask.shape[:-1], length), 0.0 if visible else torch.finfo(mask.dtype).min,
+                          dtype=mask.dtype, device=mask.device)
+    return torch.cat([cols, mask], dim=-1)
+
+
+def _prefix_self_attention(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):
+    """BertSelfAttention.forward with this layer's prefix prepended to keys and values.
+
+    Bound onto each self-attention module in place of its forward. Queries and positions of
+    the real tokens are untouched; no key/value cache is involved (transformers 5 would
+    mutate a DynamicCache in place, and encoders have none).
+    """
+    if past_key_values is not None:
+        raise ValueError("prefix tuning here is for encoders; a key/value cache is not supported")
+    if self.config._attn_implementation not in ("eager", "sdpa"):
+        raise ValueError(f"prefix tuning supports eager and sdpa attention, not {self.config._attn_implementation}")
+    prefix = self.__dict__["_peft_prefix"]  # a plain reference, so it is registered only once
+    batch, length = hidden_states.shape[:2]
+    keys, values = self.key(hidden_states), self.value(hidden_states)
+    pk, pv = (p.to(keys.dtype).expand(batch, -1, -1) for p in prefix.key_value(self._peft_layer))
+    keys, values = torch.cat([pk, keys], dim=1), torch.cat([pv, values], dim=1)
+
+    def heads(x):
+        return x.view(batch, x.shape[1], -1, self.attention_head_size).transpose(1, 2)
+
+    mask = _extend_mask(attention_mask, prefix.length, prefix.visible, batch, length, keys.dtype, keys.device)
+    eager = sys.modules[type(self).__module__].eager_attention_forward
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
+    out, weights = attention(self, heads(self.query(hidden_states)), heads(keys), heads(values), mask,
+                             dropout=self.dropout.p if self.training else 0.0, scaling=self.scaling, **kwargs)
+    return out.reshape(batch, length, -1).contiguous(), weights
+
+
+def _layers(model):
+    base = model.base_model
+    if not hasattr(base, "encoder") or not hasattr(model, HEAD):
+        raise ValueError(f"add_peft supports BERT / XLM-R token classifiers, got {type(model).__name__}")
+    return base.encoder, list(base.encoder.layer)
+
+
+def add_peft(model, config: PeftConfig, seed: int | None = None):
+    """Inject the PEFT method of `config` in place and draw phi (PEFT tensors + head); returns model.
+
+    `seed` makes phi reproducible (None: torch's global RNG). The body is left as it is; call
+    freeze_body to freeze it.
+    """
+    if peft_config_of(model) is not None:
+        raise ValueError(f"model already has PEFT ({peft_config_of(model).method}); add it once")
+    encoder, layers = _layers(model)
+    cfg = model.config
+    hidden = cfg.hidden_size
+    ref = model.get_input_embeddings().weight
+    if config.method == "adapter":
+        sites = [layer.output.dense for layer in layers]
+        if config.placement == "houlsby":
+            sites += [layer.attention.output.dense for layer in layers]
+        for dense in sites:
+            dense.adapter = Adapter(hidden, config.bottleneck_for(hidden)).to(ref.device, ref.dtype)
+            dense.register_forward_hook(_adapter_hook)
+    elif config.method == "lora":
+        for layer in layers:
+            for proj in (layer.attention.self.query, layer.attention.self.value):
+                proj.lora = LoRA(proj.in_features, proj.out_features, config.lora_rank,
+                                 config.lora_alpha).to(ref.device, ref.dtype)
+                proj.register_forward_hook(_lora_hook)
+    else:
+        encoder.peft_prefix = Prefix(config.prefix_length, len(layers), hidden,
+                                     config.prefix_hidden if config.prefix_mlp else None,
+                                     cfg.initializer_range).to(ref.device, ref.dtype)
+        for index, layer in enumerate(layers):
+            attention = layer.attention.self
+            attention.__dict__["_peft_prefix"] = encoder.peft_prefix
+            attention._peft_layer = index
+            attention.forward = MethodType(_prefix_self_attention, attention)
+    setattr(model, _CONFIG_ATTR, replace(config))  # a copy: the caller may reuse theirs
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    reset_peft(model, generator)
+    return model
+
+
+def peft_config_of(model) -> PeftConfig | None:
+    """The PeftConfig injected by add_peft, or None."""
+    return getattr(model, _CONFIG_ATTR, None)
+
+
+# ----------------------------------------------------------------------------- phi and theta
+
+def _peft_names(model, include_head):
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, PeftModule) or (include_head and prefix == HEAD):
+            names |= {f"{prefix}.{name}" for name, _ in module.named_parameters()}
+    return names
+
+
+def peft_parameters(model, include_head: bool = True) -> "OrderedDict[str, nn.Parameter]":
+    """phi: the PEFT tensors (and the head), named and ordered as in model.named_parameters()."""
+    names = _peft_names(model, include_head)
+    return OrderedDict((n, p) for n, p in model.named_parameters() if n in names)
+
+
+def body_parameters(model) -> "OrderedDict[str, nn.Parameter]":
+    """theta: every parameter that is neither PEFT nor head."""
+    names = _peft_names(model, include_head=True)
+    return OrderedDict((n, p) for n, p in model.named_parameters() if n not in names)
+
+
+def freeze_body(model):
+    """Freeze theta, make phi trainable (downstream PEFT trains the head too)."""
+    names = _peft_names(model, include_head=True)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+    return model
+
+
+def fresh_peft_tensors(model, generator: torch.Generator | None = None) -> "OrderedDict[str, torch.Tensor]":
+    """A newly drawn phi (leaf tensors, requires_grad) like add_peft draws it; the model is untouched.
+
+    The head gets BERT's init: weight ~ N(0, initializer_range), bias 0.
+    """
+    drawn = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, PeftModule):
+            drawn.update({f"{prefix}.{k}": v for k, v in module.fresh(generator).items()})
+    head = getattr(model, HEAD)
+    drawn[f"{HEAD}.weight"] = _normal(head.weight.shape, model.config.initializer_range, generator)
+    drawn[f"{HEAD}.bias"] = torch.zeros(head.bias.shape)
+    return OrderedDict((n, drawn[n].to(p.device, p.dtype).requires_grad_())
+                       for n, p in peft_parameters(model).items())
+
+
+def reset_peft(model, generator=None):
+    """Re-draw the model's own phi in place (what a fresh downstream PEFT run starts from)."""
+    fresh = fresh_peft_tensors(model, generator)
+    with torch.no_grad():
+        for name, p in peft_parameters(model).items():
+            p.copy_(fresh[name])
+    return model
+
+
+def count_peft_parameters(config: PeftConfig, model_config, num_labels: int, include_head=True) -> int:
+    """Closed-form size of phi for a model config (no model needed)."""
+    d, layers = model_config.hidden_size, model_config.num_hidden_layers
+    if config.method == "adapter":
+        m = config.bottleneck_for(d)
+        per_layer = 2 if config.placement == "houlsby" else 1
+        n = layers * per_layer * (2 * d * m + m + d)
+    elif config.method == "lora":
+        n = layers * 2 * config.lora_rank * 2 * d  # A (r x d) and B (d x r) on query and value
+    elif config.prefix_mlp:
+        h, out = config.prefix_hidden, layers * 2 * d
+        n = config.prefix_length * d + (d * h + h) + (h * out + out)
+    else:
+        n = layers * 2 * config.prefix_length * d
+    return n + ((d * num_labels + num_labels) if include_head else 0)
+
+
+def fold_prefix_mlp(model):
+    """Replace the reparameterisation MLP by the prefixes it computes (same outputs)."""
+    config = peft_config_of(model)
+    if config is None or config.method != "prefix":
+        raise ValueError("fold_prefix_mlp: the model has no prefix tuning")
+    prefix = model.base_model.encoder.peft_prefix
+    if not prefix.has_mlp:
+        return model
+    trainable = prefix.embedding.requires_grad
+    with torch.no_grad():
+        key_values = prefix.all_key_values().detach().clone()
+    del prefix.embedding, prefix.mlp_in, prefix.mlp_out
+    prefix.key_values = nn.Parameter(key_values, requires_grad=trainable)
+    setattr(model, _CONFIG_ATTR, replace(config, prefix_mlp=False))
+    return model
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _atomic_write(path: Path, write):
+    """Write via a temporary file in the same folder, then os.replace: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_peft(model, folder, extra: dict | None = None):
+    """Write phi to folder/peft.safetensors and {"peft_config", "num_labels", "extra"} to peft_config.json."""
+    config = peft_config_of(model)
+    if config is None:
+        raise ValueError("save_peft: the model has no PEFT; call add_peft first")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().cpu().contiguous() for n, p in peft_parameters(model).items()}
+    record = {"peft_config": config.to_dict(), "num_labels": getattr(model, HEAD).out_features,
+              "extra": extra or {}}
+    _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+
+
+def load_peft(model, folder) -> dict:
+    """Load phi saved by save_peft (adding PEFT first if the model has none); returns the JSON record."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"load_peft: no such folder {folder}")
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if not (folder / name).is_file():
+            raise ValueError(f"load_peft: {folder} has no {name}; is it a save_peft folder?")
+    record = json.loads((folder / CONFIG_FILE).read_text())
+    saved = PeftConfig.from_dict(record["peft_config"])
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    labels, model_labels = tensors[f"{HEAD}.weight"].shape[0], getattr(model, HEAD).out_features
+    if labels != model_labels:
+        raise ValueError(f"load_peft: checkpoint head has {labels} labels but the model has {model_labels}")
+    current = peft_config_of(model)
+    if current is None:
+        add_peft(model, saved)
+    elif current.method != saved.method:
+        raise ValueError(f"load_peft: checkpoint holds {saved.method} but the model has {current.method}")
+    elif current != saved:
+        raise ValueError(f"load_peft: checkpoint config {saved} differs from the model's {current}")
+    params = peft_parameters(model)
+    if set(tensors) != set(params):
+        raise ValueError(f"load_peft: tensor names differ: missing {sorted(set(params) - set(tensors))}, "
+                         f"unexpected {sorted(set(tensors) - set(params))}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tensors[name].shape != p.shape:
+                raise ValueError(f"load_peft: {name} has shape {tuple(tensors[name].shape)}, model {tuple(p.shape)}")
+            p.copy_(tensors[name])
+    return record
