@@ -55,9 +55,7 @@ step; B moves first, then A.
 
 import json
 import math
-import os
 import sys
-import tempfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -68,6 +66,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from runs import write_atomic  # temporary file + rename: readers never see half a file
 
 METHODS = ("adapter", "prefix", "lora")
 PLACEMENTS = ("houlsby", "pfeiffer")
@@ -413,18 +413,6 @@ def fold_prefix_mlp(model):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _atomic_write(path: Path, write):
-    """Write via a temporary file in the same folder, then os.replace: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_peft(model, folder, extra: dict | None = None):
     """Write phi to folder/peft.safetensors and {"peft_config", "num_labels", "extra"} to peft_config.json."""
     config = peft_config_of(model)
@@ -435,8 +423,8 @@ def save_peft(model, folder, extra: dict | None = None):
     tensors = {n: p.detach().cpu().contiguous() for n, p in peft_parameters(model).items()}
     record = {"peft_config": config.to_dict(), "num_labels": getattr(model, HEAD).out_features,
               "extra": extra or {}}
-    _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+    write_atomic(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomic(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
 
 
 def load_peft(model, folder) -> dict:
