@@ -5,7 +5,7 @@
     python meta_pretrain.py --peft prefix --first-order       # an ablation: first-order meta-gradient
     python meta_pretrain.py --method mtl                      # multi-task priming, same data and steps
     python meta_pretrain.py --resume                          # continue an interrupted run in --out
-    torchrun --nproc_per_node 2 meta_pretrain.py ...          # (see the README: several GPUs)
+    torchrun --nproc_per_node 4 meta_pretrain.py --model xlm-roberta-base --tasks-per-step 8   # 4 GPUs, 2 tasks each
 
 One priming step (PAPER.md, "One priming episode"), for each of --tasks-per-step tasks:
   1. support batch in the source language (what downstream PEFT will see),
@@ -18,11 +18,13 @@ flag), metrics.jsonl, and resume.pt.
 """
 
 import argparse
+import os
 import time
 import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import adapters
@@ -67,7 +69,8 @@ def build_parser():
     p.add_argument("--inner-lr", type=float, default=INNER_LR, help="inner-loop SGD learning rate")
     p.add_argument("--inner-clip", type=float, default=None, help="clip the inner gradient to this global norm")
     p.add_argument("--outer-lr", type=float, default=OUTER_LR, help="AdamW learning rate of the outer loop")
-    p.add_argument("--tasks-per-step", type=int, default=TASKS_PER_STEP, help="tasks averaged per meta-step")
+    p.add_argument("--tasks-per-step", type=int, default=TASKS_PER_STEP,
+                   help="tasks averaged per meta-step; under torchrun the global count, split evenly across processes")
     p.add_argument("--steps", type=int, default=STEPS, help="meta-steps (optimizer steps); same for mtl")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="sentences per support/query batch")
     p.add_argument("--max-len", type=int, default=MAX_LEN, help="sub-word truncation length")
@@ -81,7 +84,9 @@ def build_parser():
     p.add_argument("--save-every", type=int, default=SAVE_EVERY, help="resumable checkpoint every N steps")
     p.add_argument("--model", default=DEFAULT_MODEL, help="e5-small (offline default), a folder, or a hub id (xlm-roberta-base)")
     p.add_argument("--data-dir", default=None, help="PAN-X folder (default: $WIKIANN_DIR, else the hub's wikiann)")
-    p.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
+    p.add_argument("--gpu", type=int, default=None,
+                   help="CUDA device index; leave out for the CPU. Under torchrun leave it out: each process "
+                        "takes GPU LOCAL_RANK (choose GPUs with CUDA_VISIBLE_DEVICES; with none visible, gloo on the CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of every RNG (data order, fresh PEFT draws, dropout)")
     p.add_argument("--out", default=None, help="output folder (default: checkpoints/primed-<method>-<peft>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/resume.pt")
@@ -100,6 +105,15 @@ def check_args(args):
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
     if args.inner_lr <= 0 or args.outer_lr <= 0:
         raise ValueError("--inner-lr and --outer-lr must be positive")
+    world, _, local_rank = torchrun_world()
+    if args.tasks_per_step % world:
+        raise ValueError(f"--tasks-per-step {args.tasks_per_step} must be divisible by the number of processes "
+                         f"({world}): it is the global meta-batch, split evenly across them")
+    if world > 1 and args.gpu is not None:
+        raise ValueError("--gpu with several torchrun processes: leave it out, each process takes GPU LOCAL_RANK "
+                         "(choose the GPUs with CUDA_VISIBLE_DEVICES)")
+    if "LOCAL_RANK" in os.environ and args.gpu is None and torch.cuda.is_available():
+        args.gpu = local_rank  # under torchrun: one GPU per process
     args.priming_langs = ",".join(parse_languages(args.priming_langs))
     if args.source_lang in parse_languages(args.priming_langs):
         warnings.warn(f"--source-lang {args.source_lang} is also a priming language")
@@ -193,6 +207,75 @@ def mtl_step(model, tasks):
     return {"train_loss": sum(losses) / len(losses)}
 
 
+# ------------------------------------------------------------- several processes -----
+# torchrun starts one process per GPU and sets WORLD_SIZE, RANK and LOCAL_RANK. Every process
+# draws the same global meta-batch from the shared seed and runs its share of it; the
+# meta-gradients are averaged before every optimizer step, so the processes stay identical
+# and the run equals a one-process run with the same --tasks-per-step (up to float rounding,
+# and dropout masks, which each process draws for itself). A plain run is world 1, rank 0.
+
+def torchrun_world():
+    """(world size, rank, local rank) from torchrun's environment; (1, 0, 0) for a plain run."""
+    env = os.environ
+    return int(env.get("WORLD_SIZE", 1)), int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0))
+
+
+def join_process_group(device, world):
+    """Join torchrun's processes: NCCL between GPUs, gloo on the CPU. One process joins nothing."""
+    if world == 1:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def wait_for_all(world):
+    """A barrier: e.g. the others wait until rank 0 has written a checkpoint."""
+    if world > 1:
+        dist.barrier()
+
+
+def task_share(tasks, world, rank, init_fast=None):
+    """This process's tasks of the global meta-batch (tasks rank, rank + world, ...) and their
+    phi_0. phi_0 is drawn for every task in global order, so task j starts from the same
+    phi_0 whichever process runs it (and as in a one-process run)."""
+    mine = range(rank, len(tasks), world)
+    if init_fast is None:  # mtl: no fast tensors
+        return [tasks[j] for j in mine], None
+    phis = [init_fast(j) for j in range(len(tasks))]
+    return [tasks[j] for j in mine], lambda i: phis[mine[i]]
+
+
+def average_across_processes(model, metrics, world):
+    """Average .grad and the logged losses over the processes (all_reduce SUM / world).
+
+    meta_step and mtl_step divide by the number of tasks they ran, so each process holds the
+    mean over its share; with equal shares the mean of those means is the global mean."""
+    if world == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])  # one collective, not one per tensor
+    dist.all_reduce(flat)
+    flat /= world
+    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(mean.view_as(g))
+    names = [k for k in metrics if "loss" in k]
+    losses = torch.tensor([metrics[k] for k in names], dtype=torch.float64, device=flat.device)
+    dist.all_reduce(losses)
+    metrics.update(zip(names, (losses / world).tolist()))
+
+
+def rng_states(world):
+    """Every process's torch RNG state (dropout), gathered for rank 0's resume.pt; a collective."""
+    own = {"torch_rng": torch.get_rng_state(),
+           "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    if world == 1:
+        return [own]
+    states = [None] * world
+    dist.all_gather_object(states, own)
+    return states
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
@@ -201,11 +284,18 @@ def main(argv=None):
         raise ValueError(f"{out} already holds a primed model: pass --resume to continue it or a new --out")
     set_seed(args.seed)
     device = pick_device(args.gpu)
+    world, rank, _ = torchrun_world()
+    join_process_group(device, world)
+    if rank == 0:
+        resolve_model(args.model)  # a first-use conversion of the default model: once, not per process
+    wait_for_all(world)
     tokenizer = load_tokenizer(args.model)
     model = load_token_classifier(args.model, num_labels=len(LABELS), id2label=LABELS, device=device)
     adapters.add_peft(model, peft_config(args), seed=args.seed)
     set_trainable(model, args)
     model.train()  # from_pretrained returns eval mode; priming trains with dropout as fine-tuning will
+    if rank:  # the model is alike everywhere; dropout masks differ (rank 0 keeps a one-process run's)
+        torch.manual_seed(args.seed * 1000 + rank)
     streams, held_out = load_streams(args, tokenizer, device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.outer_lr)
     task_rng = torch.Generator().manual_seed(args.seed)
@@ -213,31 +303,43 @@ def main(argv=None):
     loss_fn = maml.functional_loss(model)
     start = 0
     if args.resume:
-        start = load_resume_state(out, model, optimizer, streams, task_rng, phi_rng)
-    log = MetricsLog(out, fresh=not args.resume)
-    log.truncate_after(start)
-    record_inputs(out, args)
+        start = load_resume_state(out, model, optimizer, streams, task_rng, phi_rng, rank)
+    if rank == 0:  # only rank 0 writes the run folder
+        log = MetricsLog(out, fresh=not args.resume)
+        log.truncate_after(start)
+        record_inputs(out, args)
     init_fast = fast_initialiser(model, args, phi_rng)
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"priming ({args.method})")
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"priming ({args.method})",
+               disable=rank != 0)
     for step in bar:
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        tasks = sample_tasks(streams, args.tasks_per_step, task_rng)
+        tasks = sample_tasks(streams, args.tasks_per_step, task_rng)  # the global meta-batch, alike everywhere
         if args.method == "maml":
-            metrics = maml.meta_step(loss_fn, tasks, init_fast, args.inner_steps, args.inner_lr,
+            mine, init_mine = task_share(tasks, world, rank, init_fast)
+            metrics = maml.meta_step(loss_fn, mine, init_mine, args.inner_steps, args.inner_lr,
                                      first_order=args.first_order, clip=args.inner_clip)
         else:
-            metrics = mtl_step(model, tasks)
+            metrics = mtl_step(model, task_share(tasks, world, rank)[0])
+        average_across_processes(model, metrics, world)
         optimizer.step()
         metrics.update(step=step + 1, seconds=round(time.perf_counter() - t0, 3))
-        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            metrics["held_out_query_loss"] = held_out_query_loss(model, args, held_out, loss_fn)
-        log.write(**metrics)
+        if rank == 0 and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            metrics["held_out_query_loss"] = held_out_query_loss(model, args, held_out, loss_fn)  # no collective
+        if rank == 0:
+            log.write(**metrics)
         bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if "loss" in k})
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            save_resume_state(out, step + 1, model, optimizer, streams, task_rng, phi_rng)
-    save_model_atomic(body_only(model, args), tokenizer, out)
-    print(f"primed body written to {out} (load it with --init {out} or AutoModel.from_pretrained)")
+            rngs = rng_states(world)  # every process calls it (a collective); rank 0 saves
+            if rank == 0:
+                save_resume_state(out, step + 1, model, optimizer, streams, task_rng, phi_rng, rngs)
+            wait_for_all(world)
+    if rank == 0:
+        save_model_atomic(body_only(model, args), tokenizer, out)
+        print(f"primed body written to {out} (load it with --init {out} or AutoModel.from_pretrained)")
+    wait_for_all(world)
+    if world > 1:
+        dist.destroy_process_group()
 
 
 def record_inputs(out, args):
@@ -267,15 +369,15 @@ def trained_state(model):
     return {n: t for n, t in model.state_dict().items() if n in keep}
 
 
-def save_resume_state(out, step, model, optimizer, streams, task_rng, phi_rng):
+def save_resume_state(out, step, model, optimizer, streams, task_rng, phi_rng, rngs):
+    """rngs: rng_states(), one per process; the top-level torch_rng / cuda_rng are rank 0's."""
     torch_save(Path(out) / "resume.pt", {
         "step": step, "model": trained_state(model), "optimizer": optimizer.state_dict(),
         "streams": {k: s.state() for k, s in streams.items()}, "task_rng": task_rng.get_state(),
-        "phi_rng": phi_rng.get_state(), "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
+        "phi_rng": phi_rng.get_state(), **rngs[0], "rank_rngs": rngs})
 
 
-def load_resume_state(out, model, optimizer, streams, task_rng, phi_rng):
+def load_resume_state(out, model, optimizer, streams, task_rng, phi_rng, rank=0):
     path = Path(out) / "resume.pt"
     if not path.is_file():
         raise FileNotFoundError(f"--resume: {path} does not exist (no checkpoint saved yet in {out})")
@@ -286,10 +388,13 @@ def load_resume_state(out, model, optimizer, streams, task_rng, phi_rng):
         s.load_state(state["streams"][k])
     task_rng.set_state(state["task_rng"])
     phi_rng.set_state(state["phi_rng"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    print(f"resuming {out} from step {state['step']}")
+    saved = state.get("rank_rngs") or [{"torch_rng": state["torch_rng"], "cuda_rng": state["cuda_rng"]}]
+    if rank < len(saved):  # else a process new to the run keeps its own seed (resumed on more processes)
+        torch.set_rng_state(saved[rank]["torch_rng"])
+        if saved[rank]["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved[rank]["cuda_rng"])
+    if rank == 0:
+        print(f"resuming {out} from step {state['step']}")
     return state["step"]
 
 

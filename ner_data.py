@@ -248,7 +248,7 @@ class BatchStream:
 # ----------------------------------------------------------------------------------------
 # Scoring: entity-level precision, recall and F1 (seqeval, strict IOB2, CoNLL style)
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_words(model, examples, batch_size=64, device="cpu", pad_id=1):
     """Per-word label ids for every example (batched by length for speed; order kept)."""
     was_training = model.training
