@@ -150,3 +150,11 @@ def test_batch_stream_resumes_to_the_same_batches():
     c = BatchStream(examples, batch_size=5, seed=3)
     c.load_state(b.state())
     assert [c.next_batch()["input_ids"].shape for _ in range(5)] == seen[6:]
+
+
+def test_hub_unreachable_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("WIKIANN_DIR", raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="could not load .*wikiann.*pass --data-dir or set WIKIANN_DIR"):
+        load_wikiann("en", "dev", max_sentences=5)
