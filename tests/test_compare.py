@@ -1,0 +1,42 @@
+"""compare.py's bookkeeping: skipping finished runs, mean and std over seeds, the table."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import compare
+
+
+def write_eval(path, f1s):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results = {lang: {"precision": 0, "recall": 0, "f1": f} for lang, f in f1s.items()}
+    results["average"] = {"f1": sum(f1s.values()) / len(f1s)}
+    path.write_text(json.dumps({"results": results}))
+    return path
+
+
+def test_collect_mean_and_std_over_seeds(tmp_path):
+    files = [write_eval(tmp_path / f"s{i}.json", {"fr": f, "nl": 50.0}) for i, f in enumerate([60.0, 62.0, 64.0])]
+    table = compare.collect(files, ["fr", "nl"])
+    assert table["seeds"] == 3 and table["fr"] == (62.0, 2.0) and table["nl"] == (50.0, 0.0)
+    assert table["average"] == (56.0, 1.0)
+    text = compare.markdown({("adapter", "MAML priming"): table}, ["fr", "nl"])
+    assert "| adapter | MAML priming | 3 | 62.00 ± 2.00 | 50.00 ± 0.00 | 56.00 ± 1.00 |" in text
+
+
+def test_finished_runs_are_skipped(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append(a))
+    marker = tmp_path / "done.json"
+    marker.write_text("{}")
+    compare.run_stage("evaluate_ner.py", [], marker)
+    compare.run_stage("evaluate_ner.py", [], tmp_path / "missing.json")
+    assert len(calls) == 1
+
+
+def test_priming_and_target_languages_must_differ(tmp_path):
+    run = subprocess.run([sys.executable, str(Path(compare.__file__)), "--langs", "fr,de", "--out", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "both a priming and a target language" in run.stderr
