@@ -24,10 +24,10 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import adapters
+import distributed
 import maml
 from ner_data import LABELS, BatchStream, encode_sentences, load_wikiann, parse_languages
 from pretrained import DEFAULT_MODEL, load_token_classifier, load_tokenizer, pick_device, resolve_model
@@ -105,7 +105,7 @@ def check_args(args):
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
     if args.inner_lr <= 0 or args.outer_lr <= 0:
         raise ValueError("--inner-lr and --outer-lr must be positive")
-    world, _, local_rank = torchrun_world()
+    world, _, local_rank = distributed.torchrun_world()
     if args.tasks_per_step % world:
         raise ValueError(f"--tasks-per-step {args.tasks_per_step} must be divisible by the number of processes "
                          f"({world}): it is the global meta-batch, split evenly across them")
@@ -207,75 +207,6 @@ def mtl_step(model, tasks):
     return {"train_loss": sum(losses) / len(losses)}
 
 
-# ------------------------------------------------------------- several processes -----
-# torchrun starts one process per GPU and sets WORLD_SIZE, RANK and LOCAL_RANK. Every process
-# draws the same global meta-batch from the shared seed and runs its share of it; the
-# meta-gradients are averaged before every optimizer step, so the processes stay identical
-# and the run equals a one-process run with the same --tasks-per-step (up to float rounding,
-# and dropout masks, which each process draws for itself). A plain run is world 1, rank 0.
-
-def torchrun_world():
-    """(world size, rank, local rank) from torchrun's environment; (1, 0, 0) for a plain run."""
-    env = os.environ
-    return int(env.get("WORLD_SIZE", 1)), int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0))
-
-
-def join_process_group(device, world):
-    """Join torchrun's processes: NCCL between GPUs, gloo on the CPU. One process joins nothing."""
-    if world == 1:
-        return
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
-def wait_for_all(world):
-    """A barrier: e.g. the others wait until rank 0 has written a checkpoint."""
-    if world > 1:
-        dist.barrier()
-
-
-def task_share(tasks, world, rank, init_fast=None):
-    """This process's tasks of the global meta-batch (tasks rank, rank + world, ...) and their
-    phi_0. phi_0 is drawn for every task in global order, so task j starts from the same
-    phi_0 whichever process runs it (and as in a one-process run)."""
-    mine = range(rank, len(tasks), world)
-    if init_fast is None:  # mtl: no fast tensors
-        return [tasks[j] for j in mine], None
-    phis = [init_fast(j) for j in range(len(tasks))]
-    return [tasks[j] for j in mine], lambda i: phis[mine[i]]
-
-
-def average_across_processes(model, metrics, world):
-    """Average .grad and the logged losses over the processes (all_reduce SUM / world).
-
-    meta_step and mtl_step divide by the number of tasks they ran, so each process holds the
-    mean over its share; with equal shares the mean of those means is the global mean."""
-    if world == 1:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])  # one collective, not one per tensor
-    dist.all_reduce(flat)
-    flat /= world
-    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(mean.view_as(g))
-    names = [k for k in metrics if "loss" in k]
-    losses = torch.tensor([metrics[k] for k in names], dtype=torch.float64, device=flat.device)
-    dist.all_reduce(losses)
-    metrics.update(zip(names, (losses / world).tolist()))
-
-
-def rng_states(world):
-    """Every process's torch RNG state (dropout), gathered for rank 0's resume.pt; a collective."""
-    own = {"torch_rng": torch.get_rng_state(),
-           "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    if world == 1:
-        return [own]
-    states = [None] * world
-    dist.all_gather_object(states, own)
-    return states
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
@@ -284,11 +215,11 @@ def main(argv=None):
         raise ValueError(f"{out} already holds a primed model: pass --resume to continue it or a new --out")
     set_seed(args.seed)
     device = pick_device(args.gpu)
-    world, rank, _ = torchrun_world()
-    join_process_group(device, world)
+    world, rank, _ = distributed.torchrun_world()
+    distributed.join_process_group(device, world)
     if rank == 0:
         resolve_model(args.model)  # a first-use conversion of the default model: once, not per process
-    wait_for_all(world)
+    distributed.wait_for_all(world)
     tokenizer = load_tokenizer(args.model)
     model = load_token_classifier(args.model, num_labels=len(LABELS), id2label=LABELS, device=device)
     adapters.add_peft(model, peft_config(args), seed=args.seed)
@@ -316,12 +247,12 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         tasks = sample_tasks(streams, args.tasks_per_step, task_rng)  # the global meta-batch, alike everywhere
         if args.method == "maml":
-            mine, init_mine = task_share(tasks, world, rank, init_fast)
+            mine, init_mine = distributed.task_share(tasks, world, rank, init_fast)
             metrics = maml.meta_step(loss_fn, mine, init_mine, args.inner_steps, args.inner_lr,
                                      first_order=args.first_order, clip=args.inner_clip)
         else:
-            metrics = mtl_step(model, task_share(tasks, world, rank)[0])
-        average_across_processes(model, metrics, world)
+            metrics = mtl_step(model, distributed.task_share(tasks, world, rank)[0])
+        distributed.average_across_processes(model, metrics, world)
         optimizer.step()
         metrics.update(step=step + 1, seconds=round(time.perf_counter() - t0, 3))
         if rank == 0 and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
@@ -330,16 +261,16 @@ def main(argv=None):
             log.write(**metrics)
         bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if "loss" in k})
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            rngs = rng_states(world)  # every process calls it (a collective); rank 0 saves
+            rngs = distributed.rng_states(world)  # every process calls it (a collective); rank 0 saves
             if rank == 0:
                 save_resume_state(out, step + 1, model, optimizer, streams, task_rng, phi_rng, rngs)
-            wait_for_all(world)
+            distributed.wait_for_all(world)
     if rank == 0:
         save_model_atomic(body_only(model, args), tokenizer, out)
         print(f"primed body written to {out} (load it with --init {out} or AutoModel.from_pretrained)")
-    wait_for_all(world)
+    distributed.wait_for_all(world)
     if world > 1:
-        dist.destroy_process_group()
+        distributed.leave_process_group()
 
 
 def record_inputs(out, args):
@@ -370,7 +301,7 @@ def trained_state(model):
 
 
 def save_resume_state(out, step, model, optimizer, streams, task_rng, phi_rng, rngs):
-    """rngs: rng_states(), one per process; the top-level torch_rng / cuda_rng are rank 0's."""
+    """rngs: distributed.rng_states(), one per process; the top-level torch_rng / cuda_rng are rank 0's."""
     torch_save(Path(out) / "resume.pt", {
         "step": step, "model": trained_state(model), "optimizer": optimizer.state_dict(),
         "streams": {k: s.state() for k, s in streams.items()}, "task_rng": task_rng.get_state(),

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import distributed
 import meta_pretrain
 from runs import run_cli
 
@@ -75,11 +76,11 @@ def test_task_share_keeps_each_tasks_phi():
         drawn.append(j)
         return {"phi": torch.tensor(float(j))}
     tasks = list("abcdef")
-    mine, init_mine = meta_pretrain.task_share(tasks, world=2, rank=1, init_fast=init_fast)
+    mine, init_mine = distributed.task_share(tasks, world=2, rank=1, init_fast=init_fast)
     assert mine == ["b", "d", "f"] and drawn == [0, 1, 2, 3, 4, 5]  # every phi drawn, in global order
     assert [init_mine(i)["phi"].item() for i in range(3)] == [1.0, 3.0, 5.0]
-    assert meta_pretrain.task_share(tasks, world=3, rank=0) == (["a", "d"], None)
-    assert meta_pretrain.task_share(tasks, world=1, rank=0)[0] == tasks
+    assert distributed.task_share(tasks, world=3, rank=0) == (["a", "d"], None)
+    assert distributed.task_share(tasks, world=1, rank=0)[0] == tasks
 
 
 def test_maml_on_two_processes_and_resume(dropout_free_model_dir, data_dir, tmp_path):
