@@ -198,6 +198,7 @@ def main():
     args = build_parser().parse_args()
     out = Path(args.out or f"results/{args.budget}")
     runs = Path(args.runs) if args.runs else out / "runs"
+    out.mkdir(parents=True, exist_ok=True)
     runs.mkdir(parents=True, exist_ok=True)
     if args.search:
         return search(args, out, runs)
