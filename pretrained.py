@@ -115,8 +115,7 @@ def _read_norm_map(r):
     end, mapping = r.pos + nbytes, {}
     for _ in range(count):
         cp, n_out = r.take("IB")
-        outs = r.take(f"{n_out}I") if n_out else ()
-        mapping[chr(cp)] = "".join(map(chr, outs if isinstance(outs, tuple) else (outs,)))
+        mapping[chr(cp)] = "".join(map(chr, r.array("<u4", n_out).tolist()))
     r.pos = end
     return mapping
 
