@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from meta_pretrain import INNER_LR, INNER_STEPS
+
 HERE = Path(__file__).resolve().parent
 
 # Budgets: the stage flags of each run. "cpu" finishes in about two hours on 2 CPU cores.
@@ -52,6 +54,7 @@ CONDITIONS = {
     "ablation: outer update of initial PEFT": ["--outer-peft"],
 }
 MAIN_ROWS = ("no priming", "MTL priming", "MAML priming")
+FULL_ROW = ("full", "full fine-tuning (reference)")
 
 
 def build_parser():
@@ -59,8 +62,9 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--budget", choices=sorted(BUDGETS), default="cpu", help="stage flags per run (see BUDGETS)")
     p.add_argument("--pefts", default="adapter,prefix", help="PEFT methods to compare")
-    p.add_argument("--seeds", type=int, default=3, help="seeds of the main rows (no priming, MTL, MAML) and full FT")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the main rows (no priming, MTL, MAML)")
     p.add_argument("--ablation-seeds", type=int, default=1, help="seeds of the ablation rows")
+    p.add_argument("--full-seeds", type=int, default=1, help="seeds of the full fine-tuning reference row")
     p.add_argument("--conditions", default=None, help="comma-separated subset of condition keys (default: all)")
     p.add_argument("--no-full", action="store_true", help="skip the full fine-tuning reference row")
     p.add_argument("--langs", default="fr,nl,pt", help="target languages (never priming languages)")
@@ -116,6 +120,17 @@ def one_run(args, runs, peft, condition, seed, eval_langs=None, split="test", ex
     run_stage("evaluate_ner.py", [*data_gpu, *budget["evaluate"], "--ckpt", str(tuned), "--split", split,
                                   "--langs", eval_langs or args.langs, "--out", str(result)], result)
     return result
+
+
+def rows_order(pefts, conditions):
+    """The table's order: PEFT by PEFT, conditions as listed, full fine-tuning last."""
+    rank = {row: i for i, row in enumerate([(p, c) for p in pefts for c in conditions] + [FULL_ROW])}
+    return lambda row: rank[row]
+
+
+def write_table(table, langs, out):
+    (out / "table.md").write_text(markdown(table, langs) + "\n")
+    (out / "results.json").write_text(json.dumps({f"{p} | {c}": r for (p, c), r in table.items()}, indent=1))
 
 
 def mean_std(values):
@@ -182,7 +197,9 @@ def search(args, out, runs):
     for peft in args.pefts.split(","):
         for lr in args.search_lrs.split(","):
             for steps in args.search_steps.split(","):
-                extra = ("--inner-lr", lr, "--inner-steps", steps)
+                # the default setting is the MAML row's seed-0 run: reuse it rather than run it twice
+                default = float(lr) == INNER_LR and int(steps) == INNER_STEPS
+                extra = () if default else ("--inner-lr", lr, "--inner-steps", steps)
                 f = one_run(args, runs, peft, "MAML priming", 0, eval_langs=args.priming_langs, split="dev",
                             extra_prime=extra)
                 results[f"{peft} inner-lr {lr} inner-steps {steps}"] = json.loads(f.read_text())["results"]["average"]["f1"]
@@ -210,17 +227,21 @@ def main():
     unknown = [c for c in conditions if c not in CONDITIONS]
     if unknown:
         raise SystemExit(f"error: unknown condition(s) {unknown}; known: {list(CONDITIONS)}")
+    # Run order: the main rows first (they answer the question), then the ablations, then full FT;
+    # the table is rewritten after every row, so an interrupted comparison still leaves one.
+    rows = [(peft, c) for main in (True, False) for peft in args.pefts.split(",") for c in conditions
+            if (c in MAIN_ROWS) == main]
+    rows += [] if args.no_full else [FULL_ROW]
     table = {}
-    for peft in args.pefts.split(","):
-        for condition in conditions:
+    for peft, condition in rows:
+        if (peft, condition) == FULL_ROW:
+            files = [one_run(args, runs, "full", "no priming", s) for s in range(args.full_seeds)]
+        else:
             seeds = args.seeds if condition in MAIN_ROWS else args.ablation_seeds
             files = [one_run(args, runs, peft, condition, s) for s in range(seeds)]
-            table[(peft, condition)] = collect(files, langs)
-    if not args.no_full:
-        table[("full", "full fine-tuning (reference)")] = collect(
-            [one_run(args, runs, "full", "no priming", s) for s in range(args.seeds)], langs)
-    (out / "table.md").write_text(markdown(table, langs) + "\n")
-    (out / "results.json").write_text(json.dumps({f"{p} | {c}": r for (p, c), r in table.items()}, indent=1))
+        table[(peft, condition)] = collect(files, langs)
+        table = {row: table[row] for row in sorted(table, key=rows_order(args.pefts.split(","), conditions))}
+        write_table(table, langs, out)
     plot_f1(table, out / "f1.png")
     plot_curves(runs, out / "curves.png")
     print(markdown(table, langs))

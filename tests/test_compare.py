@@ -40,3 +40,26 @@ def test_priming_and_target_languages_must_differ(tmp_path):
     run = subprocess.run([sys.executable, str(Path(compare.__file__)), "--langs", "fr,de", "--out", str(tmp_path)],
                          capture_output=True, text=True)
     assert run.returncode != 0 and "both a priming and a target language" in run.stderr
+
+
+def test_main_rows_run_first_and_the_table_keeps_the_papers_order(tmp_path, monkeypatch):
+    ran = []
+
+    def fake_run(args, runs, peft, condition, seed, **kwargs):
+        ran.append((peft, condition, seed))
+        return write_eval(tmp_path / f"{peft}-{condition}-{seed}.json".replace(" ", "_").replace(":", ""),
+                          {"fr": 60.0 + seed, "nl": 50.0, "pt": 40.0})
+
+    monkeypatch.setattr(compare, "one_run", fake_run)
+    monkeypatch.setattr(compare, "plot_f1", lambda *a: None)
+    monkeypatch.setattr(compare, "plot_curves", lambda *a: None)
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path / "out"), "--seeds", "2"])
+    compare.main()
+    main_runs = [r for r in ran if r[1] in compare.MAIN_ROWS and r[0] != "full"]
+    assert ran[:len(main_runs)] == main_runs                       # every main row before any ablation
+    assert len(main_runs) == 2 * 3 * 2                             # 2 PEFTs x 3 rows x 2 seeds
+    assert ran[-1] == ("full", "no priming", 0) and ran.count(("full", "no priming", 0)) == 1
+    lines = (tmp_path / "out" / "table.md").read_text().splitlines()[2:]
+    expected = [f"| {p} | {c} |" for p in ("adapter", "prefix") for c in compare.CONDITIONS] + ["| full | full"]
+    assert [l[:len(e)] for l, e in zip(lines, expected)] == expected
+    assert "| adapter | no priming | 2 | 60.50 ± 0.71 |" in lines[0]
