@@ -168,23 +168,37 @@ def plot_f1(table, path):
     plt.close(fig)
 
 
-def plot_curves(runs, path):
-    """Held-out query loss during priming and en dev F1 during fine-tuning, one line per run."""
+def read_curve(folder, key):
+    """(steps, values) of one metric from a run folder's metrics.jsonl."""
+    points = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    points = [p for p in points if key in p]
+    return [p["step"] for p in points], [p[key] for p in points]
+
+
+def mean_curve(folders, key):
+    """The curve averaged over seeds (the runs of one row log at the same steps)."""
+    curves = [read_curve(f, key) for f in folders if (f / "metrics.jsonl").exists()]
+    if not curves:
+        return [], []
+    return curves[0][0], [statistics.mean(values) for values in zip(*(c[1] for c in curves))]
+
+
+def plot_curves(row_runs, path):
+    """Held-out query loss during priming and en dev F1 during fine-tuning: one line per table
+    row, the mean over its seeds. row_runs: {(peft, condition): [fine-tuning folder, ...]}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for folder in sorted(Path(runs).glob("primed-*")):
-        points = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
-        points = [p for p in points if "held_out_query_loss" in p]
-        left.plot([p["step"] for p in points], [p["held_out_query_loss"] for p in points], label=folder.name[7:], lw=1)
-    for folder in sorted(Path(runs).glob("ft-*")):
-        points = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
-        points = [p for p in points if "dev_f1" in p]
-        right.plot([p["step"] for p in points], [p["dev_f1"] for p in points], lw=1, alpha=0.7)
-    left.set(title="priming: held-out query loss (de/es dev)", xlabel="meta-step", ylabel="loss")
-    right.set(title="fine-tuning: en dev F1", xlabel="step", ylabel="F1")
-    left.legend(fontsize=5)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    for i, ((peft, condition), tuned) in enumerate(row_runs.items()):
+        label, style = f"{peft}: {condition.replace('ablation: ', '')}", {"lw": 1.2, "color": f"C{i % 10}",
+                                                                          "ls": "-" if peft != "prefix" else "--"}
+        primed = [f.parent / ("primed-" + f.name[3:]) for f in tuned]
+        left.plot(*mean_curve([f for f in primed if f.exists()], "held_out_query_loss"), marker="o", ms=3, label=label, **style)
+        right.plot(*mean_curve(tuned, "dev_f1"), marker="o", ms=3, label=label, **style)
+    left.set(title="priming: held-out query loss (de/es dev, fresh PEFT adapted on en)", xlabel="meta-step", ylabel="loss")
+    right.set(title="fine-tuning: en dev F1 (mean over seeds)", xlabel="step", ylabel="F1")
+    right.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -232,18 +246,19 @@ def main():
     rows = [(peft, c) for main in (True, False) for peft in args.pefts.split(",") for c in conditions
             if (c in MAIN_ROWS) == main]
     rows += [] if args.no_full else [FULL_ROW]
-    table = {}
+    table, row_runs = {}, {}
     for peft, condition in rows:
         if (peft, condition) == FULL_ROW:
             files = [one_run(args, runs, "full", "no priming", s) for s in range(args.full_seeds)]
         else:
             seeds = args.seeds if condition in MAIN_ROWS else args.ablation_seeds
             files = [one_run(args, runs, peft, condition, s) for s in range(seeds)]
-        table[(peft, condition)] = collect(files, langs)
-        table = {row: table[row] for row in sorted(table, key=rows_order(args.pefts.split(","), conditions))}
+        table[(peft, condition)], row_runs[(peft, condition)] = collect(files, langs), [f.parent for f in files]
+        order = sorted(table, key=rows_order(args.pefts.split(","), conditions))
+        table, row_runs = {row: table[row] for row in order}, {row: row_runs[row] for row in order}
         write_table(table, langs, out)
     plot_f1(table, out / "f1.png")
-    plot_curves(runs, out / "curves.png")
+    plot_curves(row_runs, out / "curves.png")
     print(markdown(table, langs))
     print(f"written: {out}/table.md, results.json, f1.png, curves.png")
 
