@@ -133,6 +133,31 @@ def write_table(table, langs, out):
     (out / "results.json").write_text(json.dumps({f"{p} | {c}": r for (p, c), r in table.items()}, indent=1))
 
 
+def body_change(primed, model):
+    """How far priming moved the body: ||theta' - theta|| / ||theta|| over its non-embedding
+    weights (the embeddings are 80% of e5-small and barely move). None where the original
+    weights are not a local safetensors file (a hub id)."""
+    from safetensors.torch import load_file
+
+    import pretrained
+    original = Path(pretrained.resolve_model(model)) / "model.safetensors"
+    if not original.is_file():
+        return None
+    before, after = load_file(str(original)), load_file(str(Path(primed) / "model.safetensors"))
+    keys = [k for k in before if "embeddings" not in k and k in after]
+    change = sum((after[k].double() - before[k].double()).pow(2).sum() for k in keys).sqrt()
+    return float(change / sum(before[k].double().pow(2).sum() for k in keys).sqrt())
+
+
+def add_body_change(table, row_runs, model):
+    """The mean body change of each primed row's runs, in the table's results."""
+    for row, tuned in row_runs.items():
+        primed = [f.parent / ("primed-" + f.name[3:]) for f in tuned]
+        changes = [body_change(f, model) for f in primed if (f / "model.safetensors").is_file()]
+        if changes and None not in changes:
+            table[row]["body_change"] = statistics.mean(changes)
+
+
 def mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -146,9 +171,13 @@ def collect(result_files, langs):
 def markdown(table, langs):
     header = "| PEFT | condition | seeds | " + " | ".join(langs) + " | average |"
     rows = [header, "|---|---|---:|" + "---:|" * (len(langs) + 1)]
+    changes = any("body_change" in r for r in table.values())
+    if changes:  # how far priming moved the body (add_body_change)
+        rows = [rows[0] + " body change |", rows[1] + "---:|"]
     for (peft, condition), r in table.items():
         cells = " | ".join(f"{r[l][0]:.2f} ± {r[l][1]:.2f}" for l in [*langs, "average"])
-        rows.append(f"| {peft} | {condition} | {r['seeds']} | {cells} |")
+        change = (f" {r['body_change']:.1e} |" if "body_change" in r else " - |") if changes else ""
+        rows.append(f"| {peft} | {condition} | {r['seeds']} | {cells} |{change}")
     return "\n".join(rows)
 
 
@@ -257,6 +286,8 @@ def main():
         order = sorted(table, key=rows_order(args.pefts.split(","), conditions))
         table, row_runs = {row: table[row] for row in order}, {row: row_runs[row] for row in order}
         write_table(table, langs, out)
+    add_body_change(table, row_runs, args.model)
+    write_table(table, langs, out)
     plot_f1(table, out / "f1.png")
     plot_curves(row_runs, out / "curves.png")
     print(markdown(table, langs))

@@ -63,3 +63,24 @@ def test_main_rows_run_first_and_the_table_keeps_the_papers_order(tmp_path, monk
     expected = [f"| {p} | {c} |" for p in ("adapter", "prefix") for c in compare.CONDITIONS] + ["| full | full"]
     assert [l[:len(e)] for l, e in zip(lines, expected)] == expected
     assert "| adapter | no priming | 2 | 60.50 ± 0.71 |" in lines[0]
+
+
+def test_body_change_is_the_relative_change_of_non_embedding_weights(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+    before, after = tmp_path / "before", tmp_path / "primed-x"
+    for folder in (before, after):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    weights = {"embeddings.word_embeddings.weight": torch.ones(10, 4), "encoder.layer.0.w": torch.full((3, 4), 2.0)}
+    save_file(weights, str(before / "model.safetensors"))
+    assert compare.body_change(before, str(before)) == 0.0
+    moved = dict(weights, **{"embeddings.word_embeddings.weight": torch.zeros(10, 4),   # embeddings: ignored
+                             "encoder.layer.0.w": torch.full((3, 4), 2.2)})
+    save_file(moved, str(after / "model.safetensors"))
+    assert abs(compare.body_change(after, str(before)) - 0.1) < 1e-6                  # 0.2 / 2.0 in every entry
+    table = {("adapter", "MAML priming"): {"seeds": 1}, ("adapter", "no priming"): {"seeds": 1}}
+    compare.add_body_change(table, {("adapter", "MAML priming"): [tmp_path / "ft-x"],
+                                    ("adapter", "no priming"): [tmp_path / "ft-y"]}, str(before))
+    assert abs(table[("adapter", "MAML priming")]["body_change"] - 0.1) < 1e-6
+    assert "body_change" not in table[("adapter", "no priming")]
