@@ -175,7 +175,8 @@ def markdown(table, langs):
     if changes:  # how far priming moved the body (add_body_change)
         rows = [rows[0] + " body change |", rows[1] + "---:|"]
     for (peft, condition), r in table.items():
-        cells = " | ".join(f"{r[l][0]:.2f} ± {r[l][1]:.2f}" for l in [*langs, "average"])
+        cells = " | ".join(f"{r[l][0]:.2f} ± {r[l][1]:.2f}" if r["seeds"] > 1 else f"{r[l][0]:.2f}"  # 1 seed: no std
+                           for l in [*langs, "average"])
         change = (f" {r['body_change']:.1e} |" if "body_change" in r else " - |") if changes else ""
         rows.append(f"| {peft} | {condition} | {r['seeds']} | {cells} |{change}")
     return "\n".join(rows)

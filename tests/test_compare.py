@@ -84,3 +84,8 @@ def test_body_change_is_the_relative_change_of_non_embedding_weights(tmp_path):
                                     ("adapter", "no priming"): [tmp_path / "ft-y"]}, str(before))
     assert abs(table[("adapter", "MAML priming")]["body_change"] - 0.1) < 1e-6
     assert "body_change" not in table[("adapter", "no priming")]
+
+
+def test_one_seed_rows_show_no_standard_deviation():
+    row = {"fr": (60.0, 0.0), "average": (60.0, 0.0), "seeds": 1}
+    assert "| prefix | ablation: first-order | 1 | 60.00 | 60.00 |" in compare.markdown({("prefix", "ablation: first-order"): row}, ["fr"])
