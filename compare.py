@@ -220,9 +220,11 @@ def plot_curves(row_runs, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    for i, ((peft, condition), tuned) in enumerate(row_runs.items()):
-        label, style = f"{peft}: {condition.replace('ablation: ', '')}", {"lw": 1.2, "color": f"C{i % 10}",
-                                                                          "ls": "-" if peft != "prefix" else "--"}
+    colors = {condition: f"C{i}" for i, condition in enumerate(list(CONDITIONS) + [FULL_ROW[1]])}
+    for (peft, condition), tuned in row_runs.items():
+        # one colour per condition, one line style per PEFT method: the same condition reads across
+        label = f"{peft}: {condition.replace('ablation: ', '')}"
+        style = {"lw": 1.2, "color": colors.get(condition, "k"), "ls": "--" if peft == "prefix" else "-"}
         primed = [f.parent / ("primed-" + f.name[3:]) for f in tuned]
         left.plot(*mean_curve([f for f in primed if f.exists()], "held_out_query_loss"), marker="o", ms=3, label=label, **style)
         right.plot(*mean_curve(tuned, "dev_f1"), marker="o", ms=3, label=label, **style)
