@@ -98,13 +98,19 @@ def data_gpu_flags(args):
     return flags + (["--gpu", str(args.gpu)] if args.gpu is not None else [])
 
 
+def primed_folder(tuned):
+    """The priming run a fine-tuning run started from: ft-<tag> <- primed-<tag>, side by side."""
+    return tuned.parent / ("primed-" + tuned.name[len("ft-"):])
+
+
 def one_run(args, runs, peft, condition, seed, eval_langs=None, split="test", extra_prime=()):
     """prime (unless no priming / full FT) -> fine-tune -> evaluate; returns the eval JSON path."""
     budget, data_gpu = BUDGETS[args.budget], data_gpu_flags(args)
     tag = f"{peft}-{condition.replace(' ', '_').replace(':', '')}-s{seed}" + "".join(extra_prime)
     init = args.model
+    tuned = runs / f"ft-{tag}"
     if CONDITIONS.get(condition) is not None:
-        primed = runs / f"primed-{tag}"
+        primed = primed_folder(tuned)
         maml_flags = []
         if "--method" not in CONDITIONS[condition]:
             maml_flags += ["--inner-lr", str(args.inner_lr)] if args.inner_lr else []
@@ -113,7 +119,6 @@ def one_run(args, runs, peft, condition, seed, eval_langs=None, split="test", ex
                                        "--priming-langs", args.priming_langs, *CONDITIONS[condition],
                                        *maml_flags, *extra_prime, "--out", str(primed)], primed / "config.json")
         init = str(primed)
-    tuned = runs / f"ft-{tag}"
     run_stage("finetune_peft.py", [*data_gpu, *budget["finetune"], "--init", init, "--peft", peft,
                                    "--seed", str(seed), "--out", str(tuned)], tuned / "run.json")
     result = tuned / f"eval-{split}.json"
@@ -152,7 +157,7 @@ def body_change(primed, model):
 def add_body_change(table, row_runs, model):
     """The mean body change of each primed row's runs, in the table's results."""
     for row, tuned in row_runs.items():
-        primed = [f.parent / ("primed-" + f.name[3:]) for f in tuned]
+        primed = [primed_folder(f) for f in tuned]
         changes = [body_change(f, model) for f in primed if (f / "model.safetensors").is_file()]
         if changes and None not in changes:
             table[row]["body_change"] = statistics.mean(changes)
@@ -225,7 +230,7 @@ def plot_curves(row_runs, path):
         # one colour per condition, one line style per PEFT method: the same condition reads across
         label = f"{peft}: {condition.replace('ablation: ', '')}"
         style = {"lw": 1.2, "color": colors.get(condition, "k"), "ls": "--" if peft == "prefix" else "-"}
-        primed = [f.parent / ("primed-" + f.name[3:]) for f in tuned]
+        primed = [primed_folder(f) for f in tuned]
         left.plot(*mean_curve([f for f in primed if f.exists()], "held_out_query_loss"), marker="o", ms=3, label=label, **style)
         right.plot(*mean_curve(tuned, "dev_f1"), marker="o", ms=3, label=label, **style)
     left.set(title="priming: held-out query loss (de/es dev, fresh PEFT adapted on en)", xlabel="meta-step", ylabel="loss")

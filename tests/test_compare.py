@@ -67,7 +67,7 @@ def test_main_rows_run_first_and_the_table_keeps_the_papers_order(tmp_path, monk
 
 def test_body_change_is_the_relative_change_of_non_embedding_weights(tmp_path):
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     before, after = tmp_path / "before", tmp_path / "primed-x"
     for folder in (before, after):
         folder.mkdir()
