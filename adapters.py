@@ -58,6 +58,7 @@ import math
 import sys
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 from types import MethodType
 
@@ -216,9 +217,11 @@ class Prefix(PeftModule):
 
 # ----------------------------------------------------------------------------- injection
 
-def _adapter_hook(dense, args, output):
-    """Forward hook: the adapter acts on the projection's output, before residual + LayerNorm."""
-    return dense.adapter(output)
+def _adapter_hook(adapter, dropout, args, output):
+    """Forward hook on a sub-layer's dropout: the adapter acts on the dropped-out projection
+    output, before the residual + LayerNorm (Houlsby et al. 2019, Fig. 2; AdapterHub's
+    DoubleSeqBnConfig). The adapter module lives at `<sub-layer>.dense.adapter`."""
+    return adapter(output)
 
 
 def _lora_hook(linear, args, output):
@@ -290,12 +293,12 @@ def add_peft(model, config: PeftConfig, seed: int | None = None):
     hidden = cfg.hidden_size
     ref = model.get_input_embeddings().weight
     if config.method == "adapter":
-        sites = [layer.output.dense for layer in layers]
+        sites = [layer.output for layer in layers]  # BertOutput / XLMRobertaOutput: dense, dropout, LayerNorm
         if config.placement == "houlsby":
-            sites += [layer.attention.output.dense for layer in layers]
-        for dense in sites:
-            dense.adapter = Adapter(hidden, config.bottleneck_for(hidden)).to(ref.device, ref.dtype)
-            dense.register_forward_hook(_adapter_hook)
+            sites += [layer.attention.output for layer in layers]
+        for sub in sites:
+            sub.dense.adapter = Adapter(hidden, config.bottleneck_for(hidden)).to(ref.device, ref.dtype)
+            sub.dropout.register_forward_hook(partial(_adapter_hook, sub.dense.adapter))
     elif config.method == "lora":
         for layer in layers:
             for proj in (layer.attention.self.query, layer.attention.self.value):

@@ -1,46 +1,60 @@
 """The paper's comparison: does priming help PEFT, and which MAML modification matters?
 
     python compare.py --data-dir ../shared/data/wikiann                     # the CPU budget (README table)
+    python compare.py --pefts adapter --conditions "no priming,MAML priming" --finetune-seeds 8
     python compare.py --gpu 0 --budget gpu --model xlm-roberta-base         # a larger budget on a GPU
-    python compare.py --search --data-dir ../shared/data/wikiann            # inner lr x inner steps, on de/es dev
 
-Runs the three stages for every condition and seed, skipping runs whose results already exist
-(so an interrupted comparison continues where it stopped), then writes into --out:
-  table.md / results.json   target-language F1 (fr, nl, pt test) per condition: mean and std over seeds
-  f1.png                    average target F1 by condition
+Runs the three stages for every condition and seed, then writes into --out:
+  table.md / results.json   target-language F1 (fr, nl, pt test, seqeval default mode) per condition,
+                            and paired differences against no priming (and MAML against MTL) with 95% CIs
+  f1.png, paired.png        average target F1 by condition; paired differences with their CIs
   curves.png                learning curves: held-out query loss in priming, en dev F1 in fine-tuning
-Conditions, for each --pefts method: no priming, MTL priming, MAML priming (the project's
-defaults), and the ablations (inner loop on all parameters, same-language query, first order,
-outer update of the initial PEFT tensors); full fine-tuning is a reference row. The main rows
-use --seeds seeds; the ablations --ablation-seeds. MTL and MAML priming get the same data and
-the same number of optimizer steps. Priming languages (de, es) and target languages (fr, nl, pt)
-are disjoint, so the evaluation stays zero-shot.
+Conditions, for each --pefts method: no priming, MTL priming, MAML priming, and the ablations
+(inner loop on all parameters, same-language query, first order, outer update of the initial
+PEFT tensors); full fine-tuning is a reference row. Every primed body (--priming-seeds) is
+fine-tuned with every fine-tuning seed (--finetune-seeds; --ablation-finetune-seeds for the
+ablations); fine-tuning seed s is the same fresh PEFT draw and data order in every row, so rows
+compare paired, seed by seed. MTL and MAML priming get the same data and optimizer steps.
+
+Run identity: a run folder is named by what it is and a hash of every flag that shapes it
+(model, data folder, budget, PEFT, priming flags, seed, languages), so a run is reused only when
+all of them agree, and a changed flag makes a new run. An interrupted comparison continues
+where it stopped; two compare.py processes on one --runs folder share the work (a lock per run).
 """
 
 import argparse
+import hashlib
 import json
-import statistics
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from meta_pretrain import INNER_LR, INNER_STEPS
+from ner_data import parse_languages, resolve_data_dir
+from runs import read_record, run_cli
+from stats import mean_std, paired_difference, seeds_for_half_width
 
 HERE = Path(__file__).resolve().parent
 
-# Budgets: the stage flags of each run. "cpu" finishes in about two hours on 2 CPU cores.
+# Budgets: the stage flags of each run. They spell out every flag that shapes a run (not the
+# stages' defaults), so a changed default in a stage cannot silently change a comparison.
+PRIME_SHAPE = ["--inner-steps", "3", "--inner-lr", "1e-2", "--outer-lr", "2e-5"]
 BUDGETS = {
-    "cpu": {"prime": ["--steps", "40", "--tasks-per-step", "2", "--batch-size", "8", "--max-sentences", "2000"],
-            "finetune": ["--steps", "300", "--batch-size", "16", "--max-sentences", "4000", "--eval-every", "100"],
-            "evaluate": ["--max-sentences", "1000"]},
-    "gpu": {"prime": ["--steps", "1000", "--tasks-per-step", "4", "--batch-size", "16", "--max-sentences", "20000"],
-            "finetune": ["--steps", "3000", "--batch-size", "32", "--max-sentences", "20000", "--eval-every", "500"],
+    "cpu": {"prime": ["--steps", "40", "--tasks-per-step", "2", "--batch-size", "8", "--max-sentences", "2000",
+                      *PRIME_SHAPE],
+            "finetune": ["--steps", "1000", "--batch-size", "16", "--max-sentences", "20000", "--lr", "1e-3",
+                         "--warmup", "0.1", "--eval-every", "100", "--dev-sentences", "1000"],
+            "evaluate": []},
+    "gpu": {"prime": ["--steps", "1000", "--tasks-per-step", "4", "--batch-size", "16", "--max-sentences", "20000",
+                      *PRIME_SHAPE],
+            "finetune": ["--steps", "3000", "--batch-size", "32", "--max-sentences", "20000", "--lr", "1e-3",
+                         "--warmup", "0.1", "--eval-every", "300", "--dev-sentences", "10000"],
             "evaluate": []},
     "smoke": {"prime": ["--steps", "2", "--tasks-per-step", "1", "--batch-size", "4", "--max-sentences", "40",
-                        "--eval-every", "1", "--eval-sentences", "8", "--max-len", "32"],
+                        "--eval-every", "1", "--eval-sentences", "8", "--max-len", "32", *PRIME_SHAPE],
               "finetune": ["--steps", "4", "--batch-size", "4", "--max-sentences", "40", "--eval-every", "2",
                            "--dev-sentences", "16", "--max-len", "32"],
-              "evaluate": ["--max-sentences", "16"]},
+              "evaluate": []},
 }
 
 # condition -> meta_pretrain.py flags (None: no priming). The first three are the main rows.
@@ -55,6 +69,8 @@ CONDITIONS = {
 }
 MAIN_ROWS = ("no priming", "MTL priming", "MAML priming")
 FULL_ROW = ("full", "full fine-tuning (reference)")
+SOURCE_LANG = "en"  # fine-tuning language of every run
+HASH_CHARS = 10
 
 
 def build_parser():
@@ -62,19 +78,20 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--budget", choices=sorted(BUDGETS), default="cpu", help="stage flags per run (see BUDGETS)")
     p.add_argument("--pefts", default="adapter,prefix", help="PEFT methods to compare")
-    p.add_argument("--seeds", type=int, default=3, help="seeds of the main rows (no priming, MTL, MAML)")
-    p.add_argument("--ablation-seeds", type=int, default=1, help="seeds of the ablation rows")
+    p.add_argument("--priming-seeds", type=int, default=1, help="priming runs per primed condition (seeds 0..N-1)")
+    p.add_argument("--finetune-seeds", type=int, default=5,
+                   help="fine-tuning seeds of the main rows (0..N-1), the same in every row: the pairing")
+    p.add_argument("--ablation-finetune-seeds", type=int, default=3, help="fine-tuning seeds of the ablation rows")
     p.add_argument("--full-seeds", type=int, default=1, help="seeds of the full fine-tuning reference row")
-    p.add_argument("--conditions", default=None, help="comma-separated subset of condition keys (default: all)")
+    p.add_argument("--conditions", default=None,
+                   help="comma-separated subset of the conditions (default: all): " + ", ".join(CONDITIONS))
     p.add_argument("--no-full", action="store_true", help="skip the full fine-tuning reference row")
-    p.add_argument("--langs", default="fr,nl,pt", help="target languages (never priming languages)")
+    p.add_argument("--langs", default="fr,nl,pt", help="target languages (never priming languages nor en)")
     p.add_argument("--priming-langs", default="de,es", help="priming languages")
-    p.add_argument("--inner-lr", type=float, default=None, help="inner learning rate for MAML rows (default: meta_pretrain's)")
-    p.add_argument("--inner-steps", type=int, default=None, help="inner steps for MAML rows (default: meta_pretrain's)")
-    p.add_argument("--search", action="store_true",
-                   help="instead: grid over --search-lrs x --search-steps, scored by de/es dev F1 after fine-tuning")
-    p.add_argument("--search-lrs", default="3e-3,1e-2,3e-2", help="inner learning rates of the search")
-    p.add_argument("--search-steps", default="1,3", help="inner step counts of the search")
+    p.add_argument("--eval-sentences", type=int, default=None,
+                   help="score only the first N test sentences per language (default: the full test sets)")
+    p.add_argument("--inner-lr", type=float, default=None, help="inner learning rate of the MAML rows (default: the budget's)")
+    p.add_argument("--inner-steps", type=int, default=None, help="inner steps of the MAML rows (default: the budget's)")
     p.add_argument("--model", default="e5-small", help="the pretrained model (name, folder or hub id)")
     p.add_argument("--data-dir", default=None, help="PAN-X folder (default: $WIKIANN_DIR, else the hub)")
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
@@ -83,59 +100,250 @@ def build_parser():
     return p
 
 
-def run_stage(script, flags, done_marker):
-    """Run one stage unless its result exists (the comparison can be continued)."""
-    if Path(done_marker).exists():
-        return
-    command = [sys.executable, str(HERE / script), *flags]
-    print("+", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+def check_args(args):
+    """One clear error per bad flag, before anything runs."""
+    for flag in ["priming_seeds", "finetune_seeds", "ablation_finetune_seeds", "full_seeds"]:
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
+    if args.eval_sentences is not None and args.eval_sentences < 1:
+        raise ValueError(f"--eval-sentences must be at least 1 (got {args.eval_sentences}); leave it out for the full test sets")
+    langs, priming = parse_languages(args.langs), parse_languages(args.priming_langs)
+    overlap = sorted(set(langs) & (set(priming) | {SOURCE_LANG}))
+    if overlap:
+        raise ValueError(f"{','.join(overlap)} is both a priming or source language and a target language: "
+                         f"not zero-shot; choose --langs outside {','.join(priming + [SOURCE_LANG])}")
+    conditions = [c.strip() for c in args.conditions.split(",")] if args.conditions else list(CONDITIONS)
+    unknown = [c for c in conditions if c not in CONDITIONS]
+    if unknown:
+        raise ValueError(f"unknown condition(s) {unknown}; known: {', '.join(CONDITIONS)}")
+    data_dir = resolve_data_dir(args.data_dir)  # $WIKIANN_DIR included, made absolute: part of run identity
+    args.data_dir = str(data_dir.resolve()) if data_dir else None
+    return langs, conditions
 
 
-def data_gpu_flags(args):
-    """--data-dir and --gpu, which every stage takes."""
-    flags = ["--data-dir", args.data_dir] if args.data_dir else []
-    return flags + (["--gpu", str(args.gpu)] if args.gpu is not None else [])
+# ----------------------------------------------------------------------------- running stages
+
+def run_identity(flags):
+    """A short hash of the flags that shape a run (order kept: later flags override earlier)."""
+    return hashlib.sha256(json.dumps(flags).encode()).hexdigest()[:HASH_CHARS]
 
 
-def primed_folder(tuned):
-    """The priming run a fine-tuning run started from: ft-<tag> <- primed-<tag>, side by side."""
-    return tuned.parent / ("primed-" + tuned.name[len("ft-"):])
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
-def one_run(args, runs, peft, condition, seed, eval_langs=None, split="test", extra_prime=()):
-    """prime (unless no priming / full FT) -> fine-tune -> evaluate; returns the eval JSON path."""
-    budget, data_gpu = BUDGETS[args.budget], data_gpu_flags(args)
-    tag = f"{peft}-{condition.replace(' ', '_').replace(':', '')}-s{seed}" + "".join(extra_prime)
-    init = args.model
-    tuned = runs / f"ft-{tag}"
-    if CONDITIONS.get(condition) is not None:
-        primed = primed_folder(tuned)
-        maml_flags = []
-        if "--method" not in CONDITIONS[condition]:
-            maml_flags += ["--inner-lr", str(args.inner_lr)] if args.inner_lr else []
-            maml_flags += ["--inner-steps", str(args.inner_steps)] if args.inner_steps else []
-        run_stage("meta_pretrain.py", ["--model", args.model, *data_gpu, *budget["prime"], "--peft", peft, "--seed", str(seed),
-                                       "--priming-langs", args.priming_langs, *CONDITIONS[condition],
-                                       *maml_flags, *extra_prime, "--out", str(primed)], primed / "config.json")
-        init = str(primed)
-    run_stage("finetune_peft.py", [*data_gpu, *budget["finetune"], "--init", init, "--peft", peft,
-                                   "--seed", str(seed), "--out", str(tuned)], tuned / "run.json")
-    result = tuned / f"eval-{split}.json"
-    run_stage("evaluate_ner.py", [*data_gpu, *budget["evaluate"], "--ckpt", str(tuned), "--split", split,
-                                  "--langs", eval_langs or args.langs, "--out", str(result)], result)
-    return result
+def take_lock(lock):
+    """Create `lock` holding our pid; False if a live process holds it (a stale one is taken over)."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            holder = int(Path(lock).read_text() or 0)
+        except (OSError, ValueError):
+            holder = 0
+        if holder and pid_alive(holder):
+            return False
+        Path(lock).unlink(missing_ok=True)  # its process is gone: an interrupted comparison
+        return take_lock(lock)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
 
 
-def rows_order(pefts, conditions):
-    """The table's order: PEFT by PEFT, conditions as listed, full fine-tuning last."""
-    rank = {row: i for i, row in enumerate([(p, c) for p in pefts for c in conditions] + [FULL_ROW])}
-    return lambda row: rank[row]
+def run_stage(script, flags, done_marker, extra=()):
+    """Run one stage unless its result exists. Returns True when the result is there, False when
+    another compare.py process is producing it right now. `extra` flags do not shape the run
+    (--gpu) and are left out of its identity."""
+    done_marker = Path(done_marker)
+    if done_marker.exists():
+        return True
+    lock = done_marker.parent.with_name(done_marker.parent.name + ".lock") if script != "evaluate_ner.py" \
+        else done_marker.with_name(done_marker.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    if not take_lock(lock):
+        print(f"- {done_marker.parent.name}: another compare.py is running it; skipped here", flush=True)
+        return False
+    try:
+        if done_marker.exists():  # finished while we waited for the lock
+            return True
+        command = [sys.executable, str(HERE / script), *flags, *extra]
+        print("+", " ".join(command), flush=True)
+        if subprocess.run(command).returncode != 0:
+            raise ValueError(f"{script} failed (its message is above); fix that and re-run compare.py: "
+                             f"finished runs are kept")
+        return True
+    finally:
+        lock.unlink(missing_ok=True)
 
 
-def write_table(table, langs, out):
-    (out / "table.md").write_text(markdown(table, langs) + "\n")
-    (out / "results.json").write_text(json.dumps({f"{p} | {c}": r for (p, c), r in table.items()}, indent=1))
+def device_flags(args):
+    return ["--gpu", str(args.gpu)] if args.gpu is not None else []
+
+
+def data_flags(args):
+    return ["--data-dir", args.data_dir] if args.data_dir else []
+
+
+def prime(args, runs, peft, condition, seed, extra_prime=()):
+    """The primed body of (condition, priming seed): its folder, or None while another process runs it."""
+    flags = ["--model", args.model, *data_flags(args), *BUDGETS[args.budget]["prime"], "--peft", peft,
+             "--seed", str(seed), "--source-lang", SOURCE_LANG, "--priming-langs", args.priming_langs,
+             *CONDITIONS[condition], *maml_overrides(args, condition), *extra_prime]
+    folder = runs / f"primed-{peft}-{slug(condition)}-p{seed}-{run_identity(flags)}"
+    done = run_stage("meta_pretrain.py", [*flags, "--out", str(folder)], folder / "config.json", device_flags(args))
+    return folder if done else None
+
+
+def maml_overrides(args, condition):
+    """--inner-lr / --inner-steps of compare.py apply to the MAML rows only."""
+    if "--method" in CONDITIONS[condition]:
+        return []
+    return ((["--inner-lr", str(args.inner_lr)] if args.inner_lr else [])
+            + (["--inner-steps", str(args.inner_steps)] if args.inner_steps else []))
+
+
+def finetune(args, runs, init, peft, seed, tag):
+    """A fine-tuning run of PEFT `peft` on the body `init` with fine-tuning seed `seed`."""
+    flags = [*data_flags(args), *BUDGETS[args.budget]["finetune"], "--init", str(init), "--peft", peft,
+             "--lang", SOURCE_LANG, "--seed", str(seed)]
+    folder = runs / f"ft-{tag}-f{seed}-{run_identity(flags)}"
+    done = run_stage("finetune_peft.py", [*flags, "--out", str(folder)], folder / "run.json", device_flags(args))
+    return folder if done else None
+
+
+def evaluate(args, tuned, langs, split):
+    """The eval JSON of a fine-tuned folder on `langs`; each language set and size is its own file."""
+    flags = [*data_flags(args), *BUDGETS[args.budget]["evaluate"], "--split", split, "--langs", ",".join(langs)]
+    flags += ["--max-sentences", str(args.eval_sentences)] if args.eval_sentences else []
+    result = Path(tuned) / f"eval-{split}-{run_identity(flags)}.json"
+    done = run_stage("evaluate_ner.py", [*flags, "--ckpt", str(tuned), "--out", str(result)], result, device_flags(args))
+    return result if done else None
+
+
+def slug(condition):
+    return condition.replace("ablation: ", "").replace(" ", "_").replace(":", "")
+
+
+def one_run(args, runs, peft, condition, priming_seed, finetune_seed, langs, split="test", extra_prime=()):
+    """prime (unless no priming / full FT) -> fine-tune -> evaluate; the eval JSON, or None
+    while another process is running one of its stages."""
+    init, tag = args.model, f"{peft}-{slug(condition)}"
+    if CONDITIONS[condition] is not None:
+        init = prime(args, runs, peft, condition, priming_seed, extra_prime)
+        if init is None:
+            return None
+        tag = init.name[len("primed-"):]
+    tuned = finetune(args, runs, init, peft, finetune_seed, tag)
+    return evaluate(args, tuned, langs, split) if tuned else None
+
+
+def row_plan(args, peft, condition):
+    """(priming seed, fine-tuning seed) pairs of one row."""
+    if (peft, condition) == FULL_ROW:
+        return [(0, f) for f in range(args.full_seeds)]
+    finetune_seeds = args.finetune_seeds if condition in MAIN_ROWS else args.ablation_finetune_seeds
+    priming_seeds = [0] if CONDITIONS[condition] is None else range(args.priming_seeds)
+    return [(p, f) for p in priming_seeds for f in range(finetune_seeds)]
+
+
+# ----------------------------------------------------------------------------- results
+
+def read_run(result):
+    """One finished run: its scores, fine-tuning seed, code versions and folders."""
+    scores = json.loads(Path(result).read_text())
+    tuned = Path(result).parent
+    record = read_record(tuned) or {}
+    primed = (record.get("init_record") or {})
+    versions = {record.get("code_version"), primed.get("code_version"), scores.get("code_version")} - {None}
+    return {"results": scores["results"], "finetune_seed": record.get("args", {}).get("seed"),
+            "versions": sorted(versions), "tuned": tuned,
+            "primed": Path(record["init_path"]) if primed else None}
+
+
+def collect(runs_of_row, langs):
+    """Per language and average: mean and std of F1 (seqeval default) over the row's runs, and
+    the average F1 per fine-tuning seed (mean over priming seeds), the input of the pairing."""
+    row = {lang: mean_std([r["results"][lang]["f1_default"] for r in runs_of_row]) for lang in [*langs, "average"]}
+    by_seed = {}
+    for r in runs_of_row:
+        by_seed.setdefault(r["finetune_seed"], []).append(r["results"]["average"]["f1_default"])
+    row["by_finetune_seed"] = {s: sum(v) / len(v) for s, v in sorted(by_seed.items())}
+    row["runs"] = len(runs_of_row)
+    row["sentences"] = sorted({r["results"][lang]["sentences"] for r in runs_of_row for lang in langs})
+    row["code_versions"] = sorted({v for r in runs_of_row for v in r["versions"]})
+    return row
+
+
+def paired_rows(table):
+    """Each primed condition against no priming of the same PEFT, and MAML against MTL priming."""
+    pairs = []
+    for (peft, condition), row in table.items():
+        base = (peft, "no priming")
+        if condition != "no priming" and base in table and CONDITIONS.get(condition) is not None:
+            pairs.append(((peft, condition), base))
+        if condition == "MAML priming" and (peft, "MTL priming") in table:
+            pairs.append(((peft, condition), (peft, "MTL priming")))
+    return {f"{peft} | {cond} vs {other}": paired_difference(table[(peft, cond)]["by_finetune_seed"],
+                                                              table[(peft, other)]["by_finetune_seed"])
+            for (peft, cond), (_, other) in pairs}
+
+
+def markdown(table, langs):
+    header = "| PEFT | condition | runs | " + " | ".join(langs) + " | average |"
+    rows = [header, "|---|---|---:|" + "---:|" * (len(langs) + 1)]
+    changes = any("body_change" in r for r in table.values())
+    if changes:  # how far priming moved the body (add_body_change)
+        rows = [rows[0] + " body change |", rows[1] + "---:|"]
+    for (peft, condition), r in table.items():
+        cells = " | ".join(f"{r[l][0]:.2f} ± {r[l][1]:.2f}" if r["runs"] > 1 else f"{r[l][0]:.2f}"  # 1 run: no std
+                           for l in [*langs, "average"])
+        change = (f" {r['body_change']:.1e} |" if "body_change" in r else " - |") if changes else ""
+        rows.append(f"| {peft} | {condition} | {r['runs']} | {cells} |{change}")
+    return "\n".join(rows)
+
+
+def paired_markdown(paired):
+    rows = ["| comparison | seeds | mean difference | 95% CI | half-width | seeds favouring | sd of differences |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, d in paired.items():
+        ci = f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d["ci95"] else "-"
+        half = f"{d['half_width']:.2f}" if d["half_width"] is not None else "-"
+        rows.append(f"| {name} | {d['n']} | {d['mean']:+.2f} | {ci} | {half} | {d['favour']} of {d['n']} | {d['sd']:.2f} |")
+    return "\n".join(rows)
+
+
+def provenance(table, args):
+    """What a reader must know next to the numbers: F1 mode, test size, budget, commits."""
+    sentences = sorted({n for r in table.values() for n in r["sentences"]})
+    versions = sorted({v for r in table.values() for v in r["code_versions"]})
+    lines = [f"F1: seqeval default mode (conlleval-like, as XTREME), average of {', '.join(args.langs.split(','))}; "
+             f"test sentences per language: {', '.join(map(str, sentences))}"
+             f"{' (the full test sets)' if args.eval_sentences is None else f' (--eval-sentences {args.eval_sentences})'}.",
+             f"Budget: {args.budget}; model: {args.model}; priming seeds {args.priming_seeds}, fine-tuning seeds "
+             f"{args.finetune_seeds} (ablations {args.ablation_finetune_seeds})."]
+    if len(versions) > 1:
+        lines.append(f"**The rows come from different commits: {', '.join(versions)}** (see results.json).")
+    else:
+        lines.append(f"Code version of every run: {', '.join(versions)}.")
+    return lines
+
+
+def write_results(table, paired, langs, args, out):
+    text = "\n".join(provenance(table, args)) + "\n\n" + markdown(table, langs) + "\n"
+    if paired:
+        text += "\nPaired differences of average target F1 (condition minus baseline, same fine-tuning seeds):\n\n"
+        text += paired_markdown(paired) + "\n"
+    (out / "table.md").write_text(text)
+    (out / "results.json").write_text(json.dumps({
+        "provenance": provenance(table, args),
+        "rows": {f"{p} | {c}": {k: v for k, v in r.items()} for (p, c), r in table.items()},
+        "paired": paired}, indent=1, default=str))
 
 
 def body_change(primed, model):
@@ -155,152 +363,55 @@ def body_change(primed, model):
 
 
 def add_body_change(table, row_runs, model):
-    """The mean body change of each primed row's runs, in the table's results."""
-    for row, tuned in row_runs.items():
-        primed = [primed_folder(f) for f in tuned]
+    """The mean body change of each primed row's priming runs, in the table's results."""
+    for row, runs_of_row in row_runs.items():
+        primed = sorted({r["primed"] for r in runs_of_row if r["primed"] is not None})
         changes = [body_change(f, model) for f in primed if (f / "model.safetensors").is_file()]
         if changes and None not in changes:
-            table[row]["body_change"] = statistics.mean(changes)
+            table[row]["body_change"] = sum(changes) / len(changes)
 
 
-def mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def collect(result_files, langs):
-    """Per language and average: mean and std of F1 over seeds."""
-    scores = [json.loads(Path(f).read_text())["results"] for f in result_files]
-    return {lang: mean_std([s[lang]["f1"] for s in scores]) for lang in [*langs, "average"]} | {"seeds": len(scores)}
-
-
-def markdown(table, langs):
-    header = "| PEFT | condition | seeds | " + " | ".join(langs) + " | average |"
-    rows = [header, "|---|---|---:|" + "---:|" * (len(langs) + 1)]
-    changes = any("body_change" in r for r in table.values())
-    if changes:  # how far priming moved the body (add_body_change)
-        rows = [rows[0] + " body change |", rows[1] + "---:|"]
-    for (peft, condition), r in table.items():
-        cells = " | ".join(f"{r[l][0]:.2f} ± {r[l][1]:.2f}" if r["seeds"] > 1 else f"{r[l][0]:.2f}"  # 1 seed: no std
-                           for l in [*langs, "average"])
-        change = (f" {r['body_change']:.1e} |" if "body_change" in r else " - |") if changes else ""
-        rows.append(f"| {peft} | {condition} | {r['seeds']} | {cells} |{change}")
-    return "\n".join(rows)
-
-
-def plot_f1(table, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    labels = [f"{p}\n{c.replace('ablation: ', '')}" for p, c in table]
-    means = [r["average"][0] for r in table.values()]
-    stds = [r["average"][1] for r in table.values()]
-    fig, ax = plt.subplots(figsize=(max(8, len(labels) * 0.9), 4.5))
-    ax.bar(range(len(labels)), means, yerr=stds, capsize=3, color=["C0" if "prefix" not in l else "C1" for l in labels])
-    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("average target F1 (fr, nl, pt)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def read_curve(folder, key):
-    """(steps, values) of one metric from a run folder's metrics.jsonl."""
-    points = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    points = [p for p in points if key in p]
-    return [p["step"] for p in points], [p[key] for p in points]
-
-
-def mean_curve(folders, key):
-    """The curve averaged over seeds (the runs of one row log at the same steps)."""
-    curves = [read_curve(f, key) for f in folders if (f / "metrics.jsonl").exists()]
-    if not curves:
-        return [], []
-    return curves[0][0], [statistics.mean(values) for values in zip(*(c[1] for c in curves))]
-
-
-def plot_curves(row_runs, path):
-    """Held-out query loss during priming and en dev F1 during fine-tuning: one line per table
-    row, the mean over its seeds. row_runs: {(peft, condition): [fine-tuning folder, ...]}."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    colors = {condition: f"C{i}" for i, condition in enumerate(list(CONDITIONS) + [FULL_ROW[1]])}
-    for (peft, condition), tuned in row_runs.items():
-        # one colour per condition, one line style per PEFT method: the same condition reads across
-        label = f"{peft}: {condition.replace('ablation: ', '')}"
-        style = {"lw": 1.2, "color": colors.get(condition, "k"), "ls": "--" if peft == "prefix" else "-"}
-        primed = [primed_folder(f) for f in tuned]
-        left.plot(*mean_curve([f for f in primed if f.exists()], "held_out_query_loss"), marker="o", ms=3, label=label, **style)
-        right.plot(*mean_curve(tuned, "dev_f1"), marker="o", ms=3, label=label, **style)
-    left.set(title="priming: held-out query loss (de/es dev, fresh PEFT adapted on en)", xlabel="meta-step", ylabel="loss")
-    right.set(title="fine-tuning: en dev F1 (mean over seeds)", xlabel="step", ylabel="F1")
-    right.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def search(args, out, runs):
-    """Inner lr x inner steps for MAML priming, scored on the priming languages' dev split
-    after downstream fine-tuning (never on the target languages)."""
-    results = {}
-    for peft in args.pefts.split(","):
-        for lr in args.search_lrs.split(","):
-            for steps in args.search_steps.split(","):
-                # the default setting is the MAML row's seed-0 run: reuse it rather than run it twice
-                default = float(lr) == INNER_LR and int(steps) == INNER_STEPS
-                extra = () if default else ("--inner-lr", lr, "--inner-steps", steps)
-                f = one_run(args, runs, peft, "MAML priming", 0, eval_langs=args.priming_langs, split="dev",
-                            extra_prime=extra)
-                results[f"{peft} inner-lr {lr} inner-steps {steps}"] = json.loads(f.read_text())["results"]["average"]["f1"]
-    none = {peft: json.loads(one_run(args, runs, peft, "no priming", 0, eval_langs=args.priming_langs,
-                                     split="dev").read_text())["results"]["average"]["f1"] for peft in args.pefts.split(",")}
-    lines = ["| setting | de/es dev F1 |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in results.items()]
-    lines += [f"| {p} no priming | {v:.2f} |" for p, v in none.items()]
-    (out / "search.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
-
-def main():
-    args = build_parser().parse_args()
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    langs, conditions = check_args(args)
     out = Path(args.out or f"results/{args.budget}")
     runs = Path(args.runs) if args.runs else out / "runs"
     out.mkdir(parents=True, exist_ok=True)
     runs.mkdir(parents=True, exist_ok=True)
-    if args.search:
-        return search(args, out, runs)
-    langs = args.langs.split(",")
-    overlap = set(langs) & set(args.priming_langs.split(","))
-    if overlap:
-        raise SystemExit(f"error: {','.join(sorted(overlap))} is both a priming and a target language: not zero-shot")
-    conditions = args.conditions.split(",") if args.conditions else list(CONDITIONS)
-    unknown = [c for c in conditions if c not in CONDITIONS]
-    if unknown:
-        raise SystemExit(f"error: unknown condition(s) {unknown}; known: {list(CONDITIONS)}")
+    pefts = [p.strip() for p in args.pefts.split(",")]
     # Run order: the main rows first (they answer the question), then the ablations, then full FT;
     # the table is rewritten after every row, so an interrupted comparison still leaves one.
-    rows = [(peft, c) for main in (True, False) for peft in args.pefts.split(",") for c in conditions
-            if (c in MAIN_ROWS) == main]
+    rows = [(peft, c) for main in (True, False) for peft in pefts for c in conditions if (c in MAIN_ROWS) == main]
     rows += [] if args.no_full else [FULL_ROW]
-    table, row_runs = {}, {}
+    order = {row: i for i, row in enumerate([(p, c) for p in pefts for c in conditions] + [FULL_ROW])}
+    table, row_runs, missing = {}, {}, 0
     for peft, condition in rows:
-        if (peft, condition) == FULL_ROW:
-            files = [one_run(args, runs, "full", "no priming", s) for s in range(args.full_seeds)]
-        else:
-            seeds = args.seeds if condition in MAIN_ROWS else args.ablation_seeds
-            files = [one_run(args, runs, peft, condition, s) for s in range(seeds)]
-        table[(peft, condition)], row_runs[(peft, condition)] = collect(files, langs), [f.parent for f in files]
-        order = sorted(table, key=rows_order(args.pefts.split(","), conditions))
-        table, row_runs = {row: table[row] for row in order}, {row: row_runs[row] for row in order}
-        write_table(table, langs, out)
+        run_peft, run_condition = ("full", "no priming") if (peft, condition) == FULL_ROW else (peft, condition)
+        files = [one_run(args, runs, run_peft, run_condition, p, f, langs) for p, f in row_plan(args, peft, condition)]
+        missing += files.count(None)
+        finished = [read_run(f) for f in files if f is not None]
+        if finished:
+            row_runs[(peft, condition)] = finished
+            table[(peft, condition)] = collect(finished, langs)
+            table = {row: table[row] for row in sorted(table, key=order.get)}
+            write_results(table, paired_rows(table), langs, args, out)
+    row_runs = {row: row_runs[row] for row in table}
     add_body_change(table, row_runs, args.model)
-    write_table(table, langs, out)
-    plot_f1(table, out / "f1.png")
-    plot_curves(row_runs, out / "curves.png")
-    print(markdown(table, langs))
-    print(f"written: {out}/table.md, results.json, f1.png, curves.png")
+    paired = paired_rows(table)
+    write_results(table, paired, langs, args, out)
+    import compare_plots
+    compare_plots.plot_f1(table, out / "f1.png")
+    compare_plots.plot_paired(paired, out / "paired.png")
+    compare_plots.plot_curves(row_runs, CONDITIONS, out / "curves.png")
+    print((out / "table.md").read_text())
+    for name, d in paired.items():
+        if d["n"] > 1 and d["half_width"] > 0.7:
+            print(f"{name}: CI half-width {d['half_width']:.2f}; about {seeds_for_half_width(d['sd'], 0.7)} "
+                  f"fine-tuning seeds would give 0.7")
+    if missing:
+        print(f"{missing} run(s) were being run by another compare.py: re-run this command when it ends for the full table")
+    print(f"written: {out}/table.md, results.json, f1.png, paired.png, curves.png")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

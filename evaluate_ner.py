@@ -2,13 +2,16 @@
 
     python evaluate_ner.py --ckpt checkpoints/ft-primed-maml-adapter-s0-adapter-en-s0              # fr,nl,pt test
     python evaluate_ner.py --ckpt checkpoints/ft-e5-small-adapter-en-s0 --langs fr,nl,pt --split dev
+    python evaluate_ner.py --ckpt ... --predictions preds/    # also preds/fr.conll ...: token gold predicted
     python evaluate_ner.py --ckpt ... --gpu 0 --max-sentences 1000
 
 --ckpt is a folder of finetune_peft.py: PEFT tensors + head (its run.json names the body they
 were trained on) or a full model (--peft full). Prints a markdown table of precision, recall
-and F1 (strict IOB2, CoNLL style) per language and their average, and writes the same as JSON
-(default: <ckpt>/eval-<split>.json). A target language that was used in priming or in
-fine-tuning gets a warning: that evaluation would not be zero-shot.
+and F1 per language and their average, and writes the same as JSON (default:
+<ckpt>/eval-<split>.json). The headline F1 is seqeval's default (conlleval-like) mode, the one
+XTREME reports (JSON keys *_default); strict IOB2 is beside it (*_strict); see scoring.py.
+A target language that was used in priming or in fine-tuning gets a warning: that evaluation
+would not be zero-shot.
 """
 
 import argparse
@@ -18,9 +21,10 @@ import warnings
 from pathlib import Path
 
 import adapters
-from ner_data import LABELS, SPLITS, encode_sentences, load_wikiann, parse_languages, score_model
+from ner_data import LABELS, SPLITS, encode_sentences, load_wikiann, parse_languages
 from pretrained import load_token_classifier, load_tokenizer, pick_device
-from runs import read_record, run_cli, write_json
+from runs import code_version, read_record, run_cli, write_json
+from scoring import entity_scores, predict_words, write_conll
 
 LANGS = "fr,nl,pt"  # target languages: never used in the default priming (de,es) or training (en)
 
@@ -37,6 +41,8 @@ def build_parser():
     p.add_argument("--data-dir", default=None, help="PAN-X folder (default: $WIKIANN_DIR, else the hub's wikiann)")
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
     p.add_argument("--out", default=None, help="JSON output (default: <ckpt>/eval-<split>.json)")
+    p.add_argument("--predictions", default=None,
+                   help="folder for one <lang>.conll per language (token gold predicted; conlleval/seqeval re-score it)")
     return p
 
 
@@ -81,15 +87,30 @@ def warn_if_not_zero_shot(record, langs):
 
 
 def markdown_table(results):
-    rows = ["| language | precision | recall | F1 |", "|---|---:|---:|---:|"]
-    rows += [f"| {lang} | {r['precision']:.2f} | {r['recall']:.2f} | {r['f1']:.2f} |" for lang, r in results.items()]
+    rows = ["| language | precision (default) | recall (default) | F1 (seqeval default) | F1 (strict IOB2) |",
+            "|---|---:|---:|---:|---:|"]
+    rows += [f"| {lang} | {r['precision_default']:.2f} | {r['recall_default']:.2f} | {r['f1_default']:.2f} "
+             f"| {r['f1_strict']:.2f} |" for lang, r in results.items()]
     return "\n".join(rows)
+
+
+def writable_folder(folder, flag):
+    """Create folder and check that files can be written there, before any scoring."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe = Path(folder) / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{flag} {folder} is not a writable folder ({e.strerror}): choose another") from None
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     langs = parse_languages(args.langs)
     device = pick_device(args.gpu)
+    if args.predictions:
+        writable_folder(args.predictions, "--predictions")
     model, tokenizer, record = load_finetuned(args.ckpt, device)
     warn_if_not_zero_shot(record, langs)
     results, seconds = {}, {}
@@ -97,13 +118,18 @@ def main(argv=None):
         t0 = time.perf_counter()
         data = load_wikiann(lang, args.split, args.data_dir, args.max_sentences)
         examples = encode_sentences(data, tokenizer, args.max_len)
-        results[lang] = score_model(model, data, examples, args.batch_size, device, tokenizer.pad_token_id)
-        results[lang]["sentences"] = len(data)
+        predicted = predict_words(model, examples, args.batch_size, device, tokenizer.pad_token_id)
+        results[lang] = entity_scores(list(data["ner_tags"]), predicted) | {"sentences": len(data)}
+        if args.predictions:
+            write_conll(Path(args.predictions) / f"{lang}.conll", data, predicted)
         seconds[lang] = round(time.perf_counter() - t0, 1)
-    results["average"] = {k: sum(results[l][k] for l in langs) / len(langs) for k in ("precision", "recall", "f1")}
+    keys = [k for k in results[langs[0]] if k != "sentences"]
+    results["average"] = {k: sum(results[l][k] for l in langs) / len(langs) for k in keys}
     out = Path(args.out) if args.out else Path(args.ckpt) / f"eval-{args.split}.json"
     write_json(out, {"ckpt": str(args.ckpt), "split": args.split, "langs": langs, "results": results,
-                     "seconds": seconds, "device": str(device)})
+                     "seconds": seconds, "device": str(device),
+                     "f1_mode": "f1_default: seqeval default mode (conlleval-like, as XTREME); f1_strict: strict IOB2",
+                     "code_version": code_version(), "predictions": args.predictions})
     print(markdown_table(results))
     print(f"scores written to {out} ({', '.join(f'{l} {s}s' for l, s in seconds.items())})")
 

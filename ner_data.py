@@ -245,43 +245,6 @@ class BatchStream:
         self.epoch, self.position, self._batches = state["epoch"], state["position"], None
 
 
-# ----------------------------------------------------------------------------------------
-# Scoring: entity-level precision, recall and F1 (seqeval, strict IOB2, CoNLL style)
-
-@torch.inference_mode()
-def predict_words(model, examples, batch_size=64, device="cpu", pad_id=1):
-    """Per-word label ids for every example (batched by length for speed; order kept)."""
-    was_training = model.training
-    model.eval()
-    lengths = [len(e["input_ids"]) for e in examples]
-    predictions = [None] * len(examples)
-    for batch in bucketed_batches(lengths, batch_size):
-        inputs = collate([examples[i] for i in batch], pad_id, device)
-        inputs.pop("labels")
-        best = model(**inputs).logits.argmax(-1).tolist()
-        for row, i in enumerate(batch):
-            predictions[i] = word_predictions(best[row], examples[i]["word_ids"], examples[i]["n_words"])
-    model.train(was_training)
-    return predictions
-
-
-def entity_scores(gold, predicted, labels=LABELS):
-    """Entity-level precision, recall and F1 in percent (seqeval, strict IOB2)."""
-    from seqeval.metrics import f1_score, precision_score, recall_score
-    from seqeval.scheme import IOB2
-    gold_tags = [[labels[t] for t in s] for s in gold]
-    pred_tags = [[labels[t] for t in s] for s in predicted]
-    kwargs = dict(mode="strict", scheme=IOB2, zero_division=0)
-    return {"precision": 100 * precision_score(gold_tags, pred_tags, **kwargs),
-            "recall": 100 * recall_score(gold_tags, pred_tags, **kwargs),
-            "f1": 100 * f1_score(gold_tags, pred_tags, **kwargs)}
-
-
-def score_model(model, dataset, examples, batch_size=64, device="cpu", pad_id=1):
-    """Entity scores of a token classifier on an encoded dataset."""
-    return entity_scores(list(dataset["ner_tags"]), predict_words(model, examples, batch_size, device, pad_id))
-
-
 def main():
     parser = argparse.ArgumentParser(description="Print a summary of one WikiANN split.")
     parser.add_argument("--lang", default="en", help="language code, e.g. en, de")

@@ -1,5 +1,7 @@
-"""compare.py's bookkeeping: skipping finished runs, mean and std over seeds, the table."""
+"""compare.py's bookkeeping, with the three stages replaced by a fake that writes their outputs:
+run identity, seeds and pairing, the paired statistics, commits, bad flags."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -7,62 +9,220 @@ from pathlib import Path
 import pytest
 
 import compare
+import stats
+
+SEED_EFFECT = {0: 0.0, 1: -3.0, 2: 2.0, 3: -1.0, 4: 1.5}        # shared by every row: the pairing cancels it
+CONDITION_EFFECT = {"none": 0.0, "MTL_priming": 0.5, "MAML_priming": 1.0}
 
 
-def write_eval(path, f1s):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    results = {lang: {"precision": 0, "recall": 0, "f1": f} for lang, f in f1s.items()}
-    results["average"] = {"f1": sum(f1s.values()) / len(f1s)}
-    path.write_text(json.dumps({"results": results}))
-    return path
+def flag(command, name, default=None):
+    return command[command.index(name) + 1] if name in command else default
 
 
-def test_collect_mean_and_std_over_seeds(tmp_path):
-    files = [write_eval(tmp_path / f"s{i}.json", {"fr": f, "nl": 50.0}) for i, f in enumerate([60.0, 62.0, 64.0])]
-    table = compare.collect(files, ["fr", "nl"])
-    assert table["seeds"] == 3 and table["fr"] == (62.0, 2.0) and table["nl"] == (50.0, 0.0)
-    assert table["average"] == (56.0, 1.0)
-    text = compare.markdown({("adapter", "MAML priming"): table}, ["fr", "nl"])
-    assert "| adapter | MAML priming | 3 | 62.00 ± 2.00 | 50.00 ± 0.00 | 56.00 ± 1.00 |" in text
+class FakeStages:
+    """Stands in for subprocess.run: records each stage command and writes what the stage would."""
+
+    def __init__(self, version="abc1234"):
+        self.commands, self.version = [], version
+
+    def __call__(self, command, *a, **k):
+        script, out = Path(command[1]).name, Path(flag(command, "--out"))
+        self.commands.append(command)
+        record = {"args": {"seed": int(flag(command, "--seed", 0))}, "code_version": self.version}
+        if script == "meta_pretrain.py":
+            out.mkdir(parents=True)
+            (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "held_out_query_loss": 1.5}) + "\n")
+            (out / "run.json").write_text(json.dumps(record))
+            (out / "config.json").write_text("{}")
+        elif script == "finetune_peft.py":
+            init = flag(command, "--init")
+            out.mkdir(parents=True)
+            init_record = json.loads((Path(init) / "run.json").read_text()) if Path(init).is_dir() else None
+            (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "dev_f1_default": 50.0}) + "\n")
+            (out / "run.json").write_text(json.dumps(record | {"init_path": init, "init_record": init_record}))
+        else:
+            tuned = Path(flag(command, "--ckpt"))
+            f = json.loads((tuned / "run.json").read_text())["args"]["seed"]
+            name = tuned.name
+            effect = next((v for k, v in CONDITION_EFFECT.items() if k in name), 0.0)
+            langs = flag(command, "--langs").split(",")
+            n = int(flag(command, "--max-sentences", 10000))
+            results = {l: {"f1_default": 70.0 + SEED_EFFECT[f] + effect + i, "f1_strict": 0.0, "sentences": n}
+                       for i, l in enumerate(langs)}
+            results["average"] = {"f1_default": sum(r["f1_default"] for r in results.values()) / len(langs)}
+            out.write_text(json.dumps({"results": results, "code_version": self.version}))
+        return subprocess.CompletedProcess(command, 0)
 
 
-def test_finished_runs_are_skipped(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append(a))
-    marker = tmp_path / "done.json"
-    marker.write_text("{}")
-    compare.run_stage("evaluate_ner.py", [], marker)
-    compare.run_stage("evaluate_ner.py", [], tmp_path / "missing.json")
-    assert len(calls) == 1
+@pytest.fixture
+def fake(monkeypatch):
+    stages = FakeStages()
+    monkeypatch.setattr(compare.subprocess, "run", stages)
+    for name in ("plot_f1", "plot_paired", "plot_curves"):
+        monkeypatch.setattr(f"compare_plots.{name}", lambda *a: None)
+    monkeypatch.setattr(compare, "add_body_change", lambda *a: None)
+    return stages
 
 
-def test_priming_and_target_languages_must_differ(tmp_path):
-    run = subprocess.run([sys.executable, str(Path(compare.__file__)), "--langs", "fr,de", "--out", str(tmp_path)],
-                         capture_output=True, text=True)
-    assert run.returncode != 0 and "both a priming and a target language" in run.stderr
+def base_argv(tmp_path, *extra):
+    return ["--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), "--pefts", "adapter",
+            "--conditions", "no priming,MTL priming,MAML priming", "--finetune-seeds", "3", "--no-full",
+            "--data-dir", str(tmp_path), "--budget", "smoke", *extra]
 
 
-def test_main_rows_run_first_and_the_table_keeps_the_papers_order(tmp_path, monkeypatch):
-    ran = []
+def scripts(commands):
+    return [Path(c[1]).name for c in commands]
 
-    def fake_run(args, runs, peft, condition, seed, **kwargs):
-        ran.append((peft, condition, seed))
-        return write_eval(tmp_path / f"{peft}-{condition}-{seed}.json".replace(" ", "_").replace(":", ""),
-                          {"fr": 60.0 + seed, "nl": 50.0, "pt": 40.0})
 
-    monkeypatch.setattr(compare, "one_run", fake_run)
-    monkeypatch.setattr(compare, "plot_f1", lambda *a: None)
-    monkeypatch.setattr(compare, "plot_curves", lambda *a: None)
-    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path / "out"), "--seeds", "2"])
-    compare.main()
-    main_runs = [r for r in ran if r[1] in compare.MAIN_ROWS and r[0] != "full"]
-    assert ran[:len(main_runs)] == main_runs                       # every main row before any ablation
-    assert len(main_runs) == 2 * 3 * 2                             # 2 PEFTs x 3 rows x 2 seeds
-    assert ran[-1] == ("full", "no priming", 0) and ran.count(("full", "no priming", 0)) == 1
-    lines = (tmp_path / "out" / "table.md").read_text().splitlines()[2:]
+def test_every_primed_body_is_fine_tuned_with_every_fine_tuning_seed(tmp_path, fake):
+    compare.main(base_argv(tmp_path, "--priming-seeds", "2"))
+    primes = [c for c in fake.commands if "meta_pretrain.py" in c[1]]
+    assert sorted((flag(c, "--method", "maml"), flag(c, "--seed")) for c in primes) == \
+        [("maml", "0"), ("maml", "1"), ("mtl", "0"), ("mtl", "1")]
+    tunes = [c for c in fake.commands if "finetune_peft.py" in c[1]]
+    assert len(tunes) == 3 + 2 * 2 * 3                  # no priming: 3 seeds; MTL and MAML: 2 bodies x 3 seeds
+    for primed in {flag(c, "--init") for c in tunes if "primed-" in flag(c, "--init")}:
+        assert sorted(flag(c, "--seed") for c in tunes if flag(c, "--init") == primed) == ["0", "1", "2"]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["rows"]["adapter | MAML priming"]["runs"] == 6
+
+
+def test_a_second_identical_comparison_runs_nothing(tmp_path, fake):
+    compare.main(base_argv(tmp_path))
+    first = len(fake.commands)
+    compare.main(base_argv(tmp_path))
+    assert len(fake.commands) == first
+
+
+@pytest.mark.parametrize("changed, new_stages", [
+    (["--model", "other-model"], {"meta_pretrain.py", "finetune_peft.py", "evaluate_ner.py"}),
+    (["--budget", "cpu"], {"meta_pretrain.py", "finetune_peft.py", "evaluate_ner.py"}),
+    (["--inner-lr", "0.3"], {"meta_pretrain.py", "finetune_peft.py", "evaluate_ner.py"}),
+    (["--inner-steps", "7"], {"meta_pretrain.py", "finetune_peft.py", "evaluate_ner.py"}),
+    (["--priming-langs", "de"], {"meta_pretrain.py", "finetune_peft.py", "evaluate_ner.py"}),
+    (["--langs", "fr,pt"], {"evaluate_ner.py"}),
+    (["--eval-sentences", "16"], {"evaluate_ner.py"}),
+    (["--finetune-seeds", "4"], {"finetune_peft.py", "evaluate_ner.py"}),
+    (["--priming-seeds", "2"], {"meta_pretrain.py", "finetune_peft.py", "evaluate_ner.py"}),
+    (["--pefts", "prefix"], {"meta_pretrain.py", "finetune_peft.py", "evaluate_ner.py"}),
+    (["--data-dir", "OTHER"], {"meta_pretrain.py", "finetune_peft.py", "evaluate_ner.py"}),
+])
+def test_a_changed_flag_makes_new_runs(tmp_path, fake, changed, new_stages):
+    compare.main(base_argv(tmp_path))
+    first = len(fake.commands)
+    if changed[0] == "--data-dir":
+        (tmp_path / "other").mkdir()
+        changed = ["--data-dir", str(tmp_path / "other")]
+    argv = base_argv(tmp_path)
+    at = argv.index(changed[0]) if changed[0] in argv else None
+    argv = argv[:at] + changed + argv[at + 2:] if at is not None else argv + changed
+    compare.main(argv)
+    assert set(scripts(fake.commands[first:])) == new_stages
+    out = json.loads((tmp_path / "out" / "results.json").read_text())
+    if changed[0] == "--langs":  # re-evaluation with other target languages: a table of those
+        assert "pt" in out["rows"]["adapter | no priming"] and "nl" not in out["rows"]["adapter | no priming"]
+
+
+def test_gpu_flag_does_not_change_run_identity(tmp_path, fake, monkeypatch):
+    compare.main(base_argv(tmp_path))
+    first = len(fake.commands)
+    monkeypatch.setattr(compare, "run_stage", lambda *a, **k: pytest.fail(f"ran {a[0]}") if not Path(a[2]).exists() else True)
+    compare.main(base_argv(tmp_path, "--gpu", "0"))
+    assert len(fake.commands) == first
+
+
+def test_paired_differences_cancel_the_shared_seed_noise(tmp_path, fake):
+    compare.main(base_argv(tmp_path, "--finetune-seeds", "5"))
+    paired = json.loads((tmp_path / "out" / "results.json").read_text())["paired"]
+    maml_vs_none = paired["adapter | MAML priming vs no priming"]
+    assert maml_vs_none["n"] == 5 and math.isclose(maml_vs_none["mean"], 1.0) and maml_vs_none["favour"] == 5
+    assert maml_vs_none["half_width"] == pytest.approx(0.0, abs=1e-9)     # identical differences: sd 0
+    assert math.isclose(paired["adapter | MAML priming vs MTL priming"]["mean"], 0.5)
+    assert set(paired) == {"adapter | MTL priming vs no priming", "adapter | MAML priming vs no priming",
+                           "adapter | MAML priming vs MTL priming"}
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| adapter | MAML priming vs no priming | 5 | +1.00 |" in table
+    assert "seqeval default" in table and "10000 (the full test sets)" in table
+
+
+def test_paired_difference_by_hand():
+    condition = {0: 71.2, 1: 69.8, 2: 70.5, 3: 72.0}
+    baseline = {0: 70.1, 1: 70.0, 2: 69.2, 3: 70.4, 9: 99.0}  # seed 9 has no partner: left out
+    d = stats.paired_difference(condition, baseline)
+    diffs = [1.1, -0.2, 1.3, 1.6]                      # by hand
+    mean = sum(diffs) / 4                               # 0.95
+    sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 3)
+    half = 3.182446 * sd / 2                            # t(0.975, 3) from a printed table
+    assert d["n"] == 4 and d["favour"] == 3 and d["seeds"] == [0, 1, 2, 3]
+    assert d["mean"] == pytest.approx(mean) and d["sd"] == pytest.approx(sd)
+    assert d["half_width"] == pytest.approx(half, rel=1e-5)
+    assert d["ci95"] == pytest.approx((mean - half, mean + half), rel=1e-5)
+
+
+@pytest.mark.parametrize("df, expected", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)])
+def test_t_quantiles_match_a_printed_table(df, expected):
+    assert stats.t_quantile(0.975, df) == pytest.approx(expected, abs=1e-4)
+
+
+def test_seeds_needed_for_a_half_width():
+    n = stats.seeds_for_half_width(1.5, 0.7)
+    assert stats.t_quantile(0.975, n - 1) * 1.5 / math.sqrt(n) <= 0.7
+    assert stats.t_quantile(0.975, n - 2) * 1.5 / math.sqrt(n - 1) > 0.7
+
+
+def test_rows_from_different_commits_are_flagged(tmp_path, fake):
+    compare.main(base_argv(tmp_path))
+    assert "different commits" not in (tmp_path / "out" / "table.md").read_text()
+    fake.version = "def5678"
+    compare.main(base_argv(tmp_path, "--finetune-seeds", "4"))   # seed 3 comes from another commit
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "different commits: abc1234, def5678" in table
+
+
+def test_a_run_locked_by_a_live_process_is_left_to_it(tmp_path, fake):
+    import os
+    compare.main(base_argv(tmp_path, "--conditions", "no priming"))
+    first = len(fake.commands)
+    tuned = next((tmp_path / "runs").glob("ft-adapter-no_priming-f0-*"))
+    evals = list(tuned.glob("eval-test-*.json"))
+    evals[0].unlink()
+    lock = evals[0].with_name(evals[0].name + ".lock")
+    lock.write_text(str(os.getpid()))                  # alive: this test process
+    compare.main(base_argv(tmp_path, "--conditions", "no priming"))
+    assert len(fake.commands) == first
+    lock.write_text("999999999")                       # a dead process: its lock is stale
+    compare.main(base_argv(tmp_path, "--conditions", "no priming"))
+    assert scripts(fake.commands[first:]) == ["evaluate_ner.py"] and not lock.exists()
+
+
+def test_the_main_rows_run_first_and_the_table_keeps_the_papers_order(tmp_path, fake):
+    compare.main(["--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), "--finetune-seeds", "2",
+                  "--ablation-finetune-seeds", "1", "--data-dir", str(tmp_path), "--budget", "smoke"])
+    rows = [(Path(flag(c, "--ckpt")).name.split("-")[1], Path(flag(c, "--ckpt")).name.split("-")[2])
+            for c in fake.commands if "evaluate_ner.py" in c[1]]
+    main = {"no_priming", "MTL_priming", "MAML_priming"}
+    first_ablation = next(i for i, r in enumerate(rows) if r[1] not in main)
+    assert all(r[1] in main for r in rows[:first_ablation]) and len(rows[:first_ablation]) == 2 * 3 * 2
+    assert rows[-1][0] == "full"
+    lines = [l for l in (tmp_path / "out" / "table.md").read_text().splitlines() if l.startswith("| adapter |")
+             or l.startswith("| prefix |") or l.startswith("| full |")]
     expected = [f"| {p} | {c} |" for p in ("adapter", "prefix") for c in compare.CONDITIONS] + ["| full | full"]
     assert [l[:len(e)] for l, e in zip(lines, expected)] == expected
-    assert "| adapter | no priming | 2 | 60.50 ± 0.71 |" in lines[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--finetune-seeds", "0"], "--finetune-seeds must be at least 1"),
+    (["--priming-seeds", "0"], "--priming-seeds must be at least 1"),
+    (["--langs", "fr,de"], "de is both a priming or source language and a target language"),
+    (["--langs", "en,fr"], "en is both a priming or source language and a target language"),
+    (["--conditions", "MAML"], "unknown condition(s) ['MAML']"),
+    (["--eval-sentences", "0"], "--eval-sentences must be at least 1"),
+])
+def test_bad_flags_are_one_line(tmp_path, argv, message):
+    run = subprocess.run([sys.executable, str(Path(compare.__file__)), "--out", str(tmp_path), *argv],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and message in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())                 # nothing written
 
 
 def test_body_change_is_the_relative_change_of_non_embedding_weights(tmp_path):
@@ -79,13 +239,8 @@ def test_body_change_is_the_relative_change_of_non_embedding_weights(tmp_path):
                              "encoder.layer.0.w": torch.full((3, 4), 2.2)})
     save_file(moved, str(after / "model.safetensors"))
     assert abs(compare.body_change(after, str(before)) - 0.1) < 1e-6                  # 0.2 / 2.0 in every entry
-    table = {("adapter", "MAML priming"): {"seeds": 1}, ("adapter", "no priming"): {"seeds": 1}}
-    compare.add_body_change(table, {("adapter", "MAML priming"): [tmp_path / "ft-x"],
-                                    ("adapter", "no priming"): [tmp_path / "ft-y"]}, str(before))
+    table = {("adapter", "MAML priming"): {}, ("adapter", "no priming"): {}}
+    compare.add_body_change(table, {("adapter", "MAML priming"): [{"primed": after}],
+                                    ("adapter", "no priming"): [{"primed": None}]}, str(before))
     assert abs(table[("adapter", "MAML priming")]["body_change"] - 0.1) < 1e-6
     assert "body_change" not in table[("adapter", "no priming")]
-
-
-def test_one_seed_rows_show_no_standard_deviation():
-    row = {"fr": (60.0, 0.0), "average": (60.0, 0.0), "seeds": 1}
-    assert "| prefix | ablation: first-order | 1 | 60.00 | 60.00 |" in compare.markdown({("prefix", "ablation: first-order"): row}, ["fr"])
