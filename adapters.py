@@ -22,17 +22,28 @@ self-attention modules. Hooks read their tensors as module attributes, so
 `torch.func.functional_call(model, fast_tensors, ...)` sees the swapped tensors, and every
 computation is plain autograd, so `autograd.grad(create_graph=True)` differentiates through it.
 
-Bottleneck adapter (Houlsby et al. 2019), on a sub-layer output h of width d, bottleneck m:
+Bottleneck adapter (Houlsby et al. 2019), on a hidden state a of width d, bottleneck m:
 
-    adapter(h) = h + W_up f(W_down h + b_down) + b_up,    W_down: m x d,  W_up: d x m,  f = GELU
+    delta(a) = W_up f(W_down a + b_down) + b_up,    W_down: m x d,  W_up: d x m
 
-Houlsby placement puts one after the attention output projection and one after the
-feed-forward output projection of every layer, before the residual + LayerNorm; Pfeiffer
-placement (Pfeiffer et al. 2021) keeps only the feed-forward one. Near-identity start:
-W_up ~ truncated N(0, 1e-3) (the init_scale of Houlsby et al.'s code) and zero biases, so
-the adapter starts within ~1e-3 of the identity; W_down gets PyTorch's default Linear init
-so the bottleneck is active. A zero W_up would give W_down a zero gradient at the first
-step; this tiny non-zero one does not.
+Placements, as AdapterHub (the `adapters` library) defines them; in a BERT sub-layer
+(attention output or feed-forward output) with input x, h = dropout(W_o z + b_o) is the
+sub-layer's output before its residual and LayerNorm LN:
+  houlsby  (AdapterHub DoubleSeqBnConfig: mh_adapter + output_adapter, original_ln_after,
+           residual_before_ln): after both sub-layers' dropout,
+               out = LN(h + delta(h) + x)
+  pfeiffer (AdapterHub SeqBnConfig: output_adapter only, original_ln_before,
+           original_ln_after, residual_before_ln): after the feed-forward sub-layer only, on
+           its LayerNorm-ed output, then the same LayerNorm again,
+               a = LN(h + x),    out = LN(delta(a) + h + x)
+Non-linearity f: AdapterHub's defaults, swish (SiLU) for houlsby and relu for pfeiffer
+(`adapter_non_linearity` to choose; Houlsby et al.'s own code used GELU).
+Initialisation: "near-identity" (default), Houlsby et al.'s code: W_up ~ truncated N(0, 1e-3)
+and zero biases, so the adapter starts within ~1e-3 of delta = 0 and fresh PEFT draws start
+from the pretrained function (what priming's inner loop assumes of downstream fine-tuning);
+W_down gets PyTorch's default Linear init so the bottleneck is active (a zero W_up would give
+W_down a zero gradient at the first step; this tiny one does not). "bert" is AdapterHub's
+default: every weight ~ N(0, 0.02), zero biases.
 
 Prefix tuning (Li & Liang 2021): layer l attends over [P_k^l ; K] and [P_v^l ; V], P
 trainable vectors of width d per layer, prepended to the keys and values only, so queries,
@@ -68,10 +79,13 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from runs import write_atomic  # temporary file + rename: readers never see half a file
+from runs import check_finite_tensors, write_atomic  # write_atomic: temporary file + rename, never half a file
 
 METHODS = ("adapter", "prefix", "lora")
 PLACEMENTS = ("houlsby", "pfeiffer")
+NON_LINEARITIES = {"swish": F.silu, "relu": F.relu, "gelu": F.gelu}
+DEFAULT_NON_LINEARITY = {"houlsby": "swish", "pfeiffer": "relu"}  # AdapterHub's DoubleSeqBn / SeqBn defaults
+ADAPTER_INITS = ("near-identity", "bert")
 HEAD = "classifier"  # name of the token-classification head in BERT / XLM-R models
 WEIGHTS_FILE, CONFIG_FILE = "peft.safetensors", "peft_config.json"
 _CONFIG_ATTR = "_scratch_peft_config"  # not `peft_config`, which transformers' peft integration owns
@@ -83,6 +97,8 @@ class PeftConfig:
 
     method: str                      # "adapter" | "prefix" | "lora"
     placement: str = "houlsby"       # adapter: "houlsby" (attention + FFN) | "pfeiffer" (FFN only)
+    adapter_non_linearity: str | None = None  # None: the placement's AdapterHub default (NON_LINEARITIES)
+    adapter_init: str = "near-identity"       # or "bert" (AdapterHub's default)
     bottleneck: int | None = None    # adapter width; None -> hidden_size // reduction_factor
     reduction_factor: int = 16
     prefix_length: int = 16
@@ -96,6 +112,17 @@ class PeftConfig:
             raise ValueError(f"PeftConfig.method must be one of {METHODS}, got {self.method!r}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"PeftConfig.placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.adapter_non_linearity is None:
+            self.adapter_non_linearity = DEFAULT_NON_LINEARITY[self.placement]
+        if self.adapter_non_linearity not in NON_LINEARITIES:
+            raise ValueError(f"--adapter-non-linearity must be one of {', '.join(NON_LINEARITIES)}, "
+                             f"got {self.adapter_non_linearity!r}")
+        if self.adapter_init not in ADAPTER_INITS:
+            raise ValueError(f"--adapter-init must be one of {', '.join(ADAPTER_INITS)}, got {self.adapter_init!r}")
+        for flag, value in [("reduction_factor", self.reduction_factor), ("prefix_length", self.prefix_length),
+                            ("lora_rank", self.lora_rank), ("bottleneck", self.bottleneck or 1)]:
+            if value < 1:  # the error names the command-line flag
+                raise ValueError(f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict of every field."""
@@ -107,11 +134,34 @@ class PeftConfig:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"PeftConfig.from_dict: unknown fields {sorted(unknown)}")
+        if d.get("method") == "adapter" and "adapter_non_linearity" not in d:
+            d = {**d, "adapter_non_linearity": "gelu"}  # saved before the choice existed: GELU was used
         return cls(**d)
 
     def bottleneck_for(self, hidden_size: int) -> int:
         """Adapter width for a model of this hidden size."""
         return self.bottleneck or max(1, hidden_size // self.reduction_factor)
+
+
+def add_peft_flags(parser):
+    """The PEFT-shape flags that priming and fine-tuning share (same names, same meaning)."""
+    parser.add_argument("--adapter-placement", choices=PLACEMENTS, default="houlsby",
+                        help="houlsby: after attention and FFN (AdapterHub DoubleSeqBn); pfeiffer: FFN only, on its "
+                             "LayerNorm-ed output (AdapterHub SeqBn)")
+    parser.add_argument("--adapter-non-linearity", choices=sorted(NON_LINEARITIES), default=None,
+                        help="adapter activation (default: AdapterHub's, swish for houlsby, relu for pfeiffer)")
+    parser.add_argument("--adapter-init", choices=ADAPTER_INITS, default="near-identity",
+                        help="near-identity: Houlsby et al.'s W_up ~ N(0, 1e-3); bert: AdapterHub's N(0, 0.02)")
+    parser.add_argument("--reduction-factor", type=int, default=16, help="adapter width = hidden / this")
+    parser.add_argument("--prefix-length", type=int, default=16, help="prefix tokens per layer")
+    parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")
+
+
+def peft_config_from_flags(args, method):
+    """The PeftConfig of add_peft_flags' flags (checked: each bad value names its flag)."""
+    return PeftConfig(method=method, placement=args.adapter_placement, adapter_non_linearity=args.adapter_non_linearity,
+                      adapter_init=args.adapter_init, reduction_factor=args.reduction_factor,
+                      prefix_length=args.prefix_length, lora_rank=args.lora_rank)
 
 
 # ----------------------------------------------------------------------------- init helpers
@@ -141,21 +191,29 @@ class PeftModule(nn.Module):
 
 
 class Adapter(PeftModule):
-    """Bottleneck adapter h + W_up GELU(W_down h) (Houlsby et al. 2019)."""
+    """Bottleneck adapter: delta(a) = W_up f(W_down a) (Houlsby et al. 2019); the placement
+    decides where delta is added (see the module docstring)."""
 
-    def __init__(self, hidden: int, bottleneck: int):
+    def __init__(self, hidden: int, bottleneck: int, non_linearity: str = "swish", init: str = "near-identity"):
         super().__init__()
         self.down, self.up = nn.Linear(hidden, bottleneck), nn.Linear(bottleneck, hidden)
+        self.non_linearity, self.init = non_linearity, init
+
+    def delta(self, a):
+        return self.up(NON_LINEARITIES[self.non_linearity](self.down(a)))
 
     def forward(self, h):
-        return h + self.up(F.gelu(self.down(h)))
+        return h + self.delta(h)
 
     def fresh(self, generator=None):
+        zeros = {"down.bias": torch.zeros(self.down.out_features), "up.bias": torch.zeros(self.up.out_features)}
+        if self.init == "bert":  # AdapterHub's init_bert_weights
+            return {"down.weight": _normal(self.down.weight.shape, 0.02, generator),
+                    "up.weight": _normal(self.up.weight.shape, 0.02, generator), **zeros}
         down = _linear_default(self.down, generator, bias_zero=True)
         up_w = nn.init.trunc_normal_(torch.empty(self.up.weight.shape), std=1e-3, a=-2e-3, b=2e-3,
                                      generator=generator)
-        return {"down.weight": down["weight"], "down.bias": down["bias"],
-                "up.weight": up_w, "up.bias": torch.zeros(self.up.out_features)}
+        return {"down.weight": down["weight"], "up.weight": up_w, **zeros}
 
 
 class LoRA(PeftModule):
@@ -217,11 +275,18 @@ class Prefix(PeftModule):
 
 # ----------------------------------------------------------------------------- injection
 
-def _adapter_hook(adapter, dropout, args, output):
-    """Forward hook on a sub-layer's dropout: the adapter acts on the dropped-out projection
-    output, before the residual + LayerNorm (Houlsby et al. 2019, Fig. 2; AdapterHub's
-    DoubleSeqBnConfig). The adapter module lives at `<sub-layer>.dense.adapter`."""
+def _houlsby_hook(adapter, dropout, args, output):
+    """Forward hook on a sub-layer's dropout: h -> h + delta(h), before the sub-layer's residual
+    and LayerNorm (Houlsby et al. 2019, Fig. 2; AdapterHub's DoubleSeqBnConfig)."""
     return adapter(output)
+
+
+def _pfeiffer_output_forward(self, hidden_states, input_tensor):
+    """The feed-forward sub-layer (BertOutput / XLMRobertaOutput) with a Pfeiffer adapter
+    (AdapterHub's SeqBnConfig): a = LN(h + x), out = LN(delta(a) + h + x), one LayerNorm."""
+    h = self.dropout(self.dense(hidden_states))
+    residual = h + input_tensor
+    return self.LayerNorm(self.dense.adapter.delta(self.LayerNorm(residual)) + residual)
 
 
 def _lora_hook(linear, args, output):
@@ -296,9 +361,13 @@ def add_peft(model, config: PeftConfig, seed: int | None = None):
         sites = [layer.output for layer in layers]  # BertOutput / XLMRobertaOutput: dense, dropout, LayerNorm
         if config.placement == "houlsby":
             sites += [layer.attention.output for layer in layers]
-        for sub in sites:
-            sub.dense.adapter = Adapter(hidden, config.bottleneck_for(hidden)).to(ref.device, ref.dtype)
-            sub.dropout.register_forward_hook(partial(_adapter_hook, sub.dense.adapter))
+        for sub in sites:  # the adapter lives at <sub-layer>.dense.adapter
+            sub.dense.adapter = Adapter(hidden, config.bottleneck_for(hidden), config.adapter_non_linearity,
+                                        config.adapter_init).to(ref.device, ref.dtype)
+            if config.placement == "houlsby":
+                sub.dropout.register_forward_hook(partial(_houlsby_hook, sub.dense.adapter))
+            else:
+                sub.forward = MethodType(_pfeiffer_output_forward, sub)
     elif config.method == "lora":
         for layer in layers:
             for proj in (layer.attention.self.query, layer.attention.self.value):
@@ -424,14 +493,16 @@ def save_peft(model, folder, extra: dict | None = None):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {n: p.detach().cpu().contiguous() for n, p in peft_parameters(model).items()}
+    check_finite_tensors(tensors, "the PEFT tensors and head")
     record = {"peft_config": config.to_dict(), "num_labels": getattr(model, HEAD).out_features,
               "extra": extra or {}}
     write_atomic(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     write_atomic(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
 
 
-def load_peft(model, folder) -> dict:
-    """Load phi saved by save_peft (adding PEFT first if the model has none); returns the JSON record."""
+def read_peft(model, folder) -> tuple:
+    """phi saved by save_peft, checked against `model` (adding PEFT first if it has none), without
+    loading it: ({name: tensor} on the model's device, the JSON record)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"load_peft: no such folder {folder}")
@@ -440,7 +511,11 @@ def load_peft(model, folder) -> dict:
             raise ValueError(f"load_peft: {folder} has no {name}; is it a save_peft folder?")
     record = json.loads((folder / CONFIG_FILE).read_text())
     saved = PeftConfig.from_dict(record["peft_config"])
-    tensors = load_file(str(folder / WEIGHTS_FILE))
+    try:
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+    except Exception as e:  # truncated or damaged
+        raise ValueError(f"{folder / WEIGHTS_FILE} is unreadable ({type(e).__name__}): run finetune_peft.py "
+                         f"again with --overwrite --out {folder}") from None
     labels, model_labels = tensors[f"{HEAD}.weight"].shape[0], getattr(model, HEAD).out_features
     if labels != model_labels:
         raise ValueError(f"load_peft: checkpoint head has {labels} labels but the model has {model_labels}")
@@ -455,9 +530,16 @@ def load_peft(model, folder) -> dict:
     if set(tensors) != set(params):
         raise ValueError(f"load_peft: tensor names differ: missing {sorted(set(params) - set(tensors))}, "
                          f"unexpected {sorted(set(tensors) - set(params))}")
+    for name, p in params.items():
+        if tensors[name].shape != p.shape:
+            raise ValueError(f"load_peft: {name} has shape {tuple(tensors[name].shape)}, model {tuple(p.shape)}")
+    return {n: t.to(params[n].device, params[n].dtype) for n, t in tensors.items()}, record
+
+
+def load_peft(model, folder) -> dict:
+    """Load phi saved by save_peft into the model (adding PEFT first if it has none); returns the JSON record."""
+    tensors, record = read_peft(model, folder)
     with torch.no_grad():
-        for name, p in params.items():
-            if tensors[name].shape != p.shape:
-                raise ValueError(f"load_peft: {name} has shape {tuple(tensors[name].shape)}, model {tuple(p.shape)}")
+        for name, p in peft_parameters(model).items():
             p.copy_(tensors[name])
     return record

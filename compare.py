@@ -25,13 +25,12 @@ where it stopped; two compare.py processes on one --runs folder share the work (
 import argparse
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from ner_data import parse_languages, resolve_data_dir
-from runs import read_record, run_cli
+from runs import read_record, run_cli, try_lock
 from stats import mean_std, paired_difference, seeds_for_half_width
 
 HERE = Path(__file__).resolve().parent
@@ -66,11 +65,16 @@ CONDITIONS = {
     "ablation: same-language query": ["--query", "same"],
     "ablation: first-order": ["--first-order"],
     "ablation: outer update of initial PEFT": ["--outer-peft"],
+    "dose: MAML priming, 1/4 of the meta-steps": [],
 }
 MAIN_ROWS = ("no priming", "MTL priming", "MAML priming")
+# dose-response rows: MAML priming with a fraction of the budget's meta-steps (0 is "no priming"),
+# fine-tuned with the main rows' seeds so they pair with them
+DOSES = {"dose: MAML priming, 1/4 of the meta-steps": 0.25}
 FULL_ROW = ("full", "full fine-tuning (reference)")
 SOURCE_LANG = "en"  # fine-tuning language of every run
 HASH_CHARS = 10
+LOCKS = ".locks"  # in --runs: one lock file per run, held while a compare.py process runs it
 
 
 def build_parser():
@@ -128,34 +132,6 @@ def run_identity(flags):
     return hashlib.sha256(json.dumps(flags).encode()).hexdigest()[:HASH_CHARS]
 
 
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def take_lock(lock):
-    """Create `lock` holding our pid; False if a live process holds it (a stale one is taken over)."""
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            holder = int(Path(lock).read_text() or 0)
-        except (OSError, ValueError):
-            holder = 0
-        if holder and pid_alive(holder):
-            return False
-        Path(lock).unlink(missing_ok=True)  # its process is gone: an interrupted comparison
-        return take_lock(lock)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    return True
-
-
 def run_stage(script, flags, done_marker, extra=()):
     """Run one stage unless its result exists. Returns True when the result is there, False when
     another compare.py process is producing it right now. `extra` flags do not shape the run
@@ -163,23 +139,23 @@ def run_stage(script, flags, done_marker, extra=()):
     done_marker = Path(done_marker)
     if done_marker.exists():
         return True
-    lock = done_marker.parent.with_name(done_marker.parent.name + ".lock") if script != "evaluate_ner.py" \
-        else done_marker.with_name(done_marker.name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    if not take_lock(lock):
-        print(f"- {done_marker.parent.name}: another compare.py is running it; skipped here", flush=True)
+    name = done_marker.parent.name if script != "evaluate_ner.py" else f"{done_marker.parent.name}-{done_marker.stem}"
+    locks = done_marker.parent.parent / LOCKS
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = try_lock(locks / f"{name}.lock")
+    if lock is None:
+        print(f"- {name}: another compare.py is running it; skipped here", flush=True)
         return False
-    try:
+    with lock:
         if done_marker.exists():  # finished while we waited for the lock
             return True
-        command = [sys.executable, str(HERE / script), *flags, *extra]
+        overwrite = ["--overwrite"] if script != "evaluate_ner.py" and done_marker.parent.exists() else []
+        command = [sys.executable, str(HERE / script), *flags, *extra, *overwrite]  # overwrite: an interrupted run
         print("+", " ".join(command), flush=True)
         if subprocess.run(command).returncode != 0:
             raise ValueError(f"{script} failed (its message is above); fix that and re-run compare.py: "
                              f"finished runs are kept")
         return True
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 def device_flags(args):
@@ -190,14 +166,24 @@ def data_flags(args):
     return ["--data-dir", args.data_dir] if args.data_dir else []
 
 
-def prime(args, runs, peft, condition, seed, extra_prime=()):
-    """The primed body of (condition, priming seed): its folder, or None while another process runs it."""
+def prime(args, runs, peft, condition, seed, reference, extra_prime=()):
+    """The primed body of (condition, priming seed): its folder, or None while another process runs it.
+    reference: the unprimed fine-tuning run the priming run measures its inner-loop strength against."""
     flags = ["--model", args.model, *data_flags(args), *BUDGETS[args.budget]["prime"], "--peft", peft,
              "--seed", str(seed), "--source-lang", SOURCE_LANG, "--priming-langs", args.priming_langs,
-             *CONDITIONS[condition], *maml_overrides(args, condition), *extra_prime]
+             *CONDITIONS[condition], *maml_overrides(args, condition), *dose_steps(args, condition), *extra_prime]
     folder = runs / f"primed-{peft}-{slug(condition)}-p{seed}-{run_identity(flags)}"
-    done = run_stage("meta_pretrain.py", [*flags, "--out", str(folder)], folder / "config.json", device_flags(args))
+    extra = [*device_flags(args), "--reference-ft", str(reference)]  # logging only: not part of the identity
+    done = run_stage("meta_pretrain.py", [*flags, "--out", str(folder)], folder / "config.json", extra)
     return folder if done else None
+
+
+def dose_steps(args, condition):
+    """--steps for a dose-response row: its fraction of the budget's meta-steps (the later flag wins)."""
+    if condition not in DOSES:
+        return []
+    budget = BUDGETS[args.budget]["prime"]
+    return ["--steps", str(max(1, round(int(budget[budget.index("--steps") + 1]) * DOSES[condition])))]
 
 
 def maml_overrides(args, condition):
@@ -235,7 +221,8 @@ def one_run(args, runs, peft, condition, priming_seed, finetune_seed, langs, spl
     while another process is running one of its stages."""
     init, tag = args.model, f"{peft}-{slug(condition)}"
     if CONDITIONS[condition] is not None:
-        init = prime(args, runs, peft, condition, priming_seed, extra_prime)
+        reference = finetune(args, runs, args.model, peft, 0, f"{peft}-no_priming")  # the no-priming row's seed 0
+        init = prime(args, runs, peft, condition, priming_seed, reference) if reference else None
         if init is None:
             return None
         tag = init.name[len("primed-"):]
@@ -247,7 +234,7 @@ def row_plan(args, peft, condition):
     """(priming seed, fine-tuning seed) pairs of one row."""
     if (peft, condition) == FULL_ROW:
         return [(0, f) for f in range(args.full_seeds)]
-    finetune_seeds = args.finetune_seeds if condition in MAIN_ROWS else args.ablation_finetune_seeds
+    finetune_seeds = args.finetune_seeds if condition in MAIN_ROWS or condition in DOSES else args.ablation_finetune_seeds
     priming_seeds = [0] if CONDITIONS[condition] is None else range(args.priming_seeds)
     return [(p, f) for p in priming_seeds for f in range(finetune_seeds)]
 

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import adapters
 from ner_data import LABELS, SPLITS, encode_sentences, load_wikiann, parse_languages
-from pretrained import load_token_classifier, load_tokenizer, pick_device
-from runs import code_version, read_record, run_cli, write_json
+from pretrained import PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, pick_device, precision_context
+from runs import (check_at_least, code_version, is_finished, parser_taking_negative_numbers, read_record, run_cli,
+                  write_json)
 from scoring import entity_scores, predict_words, write_conll
 
 LANGS = "fr,nl,pt"  # target languages: never used in the default priming (de,es) or training (en)
@@ -37,21 +38,40 @@ def build_parser():
     p.add_argument("--split", choices=SPLITS, default="test", help="which split to score")
     p.add_argument("--max-sentences", type=int, default=None, help="score only the first N sentences per language")
     p.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, or bf16 autocast for the forward passes")
     p.add_argument("--max-len", type=int, default=128, help="sub-word truncation length (cut words count as O)")
     p.add_argument("--data-dir", default=None, help="PAN-X folder (default: $WIKIANN_DIR, else the hub's wikiann)")
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
     p.add_argument("--out", default=None, help="JSON output (default: <ckpt>/eval-<split>.json)")
     p.add_argument("--predictions", default=None,
                    help="folder for one <lang>.conll per language (token gold predicted; conlleval/seqeval re-score it)")
-    return p
+    return parser_taking_negative_numbers(p)
+
+
+def check_args(args):
+    """Flag ranges and the output paths, before the model is loaded or anything is scored."""
+    check_at_least(args, 1, "max_sentences", "batch_size", "max_len")
+    ckpt = Path(args.ckpt)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"--ckpt {ckpt} does not exist")
+    if not ckpt.is_dir():
+        raise ValueError(f"--ckpt {ckpt} is a file: give the folder that finetune_peft.py wrote")
+    out = Path(args.out) if args.out else ckpt / f"eval-{args.split}.json"
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: give a file name, e.g. {out / f'eval-{args.split}.json'}")
+    writable_folder(out.parent, "--out")
+    if args.predictions:
+        writable_folder(args.predictions, "--predictions")
+    return parse_languages(args.langs), out
 
 
 def load_finetuned(ckpt, device):
     """The fine-tuned model of a finetune_peft.py folder, and that folder's run.json."""
     ckpt = Path(ckpt)
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"--ckpt {ckpt} does not exist")
     record = read_record(ckpt)
+    if record is not None and not is_finished(record):
+        raise ValueError(f"{ckpt} holds an unfinished {record.get('stage')} run (interrupted?): run "
+                         f"finetune_peft.py again with --overwrite --out {ckpt}")
     if (ckpt / "peft_config.json").is_file():
         saved = json.loads((ckpt / "peft_config.json").read_text()).get("extra", {})
         body = saved.get("body_path") or saved.get("body")
@@ -73,17 +93,19 @@ def load_finetuned(ckpt, device):
     raise FileNotFoundError(f"{ckpt} is not a fine-tuned checkpoint: no peft_config.json or config.json{hint}")
 
 
-def warn_if_not_zero_shot(record, langs):
-    """Languages seen in fine-tuning or priming make the evaluation not zero-shot."""
+def not_zero_shot(record, langs):
+    """The languages of `langs` seen in fine-tuning or priming (their scores are not zero-shot),
+    each with a warning."""
     if not record:
-        return
+        return []
     seen = {record["args"].get("lang")}
     primed = (record.get("init_record") or {}).get("args", {})
     seen |= set(primed.get("priming_langs", "").split(",")) | {primed.get("source_lang")}
     for lang in langs:
         if lang in seen:
             warnings.warn(f"{lang} was used in fine-tuning or priming of this checkpoint: "
-                          f"its score is not zero-shot", stacklevel=2)
+                          f"its score is not zero-shot (left out of the average)", stacklevel=2)
+    return [lang for lang in langs if lang in seen]
 
 
 def markdown_table(results):
@@ -107,26 +129,27 @@ def writable_folder(folder, flag):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    langs = parse_languages(args.langs)
+    langs, out = check_args(args)
     device = pick_device(args.gpu)
-    if args.predictions:
-        writable_folder(args.predictions, "--predictions")
+    datasets = {lang: load_wikiann(lang, args.split, args.data_dir, args.max_sentences) for lang in langs}
     model, tokenizer, record = load_finetuned(args.ckpt, device)
-    warn_if_not_zero_shot(record, langs)
+    check_max_len(args.max_len, model.config)
+    seen = not_zero_shot(record, langs)
     results, seconds = {}, {}
-    for lang in langs:
+    for lang, data in datasets.items():
         t0 = time.perf_counter()
-        data = load_wikiann(lang, args.split, args.data_dir, args.max_sentences)
         examples = encode_sentences(data, tokenizer, args.max_len)
-        predicted = predict_words(model, examples, args.batch_size, device, tokenizer.pad_token_id)
+        with precision_context(device, args.precision):
+            predicted = predict_words(model, examples, args.batch_size, device, tokenizer.pad_token_id)
         results[lang] = entity_scores(list(data["ner_tags"]), predicted) | {"sentences": len(data)}
         if args.predictions:
             write_conll(Path(args.predictions) / f"{lang}.conll", data, predicted)
         seconds[lang] = round(time.perf_counter() - t0, 1)
     keys = [k for k in results[langs[0]] if k != "sentences"]
-    results["average"] = {k: sum(results[l][k] for l in langs) / len(langs) for k in keys}
-    out = Path(args.out) if args.out else Path(args.ckpt) / f"eval-{args.split}.json"
-    write_json(out, {"ckpt": str(args.ckpt), "split": args.split, "langs": langs, "results": results,
+    averaged = [l for l in langs if l not in seen] or langs  # zero-shot languages only, when there are any
+    results["average"] = {k: sum(results[l][k] for l in averaged) / len(averaged) for k in keys}
+    write_json(out, {"ckpt": str(Path(args.ckpt).resolve()), "split": args.split, "langs": langs, "results": results,
+                     "average_of": averaged, "not_zero_shot": seen,
                      "seconds": seconds, "device": str(device),
                      "f1_mode": "f1_default: seqeval default mode (conlleval-like, as XTREME); f1_strict: strict IOB2",
                      "code_version": code_version(), "predictions": args.predictions})

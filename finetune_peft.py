@@ -21,8 +21,11 @@ from tqdm import tqdm
 
 import adapters
 from ner_data import LABELS, BatchStream, encode_sentences, load_wikiann
-from pretrained import DEFAULT_MODEL, load_token_classifier, load_tokenizer, pick_device, resolve_model
-from runs import MetricsLog, read_record, run_cli, save_model_atomic, set_seed, write_record
+from pretrained import (DEFAULT_MODEL, PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, model_config,
+                        pick_device, precision_context, resolve_model)
+from runs import (MetricsLog, check_at_least, check_finite, check_positive, claim_run_folder, derive_seed,
+                  is_finished, parser_taking_negative_numbers, read_record, run_cli, save_model_atomic, set_seed,
+                  write_record)
 from scoring import score_model
 
 # --------------------------------------------------------------------- defaults -----
@@ -43,41 +46,43 @@ def build_parser():
     p.add_argument("--init", default=DEFAULT_MODEL, help="the body: a primed folder, e5-small, a model folder or hub id")
     p.add_argument("--peft", choices=["adapter", "prefix", "lora", "full"], default="adapter",
                    help="what trains: a PEFT method (body frozen) or full fine-tuning (reference)")
-    p.add_argument("--adapter-placement", choices=["houlsby", "pfeiffer"], default="houlsby", help="adapter positions")
-    p.add_argument("--reduction-factor", type=int, default=16, help="adapter width = hidden / this")
-    p.add_argument("--prefix-length", type=int, default=16, help="prefix tokens per layer")
-    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")
+    adapters.add_peft_flags(p)
     p.add_argument("--lang", default="en", help="training language (the source language)")
     p.add_argument("--steps", type=int, default=STEPS, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="sentences per batch")
-    p.add_argument("--lr", type=float, default=None, help=f"peak AdamW learning rate (default: {LR_PEFT} PEFT, {LR_FULL} full)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="also cut batches at this many padded tokens (sentences x length): even memory per step")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, or bf16 autocast for the forward passes")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak AdamW learning rate (default: {LR_PEFT} for PEFT, {LR_FULL} for full)%(default).0s")
     p.add_argument("--warmup", type=float, default=WARMUP, help="fraction of --steps with linear warmup (then linear decay to 0)")
     p.add_argument("--max-sentences", type=int, default=MAX_SENTENCES, help="train sentences read")
     p.add_argument("--dev-sentences", type=int, default=DEV_SENTENCES, help="dev sentences for model selection")
     p.add_argument("--eval-every", type=int, default=None,
-                   help=f"dev F1 every N steps and at the end (default: --steps / {EVALS}, so {EVALS} evaluations)")
+                   help=f"dev F1 every N steps and at the end (default: --steps / {EVALS}, so {EVALS} evaluations)"
+                        "%(default).0s")
     p.add_argument("--max-len", type=int, default=MAX_LEN, help="sub-word truncation length")
     p.add_argument("--data-dir", default=None, help="PAN-X folder (default: $WIKIANN_DIR, else the hub's wikiann)")
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of every RNG (PEFT init, data order, dropout)")
     p.add_argument("--out", default=None, help="output folder (default: checkpoints/ft-<init>-<peft>-<lang>-s<seed>)")
-    return p
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds (another run's files are deleted)")
+    return parser_taking_negative_numbers(p)
 
 
 def check_args(args):
+    """Out-of-range flags: one clear error each. Returns the PEFT config (None for --peft full)."""
+    check_at_least(args, 1, "steps", "batch_size", "max_sentences", "dev_sentences", "eval_every", "max_len", "max_tokens")
     if args.eval_every is None:
         args.eval_every = max(1, args.steps // EVALS)
     if not 0 <= args.warmup < 1:
         raise ValueError(f"--warmup must be in [0, 1) (got {args.warmup}): the fraction of --steps that warms up")
-    for flag in ["steps", "batch_size", "max_sentences", "dev_sentences", "eval_every", "max_len"]:
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
     if args.lr is None:
         args.lr = LR_FULL if args.peft == "full" else LR_PEFT
-    if args.lr <= 0:
-        raise ValueError(f"--lr must be positive (got {args.lr})")
+    check_positive(args, "lr")
     if args.out is None:
         args.out = f"checkpoints/ft-{Path(args.init).name}-{args.peft}-{args.lang}-s{args.seed}"
+    return None if args.peft == "full" else adapters.peft_config_from_flags(args, args.peft)
 
 
 def linear_schedule(step, steps, warmup):
@@ -90,53 +95,79 @@ def linear_schedule(step, steps, warmup):
     return max(0.0, (steps - step) / max(1, steps - warm))
 
 
-def build_model(args, device):
-    """The body from --init with fresh PEFT tensors and a fresh head (PAPER.md: after priming,
-    downstream PEFT starts from fresh PEFT parameters and a fresh head)."""
-    model = load_token_classifier(args.init, num_labels=len(LABELS), id2label=LABELS, device=device)
-    if args.peft != "full":
-        config = adapters.PeftConfig(method=args.peft, placement=args.adapter_placement,
-                                     reduction_factor=args.reduction_factor, prefix_length=args.prefix_length,
-                                     lora_rank=args.lora_rank)
-        adapters.add_peft(model, config, seed=args.seed)
+def build_model(init, config, seed, device):
+    """The body `init` with fresh PEFT tensors and a fresh head (PAPER.md: after priming,
+    downstream PEFT starts from fresh PEFT parameters and a fresh head); config None: full
+    fine-tuning. The same seed draws the same PEFT tensors and head on every body."""
+    model = load_token_classifier(init, num_labels=len(LABELS), id2label=LABELS, device=device)
+    if config is not None:
+        adapters.add_peft(model, config, seed=derive_seed(seed, "fresh phi"))
         adapters.freeze_body(model)
     return model
 
 
-def save_checkpoint(model, tokenizer, args, out, extra):
-    """PEFT tensors + head (or the whole model with --peft full), atomically."""
-    if args.peft == "full":
+def save_checkpoint(model, tokenizer, out, extra):
+    """PEFT tensors + head (or the whole model after full fine-tuning), atomically."""
+    if adapters.peft_config_of(model) is None:
         save_model_atomic(model, tokenizer, out)
     else:
         adapters.save_peft(model, out, extra=extra)
 
 
+def init_record(init_path):
+    """The record of the body's run (a primed folder), which must be finished; None for a plain model."""
+    record = read_record(init_path) if Path(init_path).is_dir() else None
+    if record is not None and not is_finished(record):
+        raise ValueError(f"--init {init_path} is an unfinished {record.get('stage')} run: finish it "
+                         f"(meta_pretrain.py --resume) or pick a finished body")
+    return record
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    check_args(args)
-    set_seed(args.seed)
+    config = check_args(args)
     device = pick_device(args.gpu)
     init_path = resolve_model(args.init)
-    tokenizer = load_tokenizer(args.init)
-    model = build_model(args, device)
-    train = load_wikiann(args.lang, "train", args.data_dir, args.max_sentences)
+    check_max_len(args.max_len, model_config(init_path))
+    record = dict(init=args.init, init_path=init_path, init_record=init_record(init_path))
+    train = load_wikiann(args.lang, "train", args.data_dir, args.max_sentences)  # bad data: an error before any write
     dev = load_wikiann(args.lang, "dev", args.data_dir, args.dev_sentences)
-    stream = BatchStream(encode_sentences(train, tokenizer, args.max_len), args.batch_size, seed=args.seed,
-                         pad_id=tokenizer.pad_token_id, device=device)
+    out = Path(args.out)
+    lock = claim_run_folder(out, "finetune_peft", args, overwrite=args.overwrite)
+    try:
+        print(f"fine-tuning into {out}", flush=True)
+        write_record(out, "finetune_peft", args, status="running", **record)
+        best = fine_tune(args, config, train, dev, out, record, device)
+        write_record(out, "finetune_peft", args, status="finished", best=best, **record)  # last: the run is complete
+    finally:
+        lock.close()
+    print(f"best {args.lang} dev F1 (seqeval default) {best['dev_f1_default']:.2f} at step {best['step']}; "
+          f"checkpoint in {out}")
+
+
+def fine_tune(args, config, train, dev, out, record, device):
+    """The training loop: AdamW with linear warmup and decay on the trainable tensors; the PEFT
+    tensors and head (or the model) of the best dev step are saved. Returns that step's record."""
+    set_seed(args.seed)
+    tokenizer = load_tokenizer(args.init)
+    model = build_model(args.init, config, args.seed, device)
+    stream = BatchStream(encode_sentences(train, tokenizer, args.max_len), args.batch_size,
+                         seed=derive_seed(args.seed, "train stream"), pad_id=tokenizer.pad_token_id, device=device,
+                         max_tokens=args.max_tokens)
     dev_examples = encode_sentences(dev, tokenizer, args.max_len)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: linear_schedule(i, args.steps, args.warmup))
-    out = Path(args.out)
-    record = dict(init=args.init, init_path=init_path, init_record=read_record(init_path) if Path(init_path).is_dir() else None,
-                  trainable_parameters=sum(p.numel() for p in trainable),
+    record.update(trainable_parameters=sum(p.numel() for p in trainable),
                   total_parameters=sum(p.numel() for p in model.parameters()))
     log, best = MetricsLog(out), {"dev_f1_default": -1.0, "step": 0}
     model.train()
     bar = tqdm(range(1, args.steps + 1), desc=f"fine-tuning ({args.peft}, {args.lang})")
     for step in bar:
         t0 = time.perf_counter()
-        loss = model(**stream.next_batch()).loss
+        with precision_context(device, args.precision):
+            loss = model(**stream.next_batch()).loss
+        check_finite(loss.item(), f"the training loss at step {step}", "lower --lr, and start again with --overwrite")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         lr = optimizer.param_groups[0]["lr"]
@@ -144,18 +175,27 @@ def main(argv=None):
         scheduler.step()
         metrics = {"step": step, "train_loss": loss.item(), "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
         if step % args.eval_every == 0 or step == args.steps:
-            scores = score_model(model, dev, dev_examples, device=device, pad_id=tokenizer.pad_token_id)
+            with precision_context(device, args.precision):
+                scores = score_model(model, dev, dev_examples, device=device, pad_id=tokenizer.pad_token_id)
             metrics.update(dev_f1_default=scores["f1_default"], dev_f1_strict=scores["f1_strict"])
             if metrics["dev_f1_default"] > best["dev_f1_default"]:  # model selection on source-language dev F1
                 best = {"dev_f1_default": metrics["dev_f1_default"], "step": step}
-                save_checkpoint(model, tokenizer, args, out, {"best": best, "body": args.init, "body_path": init_path,
-                                                                 "labels": LABELS})
+                save_checkpoint(model, tokenizer, out, {"best": best, "body": args.init, "body_path": record["init_path"],
+                                                        "labels": LABELS})
             model.train()
         log.write(**metrics)
         bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", best_dev_f1=f"{best['dev_f1_default']:.1f}")
-    write_record(out, "finetune_peft", args, best=best, **record)
-    print(f"best {args.lang} dev F1 (seqeval default) {best['dev_f1_default']:.2f} at step {best['step']}; checkpoint in {out}")
+    return best
+
+
+# what Ctrl-C leaves, said by run_cli
+INTERRUPTED = "the folder holds an unfinished run that evaluate_ner.py refuses; start it again with --overwrite"
+
+
+def cli(argv=None):
+    """The command line: main() with one-line errors (runs.run_cli)."""
+    run_cli(lambda: main(argv), interrupted=INTERRUPTED)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

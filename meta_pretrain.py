@@ -1,20 +1,22 @@
 """Priming: meta-learn a pretrained encoder for later PEFT fine-tuning (../shared/PAPER.md).
 
-    python meta_pretrain.py                                   # the default: e5-small, adapters, en -> de,es, ~10 min CPU
+    python meta_pretrain.py                                   # the default: e5-small, adapters, en -> de,es, CPU
     python meta_pretrain.py --gpu 0 --model xlm-roberta-base --steps 2000 --max-sentences 20000
     python meta_pretrain.py --peft prefix --first-order       # an ablation: first-order meta-gradient
     python meta_pretrain.py --method mtl                      # multi-task priming, same data and steps
     python meta_pretrain.py --resume                          # continue an interrupted run in --out
     torchrun --nproc_per_node 4 meta_pretrain.py --model xlm-roberta-base --tasks-per-step 8   # 4 GPUs, 2 tasks each
 
-One priming step (PAPER.md, "One priming episode"), for each of --tasks-per-step tasks:
-  1. support batch in the source language (what downstream PEFT will see),
-  2. inner loop: --inner-steps SGD steps on phi only (maml.inner_loop), phi drawn fresh,
-  3. query batch in a priming language (or the source language with --query same),
-  4. outer loop: the query loss of (theta, phi') back-propagated into theta; AdamW on theta.
+One meta-step (PAPER.md, "One priming episode"), for each of --tasks-per-step tasks:
+  1. the episode: a support batch in the source language (what downstream PEFT will see) and a
+     query batch in a priming language, or the source language with --query same (episodes.py),
+  2. where phi starts and which tensors are fast: fresh PEFT tensors and head (`phi_start`),
+  3. the inner loop: --inner-steps SGD steps on the fast tensors only (maml.inner_loop),
+  4. the meta-gradient: the query loss of (theta, phi') back-propagated into theta
+     (`meta_gradient`), then AdamW on theta (the outer loop).
 The output folder is an ordinary transformers checkpoint of the primed body theta (the PEFT
 tensors and head are dropped: downstream fine-tuning starts them fresh), plus run.json (every
-flag), metrics.jsonl, and resume.pt.
+flag), metrics.jsonl, and resume.pt (resume_state.py).
 """
 
 import argparse
@@ -28,13 +30,17 @@ from tqdm import tqdm
 
 import adapters
 import distributed
+import episodes
 import maml
-from ner_data import LABELS, BatchStream, encode_sentences, load_wikiann, parse_languages
-from pretrained import DEFAULT_MODEL, load_token_classifier, load_tokenizer, pick_device, resolve_model
-from runs import MetricsLog, read_record, run_cli, save_model_atomic, set_seed, torch_save, write_record
+import resume_state
+from ner_data import LABELS, parse_languages
+from pretrained import (DEFAULT_MODEL, PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, model_config,
+                        pick_device, precision_context, resolve_model)
+from runs import (MetricsLog, check_at_least, check_finite, check_positive, claim_run_folder, derive_seed,
+                  parser_taking_negative_numbers, read_record, run_cli, save_model_atomic, set_seed, write_record)
 
 # --------------------------------------------------------------------- defaults -----
-# Budget: the default run is the README's main job and finishes in ~10 minutes on 2 CPU cores.
+# Budget: the default run is the README's main job and finishes in ~5 minutes on 2 CPU cores.
 STEPS = 60               # meta-steps (outer optimizer steps); the paper-scale run wants thousands
 TASKS_PER_STEP = 2       # tasks averaged per meta-step (PAPER.md step 4)
 BATCH_SIZE = 8           # sentences per support / query batch
@@ -43,8 +49,11 @@ MAX_SENTENCES = 2000     # sentences read per language: enough for the default b
 INNER_STEPS = 3          # a fresh head needs several steps to learn anything (PAPER.md)
 INNER_LR = 1e-2          # SGD on adapters + head; tune on priming-language dev data
 OUTER_LR = 2e-5          # AdamW on the body: a small step, the body is already pretrained
+META_SGD_LR = 1e-3       # AdamW on Meta-SGD's learned inner rates: they are O(inner lr), not O(weights)
 EVAL_EVERY = 20          # held-out query loss every N meta-steps
 SAVE_EVERY = 20          # resumable checkpoint every N meta-steps
+# flags that may change between an interrupted run and its --resume (everything else shapes the run)
+NOT_SHAPING = {"steps", "resume", "overwrite", "gpu", "out", "eval_every", "save_every", "reference_ft", "keep_resume"}
 
 
 def build_parser():
@@ -54,10 +63,7 @@ def build_parser():
                    help="maml: meta-learning priming; mtl: plain multi-task training on the same data")
     p.add_argument("--peft", choices=["adapter", "prefix", "lora"], default="adapter",
                    help="the PEFT method that priming prepares for (simulated in the inner loop)")
-    p.add_argument("--adapter-placement", choices=["houlsby", "pfeiffer"], default="houlsby", help="adapter positions")
-    p.add_argument("--reduction-factor", type=int, default=16, help="adapter width = hidden / this")
-    p.add_argument("--prefix-length", type=int, default=16, help="prefix tokens per layer")
-    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")
+    adapters.add_peft_flags(p)
     p.add_argument("--inner-params", choices=["peft", "all"], default="peft",
                    help="what the inner loop updates: peft (PEFT + head, the paper) or all (standard MAML ablation)")
     p.add_argument("--outer-peft", action="store_true",
@@ -68,11 +74,20 @@ def build_parser():
     p.add_argument("--inner-steps", type=int, default=INNER_STEPS, help="SGD steps of the inner loop")
     p.add_argument("--inner-lr", type=float, default=INNER_LR, help="inner-loop SGD learning rate")
     p.add_argument("--inner-clip", type=float, default=None, help="clip the inner gradient to this global norm")
+    p.add_argument("--meta-sgd", action="store_true",
+                   help="Meta-SGD (Li et al. 2017): one learned inner learning rate per fast tensor, starting at "
+                        "--inner-lr, updated by the outer optimizer")
+    p.add_argument("--meta-sgd-lr", type=float, default=META_SGD_LR, help="outer AdamW learning rate of those rates")
     p.add_argument("--outer-lr", type=float, default=OUTER_LR, help="AdamW learning rate of the outer loop")
     p.add_argument("--tasks-per-step", type=int, default=TASKS_PER_STEP,
                    help="tasks averaged per meta-step; under torchrun the global count, split evenly across processes")
     p.add_argument("--steps", type=int, default=STEPS, help="meta-steps (optimizer steps); same for mtl")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="sentences per support/query batch")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="also cut support/query batches at this many padded tokens (sentences x length): even "
+                        "memory per step on a GPU")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32, or bf16 autocast for the forward passes (second-order MAML included)")
     p.add_argument("--max-len", type=int, default=MAX_LEN, help="sub-word truncation length")
     p.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the word embeddings fixed (most of the parameters; saves optimizer memory)")
@@ -88,23 +103,29 @@ def build_parser():
                    help="CUDA device index; leave out for the CPU. Under torchrun leave it out: each process "
                         "takes GPU LOCAL_RANK (choose GPUs with CUDA_VISIBLE_DEVICES; with none visible, gloo on the CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of every RNG (data order, fresh PEFT draws, dropout)")
-    p.add_argument("--out", default=None, help="output folder (default: checkpoints/primed-<method>-<peft>-s<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/resume.pt")
-    return p
+    p.add_argument("--out", default=None, help="output folder (default: checkpoints/primed-<model>-<method>-<peft>-s<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted (or extend the finished) run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds (another run's files are deleted)")
+    p.add_argument("--keep-resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep resume.pt after the run (it lets --resume --steps N extend it; hundreds of MB)")
+    p.add_argument("--reference-ft", default=None,
+                   help="a finetune_peft.py folder (same PEFT, fine-tuned on --model without priming): then each "
+                        "evaluation also logs inner_loop_strength, the share of the held-out loss gap between fresh "
+                        "and fine-tuned PEFT that the inner loop closes")
+    return parser_taking_negative_numbers(p)
 
 
 def check_args(args):
-    """Inconsistent or out-of-range flags: one clear error each."""
+    """Inconsistent or out-of-range flags: one clear error each. Returns the PEFT config."""
     if args.method == "mtl":
         for flag, bad in [("--first-order", args.first_order), ("--outer-peft", args.outer_peft),
-                          ("--inner-params all", args.inner_params == "all")]:
+                          ("--inner-params all", args.inner_params == "all"), ("--meta-sgd", args.meta_sgd)]:
             if bad:
                 raise ValueError(f"{flag} is a MAML option; it has no meaning with --method mtl")
-    for flag in ["steps", "tasks_per_step", "batch_size", "max_len", "inner_steps", "max_sentences", "save_every"]:
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
-    if args.inner_lr <= 0 or args.outer_lr <= 0:
-        raise ValueError("--inner-lr and --outer-lr must be positive")
+    check_at_least(args, 1, "steps", "tasks_per_step", "batch_size", "max_len", "inner_steps", "max_sentences",
+                   "save_every", "eval_sentences", "max_tokens")
+    check_at_least(args, 0, "eval_every")
+    check_positive(args, "inner_lr", "outer_lr", "inner_clip", "meta_sgd_lr")
     world, _, local_rank = distributed.torchrun_world()
     if args.tasks_per_step % world:
         raise ValueError(f"--tasks-per-step {args.tasks_per_step} must be divisible by the number of processes "
@@ -112,93 +133,64 @@ def check_args(args):
     if world > 1 and args.gpu is not None:
         raise ValueError("--gpu with several torchrun processes: leave it out, each process takes GPU LOCAL_RANK "
                          "(choose the GPUs with CUDA_VISIBLE_DEVICES)")
+    if world > 1 and args.meta_sgd:
+        raise ValueError("--meta-sgd runs in one process only (its rates are not averaged across torchrun processes)")
     if "LOCAL_RANK" in os.environ and args.gpu is None and torch.cuda.is_available():
         args.gpu = local_rank  # under torchrun: one GPU per process
     args.priming_langs = ",".join(parse_languages(args.priming_langs))
     if args.source_lang in parse_languages(args.priming_langs):
         warnings.warn(f"--source-lang {args.source_lang} is also a priming language")
     if args.out is None:
-        args.out = f"checkpoints/primed-{args.method}-{args.peft}-s{args.seed}"
+        args.out = f"checkpoints/primed-{Path(args.model).name}-{args.method}-{args.peft}-s{args.seed}"
+    return adapters.peft_config_from_flags(args, args.peft)
 
 
-def peft_config(args):
-    return adapters.PeftConfig(method=args.peft, placement=args.adapter_placement,
-                               reduction_factor=args.reduction_factor, prefix_length=args.prefix_length,
-                               lora_rank=args.lora_rank)
+# ----------------------------------------------------------------------------- the algorithm
 
-
-def load_streams(args, tokenizer, device):
-    """Endless batch streams: source-language support, per-language query, held-out dev batches."""
-    def stream(lang, seed_offset):
-        ds = load_wikiann(lang, "train", args.data_dir, args.max_sentences)
-        return BatchStream(encode_sentences(ds, tokenizer, args.max_len), args.batch_size,
-                           seed=args.seed * 1000 + seed_offset, pad_id=tokenizer.pad_token_id, device=device)
-    langs = parse_languages(args.priming_langs)
-    streams = {"support": stream(args.source_lang, 0)}
-    for i, lang in enumerate(langs if args.query == "cross" else [args.source_lang]):
-        streams[f"query-{lang}"] = stream(lang, i + 1)
-    def dev_batches(lang, n_sentences):
-        ds = load_wikiann(lang, "dev", args.data_dir, n_sentences)
-        dev = BatchStream(encode_sentences(ds, tokenizer, args.max_len), args.batch_size, seed=12345,
-                          pad_id=tokenizer.pad_token_id, device=device)
-        return [dev.next_batch() for _ in range(max(1, len(ds) // args.batch_size))]
-    # Held out: one fixed source-language dev batch to adapt on, priming-language dev batches to
-    # score; the same for every ablation (--query same included), so their curves compare.
-    held_out = {"support": dev_batches(args.source_lang, args.batch_size)[0],
-                "query": [b for lang in langs for b in dev_batches(lang, args.eval_sentences)]}
-    return streams, held_out
-
-
-def sample_tasks(streams, n_tasks, generator):
-    """n (support, query) pairs; the query language of each task is drawn from the priming languages."""
-    query_names = [k for k in streams if k.startswith("query-")]
-    tasks = []
-    for _ in range(n_tasks):
-        name = query_names[torch.randint(len(query_names), (1,), generator=generator).item()]
-        tasks.append((streams["support"].next_batch(), streams[name].next_batch()))
-    return tasks
-
-
-def set_trainable(model, args):
-    """theta (the body, minus the word embeddings when frozen) is what priming updates; the
+def set_trainable(model, method, outer_peft, inner_params, freeze_embeddings):
+    """theta (the body, minus the word embeddings when frozen) is what priming updates. The
     PEFT tensors and head are trained by the inner loop, and by the outer loop only with
-    --outer-peft (MAML) or --method mtl."""
+    --outer-peft (MAML) or --method mtl (or --inner-params all, where they are fast like theta)."""
     peft_names = set(adapters.peft_parameters(model))
     for name, p in model.named_parameters():
         if name in peft_names:
-            p.requires_grad_(args.method == "mtl" or args.outer_peft or args.inner_params == "all")
+            p.requires_grad_(method == "mtl" or outer_peft or inner_params == "all")
         else:
-            p.requires_grad_(not (args.freeze_embeddings and "word_embeddings" in name))
+            p.requires_grad_(not (freeze_embeddings and "word_embeddings" in name))
 
 
-def fast_initialiser(model, args, generator):
-    """phi_0 for each task (PAPER.md, "Where phi starts"): fresh PEFT tensors and head drawn
-    as downstream PEFT draws them, or with --outer-peft the model's own (meta-learned) ones.
-    With --inner-params all the body's own Parameters join the fast set (standard MAML)."""
+def phi_start(model, outer_peft, inner_params, generator):
+    """Where phi starts and which tensors are fast (PAPER.md, "Where phi starts"): a function of
+    the task index giving phi_0. Default: fresh PEFT tensors and head drawn as downstream PEFT
+    draws them, so the inner loop simulates a fresh fine-tuning; --outer-peft: the model's own
+    meta-learned ones (plain MAML). --inner-params all: the body's trainable Parameters are
+    fast too (standard MAML)."""
     body = {n: p for n, p in adapters.body_parameters(model).items() if p.requires_grad}
 
     def init_fast(task_index):
-        phi = adapters.peft_parameters(model) if args.outer_peft else adapters.fresh_peft_tensors(model, generator)
-        return {**body, **phi} if args.inner_params == "all" else dict(phi)
+        phi = adapters.peft_parameters(model) if outer_peft else adapters.fresh_peft_tensors(model, generator)
+        return {**body, **phi} if inner_params == "all" else dict(phi)
     return init_fast
 
 
-def held_out_query_loss(model, args, held_out, loss_fn):
-    """Meta-validation: adapt a fixed fresh phi on a fixed source-language dev batch (first
-    order, nothing kept, dropout off), then the mean loss on priming-language dev batches."""
-    model.eval()
-    fast = adapters.fresh_peft_tensors(model, torch.Generator().manual_seed(777))
-    adapted = maml.inner_loop(loss_fn, fast, held_out["support"], args.inner_steps, args.inner_lr,
-                              first_order=True, clip=args.inner_clip)
-    with torch.no_grad():
-        detached = {n: t.detach() for n, t in adapted.items()}
-        loss = sum(loss_fn(detached, b).item() for b in held_out["query"]) / len(held_out["query"])
-    model.train()
-    return loss
+def meta_sgd_rates(model, inner_lr, inner_params, device):
+    """Meta-SGD (Li et al. 2017), one learned rate per fast tensor (a per-tensor simplification
+    of their per-element rates), starting at --inner-lr."""
+    names = [n for n, p in model.named_parameters()
+             if n in adapters.peft_parameters(model) or (inner_params == "all" and p.requires_grad)]
+    return {n: torch.tensor(float(inner_lr), device=device, requires_grad=True) for n in names}
 
 
-def mtl_step(model, tasks):
-    """Multi-task priming: plain loss of body + PEFT + head on the same support and query batches."""
+def meta_gradient(loss_fn, tasks, init_fast, inner_steps, inner_lr, first_order, clip, rates):
+    """Steps 2-4 for a meta-batch: inner loop from phi_0 on each support batch, then the query
+    loss at phi' back-propagated into theta (second order unless first_order), averaged over
+    tasks into .grad. Returns the logged losses (maml.meta_step)."""
+    return maml.meta_step(loss_fn, tasks, init_fast, inner_steps, inner_lr, first_order=first_order, clip=clip,
+                          lrs=rates or None)
+
+
+def mtl_gradient(model, tasks):
+    """Multi-task priming: the plain loss of body + PEFT + head on the same support and query batches."""
     losses = []
     for support, query in tasks:
         loss = (model(**support).loss + model(**query).loss) / (2 * len(tasks))
@@ -207,77 +199,138 @@ def mtl_step(model, tasks):
     return {"train_loss": sum(losses) / len(losses)}
 
 
+def check_losses(metrics, step):
+    """Every logged loss finite, before the optimizer step it would poison."""
+    for name, value in metrics.items():
+        if "loss" in name:
+            check_finite(value, f"{name} at meta-step {step}",
+                         "lower --inner-lr / --outer-lr or set --inner-clip, and start again with --overwrite")
+
+
+# ----------------------------------------------------------------------------- the run
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    check_args(args)
-    out = Path(args.out)
-    if (out / "config.json").is_file() and not args.resume:
-        raise ValueError(f"{out} already holds a primed model: pass --resume to continue it or a new --out")
-    set_seed(args.seed)
-    device = pick_device(args.gpu)
+    config = check_args(args)
     world, rank, _ = distributed.torchrun_world()
-    distributed.join_process_group(device, world)
+    device = pick_device(args.gpu)
     if rank == 0:
-        resolve_model(args.model)  # a first-use conversion of the default model: once, not per process
+        check_max_len(args.max_len, model_config(resolve_model(args.model)))  # (converts the default model once)
+    distributed.join_process_group(device, world)
     distributed.wait_for_all(world)
     tokenizer = load_tokenizer(args.model)
+    priming_langs = parse_languages(args.priming_langs)
+    source = episodes.EpisodeSource(tokenizer, args.source_lang,  # bad data: an error before anything is written
+                                    episodes.query_languages(args.source_lang, priming_langs, args.query),
+                                    args.data_dir, args.max_sentences, args.batch_size, args.max_len, args.seed, device,
+                                    args.max_tokens)
+    held_out = episodes.held_out_episode(tokenizer, args.source_lang, priming_langs, args.data_dir,
+                                         args.eval_sentences, args.batch_size, args.max_len, device)
+    out, lock = Path(args.out), None
+    if rank == 0:  # only rank 0 writes the run folder; it owns it for the run's whole life
+        lock = claim_run_folder(out, "meta_pretrain", args, shaping=sorted(set(vars(args)) - NOT_SHAPING),
+                                resume=args.resume, overwrite=args.overwrite)
+    try:
+        prime(args, config, tokenizer, source, held_out, out, device, world, rank)
+    finally:
+        if lock is not None:
+            lock.close()
+    if world > 1:
+        distributed.leave_process_group()
+
+
+def prime(args, config, tokenizer, source, held_out, out, device, world, rank):
+    """The priming loop: --steps meta-steps from the start or from resume.pt, then the primed body."""
+    if rank == 0:
+        (out / "config.json").unlink(missing_ok=True)  # a run being extended is no finished model until it ends
+        print(f"priming into {out}", flush=True)
+    set_seed(args.seed)
     model = load_token_classifier(args.model, num_labels=len(LABELS), id2label=LABELS, device=device)
-    adapters.add_peft(model, peft_config(args), seed=args.seed)
-    set_trainable(model, args)
+    adapters.add_peft(model, config, seed=derive_seed(args.seed, "initial phi"))
+    set_trainable(model, args.method, args.outer_peft, args.inner_params, args.freeze_embeddings)
     model.train()  # from_pretrained returns eval mode; priming trains with dropout as fine-tuning will
     if rank:  # the model is alike everywhere; dropout masks differ (rank 0 keeps a one-process run's)
-        torch.manual_seed(args.seed * 1000 + rank)
-    streams, held_out = load_streams(args, tokenizer, device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.outer_lr)
-    task_rng = torch.Generator().manual_seed(args.seed)
-    phi_rng = torch.Generator().manual_seed(args.seed + 1)  # fresh PEFT draws (on the CPU, any device)
+        torch.manual_seed(derive_seed(args.seed, f"dropout of rank {rank}"))
+    rates = meta_sgd_rates(model, args.inner_lr, args.inner_params, device) if args.meta_sgd else {}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if rates:  # the learned rates are no weights: their own step size, no weight decay
+        groups.append({"params": list(rates.values()), "lr": args.meta_sgd_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=args.outer_lr)
+    rngs = {"task_rng": torch.Generator().manual_seed(derive_seed(args.seed, "task sampling")),
+            "phi_rng": torch.Generator().manual_seed(derive_seed(args.seed, "fresh phi"))}  # on the CPU, any device
     loss_fn = maml.functional_loss(model)
-    start = 0
-    if args.resume:
-        start = load_resume_state(out, model, optimizer, streams, task_rng, phi_rng, rank)
-    if rank == 0:  # only rank 0 writes the run folder
+    reference_loss = (episodes.reference_query_loss(model, args.reference_ft, held_out, loss_fn)
+                      if args.reference_ft else None)
+    start = resume_state.load(out, model, optimizer, source, rngs, rank, rates) if args.resume else 0
+    if rank == 0:
         log = MetricsLog(out, fresh=not args.resume)
         log.truncate_after(start)
-        record_inputs(out, args)
-    init_fast = fast_initialiser(model, args, phi_rng)
+        record_inputs(out, args, status="running")
+        if args.resume:
+            print(f"resuming {out} from step {start}")
+    init_fast = phi_start(model, args.outer_peft, args.inner_params, rngs["phi_rng"])
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"priming ({args.method})",
                disable=rank != 0)
     for step in bar:
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        tasks = sample_tasks(streams, args.tasks_per_step, task_rng)  # the global meta-batch, alike everywhere
-        if args.method == "maml":
-            mine, init_mine = distributed.task_share(tasks, world, rank, init_fast)
-            metrics = maml.meta_step(loss_fn, mine, init_mine, args.inner_steps, args.inner_lr,
-                                     first_order=args.first_order, clip=args.inner_clip)
-        else:
-            metrics = mtl_step(model, distributed.task_share(tasks, world, rank)[0])
+        tasks = source.sample(args.tasks_per_step, rngs["task_rng"])  # 1. episodes: the global meta-batch
+        with precision_context(device, args.precision):
+            if args.method == "maml":                                   # 2.-4. phi_0, inner loop, meta-gradient
+                mine, init_mine = distributed.task_share(tasks, world, rank, init_fast)
+                metrics = meta_gradient(loss_fn, mine, init_mine, args.inner_steps, args.inner_lr, args.first_order,
+                                        args.inner_clip, rates)
+            else:
+                metrics = mtl_gradient(model, distributed.task_share(tasks, world, rank)[0])
         distributed.average_across_processes(model, metrics, world)
-        optimizer.step()
-        metrics.update(step=step + 1, seconds=round(time.perf_counter() - t0, 3))
+        check_losses(metrics, step + 1)
+        optimizer.step()                                                # the outer update of theta
+        metrics.update(step=step + 1, seconds=round(time.perf_counter() - t0, 3), **rate_summary(rates))
         if rank == 0 and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            metrics["held_out_query_loss"] = held_out_query_loss(model, args, held_out, loss_fn)  # no collective
+            with precision_context(device, args.precision):  # no collective
+                metrics.update(episodes.held_out_losses(model, held_out, loss_fn, args.inner_steps, args.inner_lr,
+                                                        args.inner_clip, reference_loss))
         if rank == 0:
             log.write(**metrics)
         bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if "loss" in k})
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            rngs = distributed.rng_states(world)  # every process calls it (a collective); rank 0 saves
+            processes = distributed.rng_states(world)  # every process calls it (a collective); rank 0 saves
             if rank == 0:
-                save_resume_state(out, step + 1, model, optimizer, streams, task_rng, phi_rng, rngs)
+                resume_state.save(out, step + 1, model, optimizer, source, {**rngs, "processes": processes}, rates)
             distributed.wait_for_all(world)
     if rank == 0:
-        save_model_atomic(body_only(model, args), tokenizer, out)
-        print(f"primed body written to {out} (load it with --init {out} or AutoModel.from_pretrained)")
+        finish(out, args, model, tokenizer, rates)
     distributed.wait_for_all(world)
-    if world > 1:
-        distributed.leave_process_group()
 
 
-def record_inputs(out, args):
+def rate_summary(rates):
+    """Meta-SGD's learned inner rates in metrics.jsonl: their mean, min and max."""
+    if not rates:
+        return {}
+    values = torch.stack([r.detach() for r in rates.values()])
+    return {"inner_lr_mean": values.mean().item(), "inner_lr_min": values.min().item(),
+            "inner_lr_max": values.max().item()}
+
+
+def finish(out, args, model, tokenizer, rates):
+    """The primed body, then the record that marks the run finished (written last)."""
+    save_model_atomic(body_only(model, args), tokenizer, out)
+    record_inputs(out, args, status="finished", **({"meta_sgd_rates": {n: r.item() for n, r in rates.items()}}
+                                                   if rates else {}))
+    resume = out / resume_state.FILE
+    if not args.keep_resume:
+        resume.unlink(missing_ok=True)
+    elif resume.is_file():
+        print(f"{resume} ({resume.stat().st_size / 2**20:.0f} MB) is kept so that --resume --steps N can extend "
+              f"this run; delete it (or pass --no-keep-resume) if the run is final")
+    print(f"primed body written to {out} (load it with --init {out} or AutoModel.from_pretrained)")
+
+
+def record_inputs(out, args, status, **extra):
     """run.json: every flag, the seed, the code version, the input model (and its own record)."""
     source = resolve_model(args.model)
-    write_record(out, "meta_pretrain", args, input_model=args.model, input_model_path=source,
-                 input_record=read_record(source) if Path(source).is_dir() else None)
+    write_record(out, "meta_pretrain", args, status=status, input_model=args.model, input_model_path=source,
+                 input_record=read_record(source) if Path(source).is_dir() else None, **extra)
 
 
 def body_only(model, args):
@@ -293,41 +346,14 @@ def body_only(model, args):
     return plain
 
 
-def trained_state(model):
-    """What priming changes: the parameters that train, and the PEFT tensors and head (frozen
-    word embeddings, most of the model, are the input model's and need no copy)."""
-    keep = {n for n, p in model.named_parameters() if p.requires_grad} | set(adapters.peft_parameters(model))
-    return {n: t for n, t in model.state_dict().items() if n in keep}
+# what Ctrl-C leaves, said by run_cli
+INTERRUPTED = "the last resumable checkpoint is kept: continue with --resume (same --out)"
 
 
-def save_resume_state(out, step, model, optimizer, streams, task_rng, phi_rng, rngs):
-    """rngs: distributed.rng_states(), one per process; the top-level torch_rng / cuda_rng are rank 0's."""
-    torch_save(Path(out) / "resume.pt", {
-        "step": step, "model": trained_state(model), "optimizer": optimizer.state_dict(),
-        "streams": {k: s.state() for k, s in streams.items()}, "task_rng": task_rng.get_state(),
-        "phi_rng": phi_rng.get_state(), **rngs[0], "rank_rngs": rngs})
-
-
-def load_resume_state(out, model, optimizer, streams, task_rng, phi_rng, rank=0):
-    path = Path(out) / "resume.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: {path} does not exist (no checkpoint saved yet in {out})")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"], strict=False)  # the frozen rest is the input model's
-    optimizer.load_state_dict(state["optimizer"])
-    for k, s in streams.items():
-        s.load_state(state["streams"][k])
-    task_rng.set_state(state["task_rng"])
-    phi_rng.set_state(state["phi_rng"])
-    saved = state.get("rank_rngs") or [{"torch_rng": state["torch_rng"], "cuda_rng": state["cuda_rng"]}]
-    if rank < len(saved):  # else a process new to the run keeps its own seed (resumed on more processes)
-        torch.set_rng_state(saved[rank]["torch_rng"])
-        if saved[rank]["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved[rank]["cuda_rng"])
-    if rank == 0:
-        print(f"resuming {out} from step {state['step']}")
-    return state["step"]
+def cli(argv=None):
+    """The command line: main() with one-line errors (runs.run_cli)."""
+    run_cli(lambda: main(argv), interrupted=INTERRUPTED)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

@@ -23,6 +23,7 @@ import torch
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]  # the hub's wikiann order
 SPLITS = ("train", "dev", "test")
 HUB_DATASET = "unimelb-nlp/wikiann"  # the hub's wikiann; its "validation" is PAN-X's "dev"
+PAD_MULTIPLE = 8  # on a GPU, batch lengths are rounded up to this (tensor cores work in tiles of 8)
 IGNORE = -100  # label of sub-words that carry no prediction (torch's cross-entropy ignore_index)
 
 
@@ -103,11 +104,20 @@ def load_wikiann(lang, split, data_dir=None, max_sentences=None):
         if not (folder / lang).is_dir():
             raise ValueError(f"unknown language {lang!r}: {folder} has {', '.join(available_languages(folder))}")
         raise FileNotFoundError(f"{path} is missing: a PAN-X folder holds <lang>/train, dev and test")
-    return _as_dataset(read_panx_file(path, max_sentences))
+    sentences = read_panx_file(path, max_sentences)
+    if not sentences:
+        raise ValueError(f"{path} holds no sentences: restore the file (PAN-X layout, one 'lang:token<TAB>tag' "
+                         f"per line) or point --data-dir at a complete copy")
+    return _as_dataset(sentences)
 
 
 def _load_from_hub(lang, split, max_sentences):
     from datasets import load_dataset
+
+    from pretrained import hub_reachable
+    if not hub_reachable():  # fail at once, not after the datasets library's retries
+        raise ValueError(f"could not load {HUB_DATASET} ({lang}, {split}): the hub is unreachable from here; "
+                         f"pass --data-dir or set WIKIANN_DIR to a PAN-X folder")
     hub_split = {"dev": "validation"}.get(split, split)
     if max_sentences is not None:
         hub_split += f"[:{max_sentences}]"
@@ -189,8 +199,16 @@ def _cut(pool, lengths, batch_size, max_tokens):
 
 
 def collate(examples, pad_id, device="cpu"):
-    """Pad a list of encoded examples to their longest length: input_ids, attention_mask, labels."""
+    """Pad a list of encoded examples to their longest length: input_ids, attention_mask, labels.
+
+    On a GPU (the same code, other constants): the length is rounded up to a multiple of 8
+    (tensor-core tile sizes), and the batch is built in pinned host memory and copied with
+    non_blocking=True, so the copy overlaps the previous step's kernels. On the CPU neither
+    helps: no rounding (padding is wasted compute there), plain copies."""
+    cuda = torch.device(device).type == "cuda"
     width = max(len(e["input_ids"]) for e in examples)
+    if cuda:
+        width = -(-width // PAD_MULTIPLE) * PAD_MULTIPLE
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -199,7 +217,10 @@ def collate(examples, pad_id, device="cpu"):
         ids[row, :n] = torch.tensor(e["input_ids"])
         labels[row, :n] = torch.tensor(e["labels"])
         mask[row, :n] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if cuda:
+        return {k: t.pin_memory().to(device, non_blocking=True) for k, t in batch.items()}
+    return {k: t.to(device) for k, t in batch.items()}
 
 
 def padding_efficiency(batches, lengths):

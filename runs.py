@@ -16,7 +16,9 @@ Every file is written to a temporary name and renamed into place, so an interrup
 leaves a half-written file that a later stage would take.
 """
 
+import hashlib
 import json
+import math
 import os
 import random
 import subprocess
@@ -29,6 +31,8 @@ import torch
 
 RECORD = "run.json"
 METRICS = "metrics.jsonl"
+LOCK = ".lock"
+TEMPORARY = (".save-tmp-*", "*.tmp-*")  # what write_atomic / save_model_atomic leave when killed
 
 
 def set_seed(seed):
@@ -36,6 +40,14 @@ def set_seed(seed):
     random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
+
+
+def derive_seed(seed, purpose):
+    """The seed of one RNG of a run: a hash of the run's --seed and the RNG's purpose ("query
+    stream de", "fresh phi", ...). Different purposes and different --seed values never share
+    a seed (offsets like seed + 1 collide with the next run's seed)."""
+    digest = hashlib.sha256(f"{seed}/{purpose}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") >> 1  # 31 bits: safe for every torch and BatchStream use
 
 
 def code_version():
@@ -72,9 +84,10 @@ def torch_save(path, obj):
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
-def write_record(folder, stage, args, **extra):
-    """run.json: the stage, every flag, the code version and anything the stage adds."""
-    record = {"stage": stage, "args": vars(args), "code_version": code_version(),
+def write_record(folder, stage, args, status="finished", **extra):
+    """run.json: the stage, its status ("running" from the start, "finished" written last, once
+    every output is in place), every flag, the code version and anything the stage adds."""
+    record = {"stage": stage, "status": status, "args": vars(args), "code_version": code_version(),
               "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
     write_json(Path(folder) / RECORD, record)
     return record
@@ -83,13 +96,139 @@ def write_record(folder, stage, args, **extra):
 def read_record(folder):
     """A run folder's run.json, or None where the folder has none (e.g. a hub model)."""
     path = Path(folder) / RECORD
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{path} is not valid JSON (a damaged record): re-run the stage that wrote "
+                         f"{Path(folder)} with --overwrite") from None
+
+
+def is_finished(record):
+    """Whether a run.json describes a complete run (records older than the status field: those
+    that name their result)."""
+    return record is not None and record.get("status", "finished" if "best" in record or
+                                             record.get("stage") == "meta_pretrain" else None) == "finished"
+
+
+# ------------------------------------------------------------------ who owns a run folder
+
+def try_lock(path):
+    """An exclusive lock on the file `path` (created if needed): the open file, or None if another
+    process holds it. The operating system drops the lock when the process ends, kill -9 included."""
+    import fcntl
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def remove_temporaries(folder):
+    """Delete what an interrupted atomic write left behind (we hold the folder's lock)."""
+    import shutil
+    for pattern in TEMPORARY:
+        for leftover in Path(folder).glob(pattern):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
+def claim_run_folder(out, stage, args, shaping=(), resume=False, overwrite=False):
+    """Make `out` this run's folder, or stop with one line naming the problem and the fix.
+
+    Refuses: a folder another process is writing (lock); a file; a folder of files that no
+    run wrote; another stage's folder or a finished run (unless --overwrite); an interrupted
+    run without --resume (the stage says whether it can resume); --resume whose flags in
+    `shaping` differ from the run's. Returns the lock (keep it open while the run lasts)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = try_lock(out / LOCK)
+    if lock is None:
+        raise ValueError(f"{out} is being written by another running process: wait for it, or choose another --out")
+    remove_temporaries(out)
+    record = read_record(out)
+    others = [p.name for p in out.iterdir() if p.name != LOCK]
+    if record is None and others:
+        raise ValueError(f"{out} holds files that no run of this project wrote ({', '.join(sorted(others)[:3])}): "
+                         f"choose a new or empty --out")
+    if record is None:
+        return lock
+    owner = f"{record.get('stage')} run"
+    if overwrite:
+        clear_folder(out)
+    elif record.get("stage") != stage:
+        raise ValueError(f"{out} holds a {owner}: choose another --out (or --overwrite to replace it)")
+    elif resume:
+        for flag in shaping:
+            was, now = record["args"].get(flag), getattr(args, flag)
+            if was != now:
+                raise ValueError(f"--resume: --{flag.replace('_', '-')} is {now} here but {was} in the run in {out}: "
+                                 f"resume with the same flags, or start a new --out")
+    elif is_finished(record):
+        raise ValueError(f"{out} already holds a finished {owner}: choose another --out (or --overwrite to replace it)")
+    else:
+        how = "--resume to continue it, " if "resume" in vars(args) else ""
+        raise ValueError(f"{out} holds an interrupted {owner}: {how}--overwrite to start over, or choose another --out")
+    return lock
+
+
+def clear_folder(folder):
+    """Remove a run folder's contents (not its lock): --overwrite."""
+    import shutil
+    for p in Path(folder).iterdir():
+        if p.name != LOCK:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+# ------------------------------------------------------------------ values and flags
+
+def check_finite(value, what, fix):
+    """Stop before an optimizer step (or a save) that a NaN or infinite loss would poison."""
+    if not math.isfinite(value):
+        raise ValueError(f"{what} is {value}: {fix}; nothing from this step was saved")
+
+
+def check_finite_tensors(tensors, what):
+    """Never save NaN or infinite weights: a checkpoint a later stage would take as valid."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{what} holds non-finite values in {len(bad)} tensor(s) ({bad[0]}, ...): not saved; "
+                         f"lower the learning rates and start again with --overwrite")
+
+
+def check_at_least(args, minimum, *flags):
+    """Every named integer flag is at least `minimum`; the error names the flag."""
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least {minimum} (got {value})")
+
+
+def check_positive(args, *flags):
+    """Every named float flag is a positive finite number (NaN fails too)."""
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None and not (0 < value < math.inf):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive number (got {value})")
+
+
+def parser_taking_negative_numbers(parser):
+    """Let `--outer-lr -1e-5` reach the range check (argparse's own matcher misses exponents and
+    would say "expected one argument")."""
+    import re
+    parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+    return parser
 
 
 def save_model_atomic(model, tokenizer, folder):
     """Save a transformers model and tokenizer into folder so that it is never half-written:
     config.json (what from_pretrained and resolve_model look for) is removed first and moved in
     last, and every file goes through a temporary folder and a rename."""
+    check_finite_tensors(model.state_dict(), "the model")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").unlink(missing_ok=True)
@@ -126,19 +265,33 @@ class MetricsLog:
             write_atomic(self.path, lambda tmp: Path(tmp).write_text("".join(l + "\n" for l in lines)))
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, ImportError)
+def user_error_message(e):
+    """One line for an error a user can fix, or None for a bug (which keeps its traceback)."""
+    from safetensors import SafetensorError
+    if isinstance(e, SafetensorError):
+        return (f"a .safetensors file is truncated or corrupt ({e}): delete the folder that holds it and "
+                f"re-run the stage that wrote it (the default model's cache folder is converted again)")
+    if isinstance(e, PermissionError):
+        return f"{e.strerror}: {e.filename}: choose a folder you can write (--out) or fix its permissions"
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.filename:
+        return f"{e.strerror}: {e.filename}"
+    if isinstance(e, (ValueError, FileNotFoundError, ImportError)):
+        return str(e)
+    return None
 
 
-def run_cli(main):
-    """Run a stage's main(); a user error (bad flag, missing folder, unknown language, ...) is
-    one line on stderr and exit status 2, never a traceback (PRIMING_DEBUG=1 shows it)."""
+def run_cli(main, interrupted="the last complete checkpoint is kept"):
+    """Run a stage's main(); a user error (bad flag, missing folder, unknown language, unreadable
+    file, ...) is one line on stderr and exit status 2, never a traceback (PRIMING_DEBUG=1 shows
+    it). `interrupted` is what Ctrl-C leaves, in the stage's words."""
     try:
         main()
-    except USER_ERRORS as e:
-        if os.environ.get("PRIMING_DEBUG"):
-            raise  # the full traceback, for developers
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
     except KeyboardInterrupt:
-        print("interrupted: the last complete checkpoint is kept (continue with --resume)", file=sys.stderr)
+        print(f"interrupted: {interrupted}", file=sys.stderr)
         raise SystemExit(130)
+    except Exception as e:
+        message = user_error_message(e)
+        if message is None or os.environ.get("PRIMING_DEBUG"):
+            raise  # a bug, or the full traceback for developers
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)

@@ -4,6 +4,7 @@
     python benchmarks/bench_maml.py --repeats 7 --warmup 2                   # steadier figures, longer
     python benchmarks/bench_maml.py --gpu 0 --repeats 10 --inner-steps 3     # on a GPU (same code path)
     python benchmarks/bench_maml.py --no-higher --no-memory                  # timings only
+    python benchmarks/bench_maml.py --gpu 0 --model random-xlmr-base --precision bf16   # XLM-R-base size, bf16
 
 Setting (PAPER.md, meta_pretrain.py defaults): the default model (pretrained.py) with Houlsby
 adapters, support batches of --batch-size English WikiANN sentences, query batches of German
@@ -77,7 +78,8 @@ import adapters  # noqa: E402
 import maml  # noqa: E402
 import meta_pretrain  # noqa: E402
 from ner_data import bucketed_batches, collate, encode_sentences, load_wikiann  # noqa: E402
-from pretrained import load_token_classifier, load_tokenizer, pick_device  # noqa: E402
+from pretrained import PRECISIONS, load_token_classifier, load_tokenizer, pick_device, precision_context  # noqa: E402
+from runs import derive_seed  # noqa: E402
 
 MB = 2 ** 20
 TARGET_SECOND_ORDER = 1.6   # x (full FT support + full FT query)
@@ -107,6 +109,8 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median and minimum reported)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, or bf16 autocast in every step")
+    p.add_argument("--json", default=None, help="also write the medians (seconds) and memory figures here")
     p.add_argument("--seed", type=int, default=0, help="seed of the batches, fresh phi draws and dropout")
     p.add_argument("--no-higher", action="store_true", help="skip the `higher` comparison")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -138,6 +142,22 @@ def load_tasks(args, tokenizer, device):
     return sorted(pairs, key=lambda t: -(t[0]["input_ids"].numel() + t[1]["input_ids"].numel()))
 
 
+def load_model(args, device):
+    """(tokenizer, token classifier): --model, or with --model random-xlmr-base an XLM-R-base-sized
+    BERT-family model with random weights (hub weights are unreachable on the GPU machines) and
+    the default model's XLM-R vocabulary."""
+    if args.model != "random-xlmr-base":
+        return load_tokenizer(args.model), load_token_classifier(args.model, num_labels=7, device=device,
+                                                                  attn_implementation=args.attn)
+    from transformers import XLMRobertaConfig, XLMRobertaForTokenClassification
+    tokenizer = load_tokenizer("e5-small")
+    config = XLMRobertaConfig(vocab_size=len(tokenizer), hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                              intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1,
+                              pad_token_id=tokenizer.pad_token_id, num_labels=7)
+    model = XLMRobertaForTokenClassification._from_config(config, attn_implementation=args.attn or "sdpa")
+    return tokenizer, model.to(device)
+
+
 def stage_args(args):
     """meta_pretrain's own default flags (so trainability and phi_0 follow the stage script)."""
     stage = meta_pretrain.build_parser().parse_args([])
@@ -151,8 +171,7 @@ class Bench:
     def __init__(self, args, need_bare=True):
         self.args, self.device = args, pick_device(args.gpu)
         torch.manual_seed(args.seed)
-        self.tokenizer = load_tokenizer(args.model)
-        model = load_token_classifier(args.model, num_labels=7, device=self.device, attn_implementation=args.attn)
+        self.tokenizer, model = load_model(args, self.device)
         self.bare = None
         if need_bare:  # full fine-tuning: the model without adapters, every parameter trainable
             self.bare = copy.deepcopy(model).train()
@@ -162,18 +181,26 @@ class Bench:
         self.model = adapters.add_peft(model, adapters.PeftConfig("adapter", placement="houlsby"), seed=args.seed).train()
         self.stage = stage_args(args)
         self.peft = adapters.peft_parameters(self.model)
-        meta_pretrain.set_trainable(self.model, self.stage)
+        meta_pretrain.set_trainable(self.model, "maml", outer_peft=False, inner_params="peft", freeze_embeddings=True)
         self.meta_flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
         self.body = [p for n, p in self.model.named_parameters() if self.meta_flags[n]]
         self.opt_meta = torch.optim.AdamW(self.body, lr=args.outer_lr)
         self.opt_peft = torch.optim.AdamW(self.peft.values(), lr=args.outer_lr)
-        self.phi_rng = torch.Generator().manual_seed(args.seed + 1)
-        self.init_fast = meta_pretrain.fast_initialiser(self.model, self.stage, self.phi_rng)
+        self.phi_rng = torch.Generator().manual_seed(derive_seed(args.seed, "fresh phi"))
+        self.init_fast = meta_pretrain.phi_start(self.model, outer_peft=False, inner_params="peft", generator=self.phi_rng)
+        for name in ("peft_step", "full_step", "meta", "after_forward", "higher_step"):  # every step in --precision
+            setattr(self, name, self._in_precision(getattr(self, name)))
         self.loss_fn = maml.functional_loss(self.model)
         self.tasks = load_tasks(args, self.tokenizer, self.device)
         self.inner_opt = None
         self.phases = {}  # (configuration part) -> seconds, recorded while self.recording
         self.recording = False
+
+    def _in_precision(self, step):
+        def run(*args, **kwargs):
+            with precision_context(self.device, self.args.precision):
+                return step(*args, **kwargs)
+        return run
 
     def _phase(self, name, start):
         """Record the time since `start` under `name` (device synchronised); return the new start."""
@@ -593,6 +620,15 @@ def main(argv=None):
               "model runs without the hook-injected adapters)")
     elif not args.no_higher and "higher" in memory_errors:
         print(f"  gradient check: {memory_errors['higher']}")
+    if args.json:
+        second = med["meta-step 2nd order (meta_step)"]
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({
+            "args": vars(args), "device": str(device), "median_seconds": med,
+            "meta_steps_per_second_2nd_order": 1 / second, "ratio_2nd_order_to_two_full_ft_steps": second / full2,
+            "ratio_1st_order_to_two_full_ft_steps": med["meta-step 1st order (meta_step)"] / full2,
+            "memory_mb": {k: v[:2] for k, v in memory.items() if k != "gradient_check"}}, indent=1))
+        print(f"figures written to {args.json}")
     print()
     print(f"total {time.perf_counter() - t_start:.0f} s; load average at end (1, 5, 15 min): "
           "%.2f %.2f %.2f" % os.getloadavg())

@@ -6,6 +6,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the flat project modules
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (benchmarks/gpu_check.sh runs them)")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny models are dominated by thread synchronisation: with 2 threads on a busy 2-core

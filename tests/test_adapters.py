@@ -6,6 +6,7 @@ identity and by the rules phi / theta must follow (counts, freezing, second orde
 """
 
 import copy
+import json
 import math
 import os
 import sys
@@ -417,3 +418,139 @@ def test_config_round_trip():
         PeftConfig("ia3")
     with pytest.raises(ValueError, match="unknown"):
         PeftConfig.from_dict({"method": "lora", "rank": 3})
+
+
+# ----------------------------------------------------------------------------- AdapterHub placements
+
+def reference_adapter_logits(model, ids, mask, family, placement):
+    """Independent eval-mode forward of the whole tiny model with bottleneck adapters written out
+    as AdapterHub defines them (h: a sub-layer's output before its residual x and LayerNorm LN):
+      houlsby  (DoubleSeqBnConfig):  LN(h + up(swish(down(h))) + x) after attention and FFN
+      pfeiffer (SeqBnConfig):        a = LN(h + x); LN(up(relu(down(a))) + h + x) after the FFN only"""
+    w = {n: p.detach() for n, p in model.named_parameters()}
+    cfg, base = model.config, ("bert" if family == "bert" else "roberta")
+    d, heads = cfg.hidden_size, cfg.num_attention_heads
+    if family == "bert":
+        pos = torch.arange(ids.shape[1]).expand_as(ids)
+    else:
+        real = (ids != cfg.pad_token_id).long()
+        pos = torch.cumsum(real, dim=1) * real + cfg.pad_token_id
+    e = f"{base}.embeddings"
+    x = w[f"{e}.word_embeddings.weight"][ids] + w[f"{e}.position_embeddings.weight"][pos] \
+        + w[f"{e}.token_type_embeddings.weight"][0]
+    x = F.layer_norm(x, (d,), w[f"{e}.LayerNorm.weight"], w[f"{e}.LayerNorm.bias"], cfg.layer_norm_eps)
+    B, T = ids.shape
+    bias = torch.where(mask[:, None, None, :] > 0, 0.0, -math.inf)
+
+    def lin(name, h):
+        return h @ w[f"{name}.weight"].T + w[f"{name}.bias"]
+
+    def ln(name, h):
+        return F.layer_norm(h, (d,), w[f"{name}.weight"], w[f"{name}.bias"], cfg.layer_norm_eps)
+
+    def delta(name, a, f):
+        return lin(f"{name}.up", f(lin(f"{name}.down", a)))
+
+    def split(t):
+        return t.view(B, -1, heads, d // heads).transpose(1, 2)
+
+    for i in range(cfg.num_hidden_layers):
+        L = f"{base}.encoder.layer.{i}"
+        q, k, v = (split(lin(f"{L}.attention.self.{n}", x)) for n in ("query", "key", "value"))
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads) + bias, dim=-1) @ v
+        h = lin(f"{L}.attention.output.dense", att.transpose(1, 2).reshape(B, T, d))
+        if placement == "houlsby":
+            h = h + delta(f"{L}.attention.output.dense.adapter", h, F.silu)
+        x = ln(f"{L}.attention.output.LayerNorm", h + x)
+        h = lin(f"{L}.output.dense", F.gelu(lin(f"{L}.intermediate.dense", x)))
+        if placement == "houlsby":
+            x = ln(f"{L}.output.LayerNorm", h + delta(f"{L}.output.dense.adapter", h, F.silu) + x)
+        else:
+            a = ln(f"{L}.output.LayerNorm", h + x)
+            x = ln(f"{L}.output.LayerNorm", delta(f"{L}.output.dense.adapter", a, F.relu) + h + x)
+    return lin("classifier", x)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
+def test_adapters_match_adapterhubs_definition(family, placement):
+    model = add_peft(tiny_model(family), PeftConfig("adapter", placement=placement, adapter_init="bert"), seed=3)
+    ids, mask = batch(family)
+    expected = reference_adapter_logits(model, ids, mask, family, placement)
+    real = mask.bool()
+    assert torch.allclose(logits(model, ids, mask)[real], expected[real], atol=1e-5)
+    if placement == "houlsby":  # the check can tell the placements apart
+        assert not torch.allclose(reference_adapter_logits(model, ids, mask, family, "pfeiffer")[real],
+                                  expected[real], atol=1e-5)
+
+
+def test_pfeiffer_differs_from_houlsby_without_the_attention_adapter():
+    """The old 'Pfeiffer' (FFN adapter before the residual and LayerNorm) is not AdapterHub's."""
+    model = add_peft(tiny_model("bert"), PeftConfig("adapter", placement="pfeiffer", adapter_init="bert",
+                                                    bottleneck=16), seed=3)
+    with torch.no_grad():  # adapters that have learned something: deltas of the size of the hidden states
+        for n, p in peft_parameters(model, include_head=False).items():
+            p.mul_(30)
+    ids, mask = batch("bert")
+    pfeiffer = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    for layer in model.bert.encoder.layer:  # rewire as "houlsby, FFN only": h + delta(h) before LN(. + x)
+        sub = layer.output
+        del sub.forward
+        sub.dropout.register_forward_hook(lambda m, a, out, adapter=sub.dense.adapter: adapter(out))
+    assert (model.bert(input_ids=ids, attention_mask=mask).last_hidden_state - pfeiffer).abs().max() > 0.5
+
+
+def test_houlsby_adapters_sit_after_the_sublayer_dropout():
+    model = tiny_model("bert")
+    model.config.hidden_dropout_prob = 0.5
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    add_peft(model, PeftConfig("adapter", placement="houlsby"), seed=0)
+    model.train()
+    dropped, adapter_inputs = {}, {}
+    for name, module in model.named_modules():
+        if name.endswith("output.dropout"):
+            module.register_forward_hook(lambda m, a, out, name=name: dropped.__setitem__(name, out.clone()),
+                                         prepend=True)  # the dropout's own output, before the adapter hook
+        if name.endswith("adapter.down"):
+            module.register_forward_pre_hook(lambda m, a, name=name: adapter_inputs.__setitem__(name, a[0]))
+    ids, mask = batch("bert")
+    torch.manual_seed(0)
+    logits(model, ids, mask)
+    sites = [n[:-len(".dropout")] for n in dropped if n[:-len(".dropout")] + ".dense.adapter.down" in adapter_inputs]
+    assert len(sites) == 4                                # 2 layers x (attention output, FFN output)
+    for site in sites:
+        seen = adapter_inputs[site + ".dense.adapter.down"]
+        assert torch.equal(seen, dropped[site + ".dropout"]) and (seen == 0).float().mean() > 0.3
+
+
+@pytest.mark.parametrize("placement, expected", [("houlsby", "swish"), ("pfeiffer", "relu")])
+def test_non_linearity_defaults_are_adapterhubs_and_a_flag_chooses(placement, expected):
+    assert PeftConfig("adapter", placement=placement).adapter_non_linearity == expected
+    model = add_peft(tiny_model("bert"), PeftConfig("adapter", placement=placement, adapter_non_linearity="gelu"))
+    adapter = model.bert.encoder.layer[0].output.dense.adapter
+    a = torch.randn(3, 32)
+    assert torch.allclose(adapter.delta(a), adapter.up(F.gelu(adapter.down(a))))
+    with pytest.raises(ValueError, match="--adapter-non-linearity must be one of"):
+        PeftConfig("adapter", adapter_non_linearity="tanh")
+
+
+def test_bert_init_is_adapterhubs_default_and_near_identity_is_houlsbys():
+    near = add_peft(tiny_model("bert"), PeftConfig("adapter"), seed=0).bert.encoder.layer[0].output.dense.adapter
+    bert = add_peft(tiny_model("bert"), PeftConfig("adapter", adapter_init="bert", bottleneck=16),
+                    seed=0).bert.encoder.layer[0].output.dense.adapter
+    assert near.up.weight.abs().max() <= 2e-3 and near.down.weight.std() > 0.05
+    assert 0.015 < bert.up.weight.std() < 0.025 and 0.015 < bert.down.weight.std() < 0.025
+    assert not bert.down.bias.any() and not bert.up.bias.any()
+
+
+def test_checkpoints_saved_before_the_non_linearity_choice_load_with_gelu(tmp_path):
+    model = add_peft(tiny_model("bert"), PeftConfig("adapter"), seed=0)
+    save_peft(model, tmp_path)
+    record = json.loads((tmp_path / "peft_config.json").read_text())
+    del record["peft_config"]["adapter_non_linearity"], record["peft_config"]["adapter_init"]
+    (tmp_path / "peft_config.json").write_text(json.dumps(record))
+    fresh = BertForTokenClassification._from_config(tiny_config("bert")).eval()
+    load_peft(fresh, tmp_path)
+    assert peft_config_of(fresh).adapter_non_linearity == "gelu"

