@@ -19,7 +19,6 @@ loss among those with ratio <= --max-ratio and meta-step cost <= --max-seconds.
 """
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
