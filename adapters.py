@@ -2,7 +2,8 @@
 
     import torch
     from transformers import BertConfig, BertForTokenClassification
-    from adapters import PeftConfig, add_peft, freeze_body, peft_parameters, save_peft, load_peft
+    from adapters import PeftConfig, add_peft
+    from peft_state import freeze_body, peft_parameters, save_peft, load_peft
 
     model = BertForTokenClassification(BertConfig(num_labels=7)).eval()
     add_peft(model, PeftConfig("adapter", placement="houlsby"), seed=0)
@@ -16,9 +17,10 @@ Notation as in PAPER.md: theta = the encoder's own parameters ("body"), phi = th
 tensors plus the head.
 
 Injection never renames a parameter of the model: PEFT modules are added as new children
-(`...attention.output.dense.adapter`, `...attention.self.query.lora`, `<base>.encoder.peft_prefix`)
-and act through forward hooks, or, for prefixes, through a replacement forward of the
-self-attention modules. Hooks read their tensors as module attributes, so
+(`...attention.output.dropout.adapter` for Houlsby, `...output.LayerNorm.adapter` for Pfeiffer,
+`...attention.self.query.lora`, `<base>.encoder.peft_prefix`) and act through forward hooks
+on the module that owns them (so libraries that copy the module tree, like `higher`, see the
+copies' tensors), or, for prefixes, through a replacement forward of the self-attention modules. Hooks read their tensors as module attributes, so
 `torch.func.functional_call(model, fast_tensors, ...)` sees the swapped tensors, and every
 computation is plain autograd, so `autograd.grad(create_graph=True)` differentiates through it.
 
@@ -64,22 +66,16 @@ at the pretrained function. As in standard LoRA, B = 0 gives A a zero gradient a
 step; B moves first, then A.
 """
 
-import json
 import math
 import sys
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields, replace
-from functools import partial
-from pathlib import Path
 from types import MethodType
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from runs import check_finite_tensors, write_atomic  # write_atomic: temporary file + rename, never half a file
 
 METHODS = ("adapter", "prefix", "lora")
 PLACEMENTS = ("houlsby", "pfeiffer")
@@ -275,18 +271,17 @@ class Prefix(PeftModule):
 
 # ----------------------------------------------------------------------------- injection
 
-def _houlsby_hook(adapter, dropout, args, output):
-    """Forward hook on a sub-layer's dropout: h -> h + delta(h), before the sub-layer's residual
-    and LayerNorm (Houlsby et al. 2019, Fig. 2; AdapterHub's DoubleSeqBnConfig)."""
-    return adapter(output)
+def _houlsby_hook(dropout, args, output):
+    """Forward hook on a sub-layer's dropout (which owns the adapter): h -> h + delta(h), before
+    the sub-layer's residual and LayerNorm (Houlsby et al. 2019, Fig. 2; AdapterHub's DoubleSeqBnConfig)."""
+    return dropout.adapter(output)
 
 
-def _pfeiffer_output_forward(self, hidden_states, input_tensor):
-    """The feed-forward sub-layer (BertOutput / XLMRobertaOutput) with a Pfeiffer adapter
-    (AdapterHub's SeqBnConfig): a = LN(h + x), out = LN(delta(a) + h + x), one LayerNorm."""
-    h = self.dropout(self.dense(hidden_states))
-    residual = h + input_tensor
-    return self.LayerNorm(self.dense.adapter.delta(self.LayerNorm(residual)) + residual)
+def _pfeiffer_hook(norm, args, output):
+    """Forward hook on the feed-forward sub-layer's LayerNorm (which owns the adapter), whose input
+    is s = h + x and output a = LN(s): returns LN(delta(a) + s), the same LayerNorm again
+    (AdapterHub's SeqBnConfig: original_ln_before, residual_before_ln, original_ln_after)."""
+    return F.layer_norm(norm.adapter.delta(output) + args[0], norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 def _lora_hook(linear, args, output):
@@ -358,16 +353,15 @@ def add_peft(model, config: PeftConfig, seed: int | None = None):
     hidden = cfg.hidden_size
     ref = model.get_input_embeddings().weight
     if config.method == "adapter":
-        sites = [layer.output for layer in layers]  # BertOutput / XLMRobertaOutput: dense, dropout, LayerNorm
+        # sub-layers (BertSelfOutput, BertOutput, XLM-R's alike): dense -> dropout -> LayerNorm(. + x)
         if config.placement == "houlsby":
-            sites += [layer.attention.output for layer in layers]
-        for sub in sites:  # the adapter lives at <sub-layer>.dense.adapter
-            sub.dense.adapter = Adapter(hidden, config.bottleneck_for(hidden), config.adapter_non_linearity,
-                                        config.adapter_init).to(ref.device, ref.dtype)
-            if config.placement == "houlsby":
-                sub.dropout.register_forward_hook(partial(_houlsby_hook, sub.dense.adapter))
-            else:
-                sub.forward = MethodType(_pfeiffer_output_forward, sub)
+            owners = [sub.dropout for layer in layers for sub in (layer.attention.output, layer.output)]
+        else:
+            owners = [layer.output.LayerNorm for layer in layers]
+        for owner in owners:
+            owner.adapter = Adapter(hidden, config.bottleneck_for(hidden), config.adapter_non_linearity,
+                                    config.adapter_init).to(ref.device, ref.dtype)
+            owner.register_forward_hook(_houlsby_hook if config.placement == "houlsby" else _pfeiffer_hook)
     elif config.method == "lora":
         for layer in layers:
             for proj in (layer.attention.self.query, layer.attention.self.value):
@@ -384,8 +378,7 @@ def add_peft(model, config: PeftConfig, seed: int | None = None):
             attention._peft_layer = index
             attention.forward = MethodType(_prefix_self_attention, attention)
     setattr(model, _CONFIG_ATTR, replace(config))  # a copy: the caller may reuse theirs
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    reset_peft(model, generator)
+    _load_drawn(model, torch.Generator().manual_seed(seed) if seed is not None else None)
     return model
 
 
@@ -394,41 +387,12 @@ def peft_config_of(model) -> PeftConfig | None:
     return getattr(model, _CONFIG_ATTR, None)
 
 
-# ----------------------------------------------------------------------------- phi and theta
+# ----------------------------------------------------------------------------- drawing phi
 
-def _peft_names(model, include_head):
-    names = set()
-    for prefix, module in model.named_modules():
-        if isinstance(module, PeftModule) or (include_head and prefix == HEAD):
-            names |= {f"{prefix}.{name}" for name, _ in module.named_parameters()}
-    return names
-
-
-def peft_parameters(model, include_head: bool = True) -> "OrderedDict[str, nn.Parameter]":
-    """phi: the PEFT tensors (and the head), named and ordered as in model.named_parameters()."""
-    names = _peft_names(model, include_head)
-    return OrderedDict((n, p) for n, p in model.named_parameters() if n in names)
-
-
-def body_parameters(model) -> "OrderedDict[str, nn.Parameter]":
-    """theta: every parameter that is neither PEFT nor head."""
-    names = _peft_names(model, include_head=True)
-    return OrderedDict((n, p) for n, p in model.named_parameters() if n not in names)
-
-
-def freeze_body(model):
-    """Freeze theta, make phi trainable (downstream PEFT trains the head too)."""
-    names = _peft_names(model, include_head=True)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in names)
-    return model
-
-
-def fresh_peft_tensors(model, generator: torch.Generator | None = None) -> "OrderedDict[str, torch.Tensor]":
-    """A newly drawn phi (leaf tensors, requires_grad) like add_peft draws it; the model is untouched.
-
-    The head gets BERT's init: weight ~ N(0, initializer_range), bias 0.
-    """
+def draw_phi(model, generator: torch.Generator | None = None) -> dict:
+    """Newly drawn values of phi, {name: CPU float32 tensor}: every PEFT module's own init
+    (`fresh`), then the head with BERT's init (weight ~ N(0, initializer_range), bias 0). The
+    order of the draws is fixed, so a seed gives the same phi on every device and every body."""
     drawn = {}
     for prefix, module in model.named_modules():
         if isinstance(module, PeftModule):
@@ -436,34 +400,14 @@ def fresh_peft_tensors(model, generator: torch.Generator | None = None) -> "Orde
     head = getattr(model, HEAD)
     drawn[f"{HEAD}.weight"] = _normal(head.weight.shape, model.config.initializer_range, generator)
     drawn[f"{HEAD}.bias"] = torch.zeros(head.bias.shape)
-    return OrderedDict((n, drawn[n].to(p.device, p.dtype).requires_grad_())
-                       for n, p in peft_parameters(model).items())
+    return drawn
 
 
-def reset_peft(model, generator=None):
-    """Re-draw the model's own phi in place (what a fresh downstream PEFT run starts from)."""
-    fresh = fresh_peft_tensors(model, generator)
+def _load_drawn(model, generator):
+    """Copy a fresh draw into the model's own phi (add_peft's initial values)."""
     with torch.no_grad():
-        for name, p in peft_parameters(model).items():
-            p.copy_(fresh[name])
-    return model
-
-
-def count_peft_parameters(config: PeftConfig, model_config, num_labels: int, include_head=True) -> int:
-    """Closed-form size of phi for a model config (no model needed)."""
-    d, layers = model_config.hidden_size, model_config.num_hidden_layers
-    if config.method == "adapter":
-        m = config.bottleneck_for(d)
-        per_layer = 2 if config.placement == "houlsby" else 1
-        n = layers * per_layer * (2 * d * m + m + d)
-    elif config.method == "lora":
-        n = layers * 2 * config.lora_rank * 2 * d  # A (r x d) and B (d x r) on query and value
-    elif config.prefix_mlp:
-        h, out = config.prefix_hidden, layers * 2 * d
-        n = config.prefix_length * d + (d * h + h) + (h * out + out)
-    else:
-        n = layers * 2 * config.prefix_length * d
-    return n + ((d * num_labels + num_labels) if include_head else 0)
+        for name, value in draw_phi(model, generator).items():
+            model.get_parameter(name).copy_(value)
 
 
 def fold_prefix_mlp(model):
@@ -481,65 +425,3 @@ def fold_prefix_mlp(model):
     prefix.key_values = nn.Parameter(key_values, requires_grad=trainable)
     setattr(model, _CONFIG_ATTR, replace(config, prefix_mlp=False))
     return model
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_peft(model, folder, extra: dict | None = None):
-    """Write phi to folder/peft.safetensors and {"peft_config", "num_labels", "extra"} to peft_config.json."""
-    config = peft_config_of(model)
-    if config is None:
-        raise ValueError("save_peft: the model has no PEFT; call add_peft first")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {n: p.detach().cpu().contiguous() for n, p in peft_parameters(model).items()}
-    check_finite_tensors(tensors, "the PEFT tensors and head")
-    record = {"peft_config": config.to_dict(), "num_labels": getattr(model, HEAD).out_features,
-              "extra": extra or {}}
-    write_atomic(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    write_atomic(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
-
-
-def read_peft(model, folder) -> tuple:
-    """phi saved by save_peft, checked against `model` (adding PEFT first if it has none), without
-    loading it: ({name: tensor} on the model's device, the JSON record)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"load_peft: no such folder {folder}")
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        if not (folder / name).is_file():
-            raise ValueError(f"load_peft: {folder} has no {name}; is it a save_peft folder?")
-    record = json.loads((folder / CONFIG_FILE).read_text())
-    saved = PeftConfig.from_dict(record["peft_config"])
-    try:
-        tensors = load_file(str(folder / WEIGHTS_FILE))
-    except Exception as e:  # truncated or damaged
-        raise ValueError(f"{folder / WEIGHTS_FILE} is unreadable ({type(e).__name__}): run finetune_peft.py "
-                         f"again with --overwrite --out {folder}") from None
-    labels, model_labels = tensors[f"{HEAD}.weight"].shape[0], getattr(model, HEAD).out_features
-    if labels != model_labels:
-        raise ValueError(f"load_peft: checkpoint head has {labels} labels but the model has {model_labels}")
-    current = peft_config_of(model)
-    if current is None:
-        add_peft(model, saved)
-    elif current.method != saved.method:
-        raise ValueError(f"load_peft: checkpoint holds {saved.method} but the model has {current.method}")
-    elif current != saved:
-        raise ValueError(f"load_peft: checkpoint config {saved} differs from the model's {current}")
-    params = peft_parameters(model)
-    if set(tensors) != set(params):
-        raise ValueError(f"load_peft: tensor names differ: missing {sorted(set(params) - set(tensors))}, "
-                         f"unexpected {sorted(set(tensors) - set(params))}")
-    for name, p in params.items():
-        if tensors[name].shape != p.shape:
-            raise ValueError(f"load_peft: {name} has shape {tuple(tensors[name].shape)}, model {tuple(p.shape)}")
-    return {n: t.to(params[n].device, params[n].dtype) for n, t in tensors.items()}, record
-
-
-def load_peft(model, folder) -> dict:
-    """Load phi saved by save_peft into the model (adding PEFT first if it has none); returns the JSON record."""
-    tensors, record = read_peft(model, folder)
-    with torch.no_grad():
-        for name, p in peft_parameters(model).items():
-            p.copy_(tensors[name])
-    return record

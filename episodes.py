@@ -18,8 +18,8 @@ included), so their curves compare.
 
 import torch
 
-import adapters
 import maml
+import peft_state
 from ner_data import BatchStream, encode_sentences, load_wikiann
 from runs import derive_seed
 
@@ -98,7 +98,7 @@ def held_out_losses(model, held_out, loss_fn, inner_steps, inner_lr, inner_clip,
                                  fine-tuning, 0 = no better than the fresh tensors."""
     was_training = model.training
     model.eval()
-    fresh = adapters.fresh_peft_tensors(model, torch.Generator().manual_seed(derive_seed(0, "held-out phi")))
+    fresh = peft_state.fresh_peft_tensors(model, torch.Generator().manual_seed(derive_seed(0, "held-out phi")))
     adapted = maml.inner_loop(loss_fn, fresh, held_out["support"], inner_steps, inner_lr,
                               first_order=True, clip=inner_clip)
     losses = {"held_out_query_loss": query_loss(loss_fn, adapted, held_out["query"]),
@@ -113,7 +113,7 @@ def held_out_losses(model, held_out, loss_fn, inner_steps, inner_lr, inner_clip,
 def reference_query_loss(model, folder, held_out, loss_fn):
     """The held-out query loss of a normally fine-tuned PEFT model (a finetune_peft.py folder
     trained on the input model): what full downstream fine-tuning reaches."""
-    tensors, _ = adapters.read_peft(model, folder)
+    tensors, _ = peft_state.read_peft(model, folder)
     was_training = model.training
     model.eval()
     loss = query_loss(loss_fn, tensors, held_out["query"])

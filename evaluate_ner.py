@@ -20,7 +20,7 @@ import time
 import warnings
 from pathlib import Path
 
-import adapters
+import peft_state
 from ner_data import LABELS, SPLITS, encode_sentences, load_wikiann, parse_languages
 from pretrained import PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, pick_device, precision_context
 from runs import (check_at_least, code_version, is_finished, parser_taking_negative_numbers, read_record, run_cli,
@@ -80,7 +80,7 @@ def load_finetuned(ckpt, device):
         if saved.get("labels", LABELS) != LABELS:
             raise ValueError(f"{ckpt} predicts labels {saved['labels']}, but the data uses {LABELS}")
         model = load_token_classifier(body, num_labels=len(LABELS), id2label=LABELS, device=device)
-        adapters.load_peft(model, ckpt)
+        peft_state.load_peft(model, ckpt)
         return model, load_tokenizer(body), record
     if (ckpt / "config.json").is_file() and (record or {}).get("stage") == "finetune_peft":  # --peft full
         model = load_token_classifier(str(ckpt), device=device)

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 import adapters
+import peft_state
 from ner_data import LABELS, BatchStream, encode_sentences, load_wikiann
 from pretrained import (DEFAULT_MODEL, PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, model_config,
                         pick_device, precision_context, resolve_model)
@@ -102,7 +103,7 @@ def build_model(init, config, seed, device):
     model = load_token_classifier(init, num_labels=len(LABELS), id2label=LABELS, device=device)
     if config is not None:
         adapters.add_peft(model, config, seed=derive_seed(seed, "fresh phi"))
-        adapters.freeze_body(model)
+        peft_state.freeze_body(model)
     return model
 
 
@@ -111,7 +112,7 @@ def save_checkpoint(model, tokenizer, out, extra):
     if adapters.peft_config_of(model) is None:
         save_model_atomic(model, tokenizer, out)
     else:
-        adapters.save_peft(model, out, extra=extra)
+        peft_state.save_peft(model, out, extra=extra)
 
 
 def init_record(init_path):

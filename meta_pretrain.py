@@ -32,6 +32,7 @@ import adapters
 import distributed
 import episodes
 import maml
+import peft_state
 import resume_state
 from ner_data import LABELS, parse_languages
 from pretrained import (DEFAULT_MODEL, PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, model_config,
@@ -151,7 +152,7 @@ def set_trainable(model, method, outer_peft, inner_params, freeze_embeddings):
     """theta (the body, minus the word embeddings when frozen) is what priming updates. The
     PEFT tensors and head are trained by the inner loop, and by the outer loop only with
     --outer-peft (MAML) or --method mtl (or --inner-params all, where they are fast like theta)."""
-    peft_names = set(adapters.peft_parameters(model))
+    peft_names = set(peft_state.peft_parameters(model))
     for name, p in model.named_parameters():
         if name in peft_names:
             p.requires_grad_(method == "mtl" or outer_peft or inner_params == "all")
@@ -165,10 +166,10 @@ def phi_start(model, outer_peft, inner_params, generator):
     draws them, so the inner loop simulates a fresh fine-tuning; --outer-peft: the model's own
     meta-learned ones (plain MAML). --inner-params all: the body's trainable Parameters are
     fast too (standard MAML)."""
-    body = {n: p for n, p in adapters.body_parameters(model).items() if p.requires_grad}
+    body = {n: p for n, p in peft_state.body_parameters(model).items() if p.requires_grad}
 
     def init_fast(task_index):
-        phi = adapters.peft_parameters(model) if outer_peft else adapters.fresh_peft_tensors(model, generator)
+        phi = peft_state.peft_parameters(model) if outer_peft else peft_state.fresh_peft_tensors(model, generator)
         return {**body, **phi} if inner_params == "all" else dict(phi)
     return init_fast
 
@@ -177,7 +178,7 @@ def meta_sgd_rates(model, inner_lr, inner_params, device):
     """Meta-SGD (Li et al. 2017), one learned rate per fast tensor (a per-tensor simplification
     of their per-element rates), starting at --inner-lr."""
     names = [n for n, p in model.named_parameters()
-             if n in adapters.peft_parameters(model) or (inner_params == "all" and p.requires_grad)]
+             if n in peft_state.peft_parameters(model) or (inner_params == "all" and p.requires_grad)]
     return {n: torch.tensor(float(inner_lr), device=device, requires_grad=True) for n in names}
 
 

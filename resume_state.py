@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-import adapters
+import peft_state
 from runs import torch_save
 
 FILE = "resume.pt"
@@ -23,7 +23,7 @@ FILE = "resume.pt"
 
 def trained_state(model):
     """What priming changes: the parameters that train, and the PEFT tensors and head."""
-    keep = {n for n, p in model.named_parameters() if p.requires_grad} | set(adapters.peft_parameters(model))
+    keep = {n for n, p in model.named_parameters() if p.requires_grad} | set(peft_state.peft_parameters(model))
     return {n: t for n, t in model.state_dict().items() if n in keep}
 
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 import adapters
 import episodes
 import maml
+import peft_state
 from ner_data import LABELS, parse_languages
 from pretrained import DEFAULT_MODEL, load_token_classifier, load_tokenizer, pick_device
 from runs import code_version, derive_seed, run_cli, set_seed, write_json
@@ -94,7 +95,7 @@ def meta_step_seconds(model, loss_fn, source, n_tasks, timed, steps, lr, clip, p
     for _ in range(timed + 1):  # the first one warms up
         tasks = source.sample(n_tasks, torch.Generator().manual_seed(0))
         t0 = time.perf_counter()
-        maml.meta_step(loss_fn, tasks, lambda i: adapters.fresh_peft_tensors(model, phi_rng), steps, lr, clip=clip)
+        maml.meta_step(loss_fn, tasks, lambda i: peft_state.fresh_peft_tensors(model, phi_rng), steps, lr, clip=clip)
         seconds.append(time.perf_counter() - t0)
         model.zero_grad(set_to_none=True)
     return statistics.median(seconds[1:])
@@ -131,7 +132,7 @@ def main(argv=None):
     model = load_token_classifier(args.model, num_labels=len(LABELS), id2label=LABELS, device=device)
     adapters.add_peft(model, adapters.PeftConfig(method=args.peft), seed=derive_seed(args.seed, "initial phi"))
     for name, p in model.named_parameters():  # the body as priming trains it: word embeddings frozen
-        p.requires_grad_(name not in adapters.peft_parameters(model) and "word_embeddings" not in name)
+        p.requires_grad_(name not in peft_state.peft_parameters(model) and "word_embeddings" not in name)
     loss_fn = maml.functional_loss(model)
     priming_langs = parse_languages(args.priming_langs)
     rows = []
@@ -147,7 +148,7 @@ def main(argv=None):
                      if args.reference_ft else None)
         for lr in grid["lrs"]:
             for steps in grid["steps"]:
-                phis = [adapters.fresh_peft_tensors(model, torch.Generator().manual_seed(derive_seed(args.seed, f"search phi {e}")))
+                phis = [peft_state.fresh_peft_tensors(model, torch.Generator().manual_seed(derive_seed(args.seed, f"search phi {e}")))
                         for e in range(args.episodes)]
                 row = {"lr": lr, "steps": steps, "batch_size": batch_size, "clip": args.clip,
                        **adaptation(model, loss_fn, supports, held_out["query"], phis, steps, lr, args.clip)}

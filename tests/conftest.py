@@ -28,20 +28,42 @@ def default_tokenizer():
     return load_tokenizer("e5-small")
 
 
+def tiny_config(family="bert", hidden=32, heads=4, vocab=120, positions=64, dropout=0.1, num_labels=7, pad=None):
+    """The config of every tiny test model: 2 layers, FFN 2 x hidden (BERT or XLM-R)."""
+    from transformers import BertConfig, XLMRobertaConfig
+    kw = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
+              intermediate_size=2 * hidden, max_position_embeddings=positions, num_labels=num_labels,
+              hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    if family == "bert":
+        return BertConfig(**kw, **({"pad_token_id": pad} if pad is not None else {}))
+    return XLMRobertaConfig(pad_token_id=1 if pad is None else pad, **kw)
+
+
+def tiny_classifier(family="bert", attn="eager", seed=0, dtype=None, **config):
+    """The one builder of tiny random token classifiers (eval mode, as from_pretrained returns them)."""
+    import torch
+    from transformers import BertForTokenClassification, XLMRobertaForTokenClassification
+    torch.manual_seed(seed)
+    cls = BertForTokenClassification if family == "bert" else XLMRobertaForTokenClassification
+    model = cls._from_config(tiny_config(family, **config), attn_implementation=attn)
+    return (model.to(dtype) if dtype is not None else model).eval()
+
+
+def save_tiny_body(folder, tokenizer, dropout=0.1):
+    """A tiny random BERT body with the real XLM-R vocabulary, saved like any model folder."""
+    import torch
+    from transformers import BertModel
+    torch.manual_seed(0)
+    config = tiny_config("bert", vocab=len(tokenizer), positions=130, dropout=dropout, pad=tokenizer.pad_token_id)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, default_tokenizer):
-    """A tiny random BERT with the real XLM-R vocabulary, saved like any model folder, so the
-    stage scripts run end to end in seconds."""
-    import torch
-    from transformers import BertConfig, BertModel
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(default_tokenizer), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=130,
-                        pad_token_id=default_tokenizer.pad_token_id)
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
-    default_tokenizer.save_pretrained(folder)
-    return folder
+    """A tiny random BERT with the real vocabulary, so the stage scripts run end to end in seconds."""
+    return save_tiny_body(tmp_path_factory.mktemp("tiny-bert"), default_tokenizer)
 
 
 @pytest.fixture(scope="session")

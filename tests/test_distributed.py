@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import save_tiny_body
+
 import distributed
 import meta_pretrain
 from runs import run_cli
@@ -33,16 +35,7 @@ def prime_args(model, data, out, *extra):
 def dropout_free_model_dir(tmp_path_factory, default_tokenizer):
     """conftest's tiny BERT without dropout: each process draws its own dropout masks, so with
     dropout the runs would differ by design."""
-    from transformers import BertConfig, BertModel
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(default_tokenizer), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=130,
-                        pad_token_id=default_tokenizer.pad_token_id,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    folder = tmp_path_factory.mktemp("tiny-bert-no-dropout")
-    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
-    default_tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_body(tmp_path_factory.mktemp("tiny-bert-no-dropout"), default_tokenizer, dropout=0.0)
 
 
 def torchrun(argv, processes=2):

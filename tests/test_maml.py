@@ -9,7 +9,8 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from transformers import BertConfig, BertForTokenClassification
+
+from conftest import tiny_classifier
 
 import maml  # the project root is on sys.path via tests/conftest.py
 
@@ -19,23 +20,8 @@ FAST_NAMES = ["classifier.weight", "classifier.bias",
 BODY_NAME = "bert.encoder.layer.0.attention.self.query.weight"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine spinning threads cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(attn="eager", dtype=torch.float32, hidden=16, seed=0):
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=120, hidden_size=hidden, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=2 * hidden,
-                        max_position_embeddings=64, num_labels=7, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    model = BertForTokenClassification._from_config(config, attn_implementation=attn)
-    return model.to(dtype).eval()  # eval, as from_pretrained returns it
+    return tiny_classifier("bert", attn, seed=seed, dtype=dtype, hidden=hidden, heads=2, dropout=0.0)
 
 
 def random_batch(seed, batch=3, length=9):

@@ -84,7 +84,9 @@ def test_every_ablation_runs(tiny_model_dir, data_dir, tmp_path, flags):
     out = tmp_path / "primed"
     meta_pretrain.main(prime_args(tiny_model_dir, data_dir, out, "--steps", "1", *flags))
     assert (out / "config.json").is_file()
-    assert json.loads((out / "run.json").read_text())["args"][flags[0].lstrip("-").replace("-", "_")] != None
+    args = json.loads((out / "run.json").read_text())["args"]
+    recorded = args[flags[0].lstrip("-").replace("-", "_")]
+    assert recorded == (flags[1] if len(flags) > 1 else True)       # the record names the ablation that ran
 
 
 @pytest.mark.parametrize("peft", ["prefix", "lora", "full"])

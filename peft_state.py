@@ -1,0 +1,147 @@
+"""Which tensors are phi and which are theta, and phi on disk (PAPER.md's notation).
+
+    from peft_state import peft_parameters, body_parameters, freeze_body, fresh_peft_tensors, save_peft, load_peft
+    freeze_body(model)                            # theta frozen, phi = PEFT + head trainable
+    phi = peft_parameters(model)                  # name -> Parameter, in model order
+    fast = fresh_peft_tensors(model, generator)   # a new phi for an inner loop; the model untouched
+    save_peft(model, folder)                      # peft.safetensors + peft_config.json (megabytes)
+
+phi = the tensors of the PEFT modules that adapters.add_peft injected, plus the task head
+(`classifier`); theta = every other parameter of the model. A saved phi names the PeftConfig
+it was made with; loading checks it against the model (method, sizes, names and shapes).
+"""
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from adapters import CONFIG_FILE, HEAD, WEIGHTS_FILE, PeftConfig, PeftModule, add_peft, draw_phi, peft_config_of
+from runs import check_finite_tensors, write_atomic  # write_atomic: temporary file + rename, never half a file
+
+
+def _peft_names(model, include_head):
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, PeftModule) or (include_head and prefix == HEAD):
+            names |= {f"{prefix}.{name}" for name, _ in module.named_parameters()}
+    return names
+
+
+def peft_parameters(model, include_head: bool = True) -> "OrderedDict[str, nn.Parameter]":
+    """phi: the PEFT tensors (and the head), named and ordered as in model.named_parameters()."""
+    names = _peft_names(model, include_head)
+    return OrderedDict((n, p) for n, p in model.named_parameters() if n in names)
+
+
+def body_parameters(model) -> "OrderedDict[str, nn.Parameter]":
+    """theta: every parameter that is neither PEFT nor head."""
+    names = _peft_names(model, include_head=True)
+    return OrderedDict((n, p) for n, p in model.named_parameters() if n not in names)
+
+
+def freeze_body(model):
+    """Freeze theta, make phi trainable (downstream PEFT trains the head too)."""
+    names = _peft_names(model, include_head=True)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+    return model
+
+
+def fresh_peft_tensors(model, generator: torch.Generator | None = None) -> "OrderedDict[str, torch.Tensor]":
+    """A newly drawn phi (leaf tensors on the model's device, requires_grad) like add_peft draws
+    it (adapters.draw_phi); the model is untouched."""
+    drawn = draw_phi(model, generator)
+    return OrderedDict((n, drawn[n].to(p.device, p.dtype).requires_grad_())
+                       for n, p in peft_parameters(model).items())
+
+
+def reset_peft(model, generator=None):
+    """Re-draw the model's own phi in place (what a fresh downstream PEFT run starts from)."""
+    fresh = fresh_peft_tensors(model, generator)
+    with torch.no_grad():
+        for name, p in peft_parameters(model).items():
+            p.copy_(fresh[name])
+    return model
+
+
+def count_peft_parameters(config: PeftConfig, model_config, num_labels: int, include_head=True) -> int:
+    """Closed-form size of phi for a model config (no model needed)."""
+    d, layers = model_config.hidden_size, model_config.num_hidden_layers
+    if config.method == "adapter":
+        m = config.bottleneck_for(d)
+        per_layer = 2 if config.placement == "houlsby" else 1
+        n = layers * per_layer * (2 * d * m + m + d)
+    elif config.method == "lora":
+        n = layers * 2 * config.lora_rank * 2 * d  # A (r x d) and B (d x r) on query and value
+    elif config.prefix_mlp:
+        h, out = config.prefix_hidden, layers * 2 * d
+        n = config.prefix_length * d + (d * h + h) + (h * out + out)
+    else:
+        n = layers * 2 * config.prefix_length * d
+    return n + ((d * num_labels + num_labels) if include_head else 0)
+
+
+def save_peft(model, folder, extra: dict | None = None):
+    """Write phi to folder/peft.safetensors and {"peft_config", "num_labels", "extra"} to peft_config.json."""
+    config = peft_config_of(model)
+    if config is None:
+        raise ValueError("save_peft: the model has no PEFT; call add_peft first")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().cpu().contiguous() for n, p in peft_parameters(model).items()}
+    check_finite_tensors(tensors, "the PEFT tensors and head")
+    record = {"peft_config": config.to_dict(), "num_labels": getattr(model, HEAD).out_features,
+              "extra": extra or {}}
+    write_atomic(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomic(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+
+
+def read_peft(model, folder) -> tuple:
+    """phi saved by save_peft, checked against `model` (adding PEFT first if it has none), without
+    loading it: ({name: tensor} on the model's device, the JSON record)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"load_peft: no such folder {folder}")
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if not (folder / name).is_file():
+            raise ValueError(f"load_peft: {folder} has no {name}; is it a save_peft folder?")
+    record = json.loads((folder / CONFIG_FILE).read_text())
+    saved = PeftConfig.from_dict(record["peft_config"])
+    try:
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+    except Exception as e:  # truncated or damaged
+        raise ValueError(f"{folder / WEIGHTS_FILE} is unreadable ({type(e).__name__}): run finetune_peft.py "
+                         f"again with --overwrite --out {folder}") from None
+    labels, model_labels = tensors[f"{HEAD}.weight"].shape[0], getattr(model, HEAD).out_features
+    if labels != model_labels:
+        raise ValueError(f"load_peft: checkpoint head has {labels} labels but the model has {model_labels}")
+    current = peft_config_of(model)
+    if current is None:
+        add_peft(model, saved)
+    elif current.method != saved.method:
+        raise ValueError(f"load_peft: checkpoint holds {saved.method} but the model has {current.method}")
+    elif current != saved:
+        raise ValueError(f"load_peft: checkpoint config {saved} differs from the model's {current}")
+    params = peft_parameters(model)
+    if set(tensors) != set(params) and saved.placement == "houlsby":  # saved when the adapter lived on `dense`
+        tensors = {n.replace(".dense.adapter.", ".dropout.adapter."): t for n, t in tensors.items()}
+    if set(tensors) != set(params):
+        raise ValueError(f"load_peft: tensor names differ: missing {sorted(set(params) - set(tensors))}, "
+                         f"unexpected {sorted(set(tensors) - set(params))}")
+    for name, p in params.items():
+        if tensors[name].shape != p.shape:
+            raise ValueError(f"load_peft: {name} has shape {tuple(tensors[name].shape)}, model {tuple(p.shape)}")
+    return {n: t.to(params[n].device, params[n].dtype) for n, t in tensors.items()}, record
+
+
+def load_peft(model, folder) -> dict:
+    """Load phi saved by save_peft into the model (adding PEFT first if it has none); returns the JSON record."""
+    tensors, record = read_peft(model, folder)
+    with torch.no_grad():
+        for name, p in peft_parameters(model).items():
+            p.copy_(tensors[name])
+    return record
