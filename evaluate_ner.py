@@ -130,6 +130,7 @@ def writable_folder(folder, flag):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     langs, out = check_args(args)
+    version = code_version()  # the code that scores, read now
     device = pick_device(args.gpu)
     datasets = {lang: load_wikiann(lang, args.split, args.data_dir, args.max_sentences) for lang in langs}
     model, tokenizer, record = load_finetuned(args.ckpt, device)
@@ -152,7 +153,7 @@ def main(argv=None):
                      "average_of": averaged, "not_zero_shot": seen,
                      "seconds": seconds, "device": str(device),
                      "f1_mode": "f1_default: seqeval default mode (conlleval-like, as XTREME); f1_strict: strict IOB2",
-                     "code_version": code_version(), "predictions": args.predictions})
+                     "code_version": version, "predictions": args.predictions})
     print(markdown_table(results))
     print(f"scores written to {out} ({', '.join(f'{l} {s}s' for l, s in seconds.items())})")
 

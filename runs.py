@@ -16,6 +16,7 @@ Every file is written to a temporary name and renamed into place, so an interrup
 leaves a half-written file that a later stage would take.
 """
 
+import functools
 import hashlib
 import json
 import math
@@ -50,8 +51,11 @@ def derive_seed(seed, purpose):
     return int.from_bytes(digest[:4], "little") >> 1  # 31 bits: safe for every torch and BatchStream use
 
 
+@functools.lru_cache(maxsize=1)
 def code_version():
-    """The git commit of this code (with -dirty when it has local changes), else 'unknown'."""
+    """The git commit of this code (with -dirty when it has local changes), else 'unknown'. Read
+    once per process, at its first call (a stage calls it when it starts), so a record never
+    names a commit made while the run was going."""
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
                              capture_output=True, text=True, timeout=10)

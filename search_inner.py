@@ -125,6 +125,7 @@ def markdown(rows, picked):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     grid = check_args(args)
+    version = code_version()  # the code that runs, read now
     out = Path(args.out)
     set_seed(args.seed)
     device = pick_device(args.gpu)
@@ -170,7 +171,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     (out / "search.md").write_text(text + "\n")
     write_json(out / "search.json", {"args": vars(args), "rows": rows, "picked": picked, "reference_loss": reference,
-                                     "code_version": code_version(), "device": str(device),
+                                     "code_version": version, "device": str(device),
                                      "threads": torch.get_num_threads()})
     print(text)
     print(f"written: {out}/search.md, search.json")

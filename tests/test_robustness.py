@@ -344,3 +344,15 @@ def test_languages_that_are_not_zero_shot_are_recorded_and_left_out_of_the_avera
     saved = json.loads((out / "eval-test.json").read_text())
     assert saved["not_zero_shot"] == ["de"] and saved["average_of"] == ["fr"]
     assert saved["results"]["average"]["f1_default"] == saved["results"]["fr"]["f1_default"]
+
+
+def test_records_name_the_commit_read_when_the_process_started(monkeypatch):
+    import subprocess
+
+    import runs
+    runs.code_version.cache_clear()
+    answers = iter(["aaa1111", "bbb2222"])
+    monkeypatch.setattr(runs.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, next(answers), ""))
+    first = runs.code_version()
+    assert runs.code_version() == first == "aaa1111"       # a commit made during the run does not relabel it
+    runs.code_version.cache_clear()
