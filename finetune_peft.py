@@ -193,10 +193,5 @@ def fine_tune(args, config, train, dev, out, record, device):
 INTERRUPTED = "the folder holds an unfinished run that evaluate_ner.py refuses; start it again with --overwrite"
 
 
-def cli(argv=None):
-    """The command line: main() with one-line errors (runs.run_cli)."""
-    run_cli(lambda: main(argv), interrupted=INTERRUPTED)
-
-
 if __name__ == "__main__":
-    cli()
+    run_cli(main, interrupted=INTERRUPTED)

@@ -351,10 +351,5 @@ def body_only(model, args):
 INTERRUPTED = "the last resumable checkpoint is kept: continue with --resume (same --out)"
 
 
-def cli(argv=None):
-    """The command line: main() with one-line errors (runs.run_cli)."""
-    run_cli(lambda: main(argv), interrupted=INTERRUPTED)
-
-
 if __name__ == "__main__":
-    cli()
+    run_cli(main, interrupted=INTERRUPTED)

@@ -284,12 +284,12 @@ def user_error_message(e):
     return None
 
 
-def run_cli(main, interrupted="the last complete checkpoint is kept"):
-    """Run a stage's main(); a user error (bad flag, missing folder, unknown language, unreadable
-    file, ...) is one line on stderr and exit status 2, never a traceback (PRIMING_DEBUG=1 shows
-    it). `interrupted` is what Ctrl-C leaves, in the stage's words."""
+def run_cli(main, argv=None, interrupted="the last complete checkpoint is kept"):
+    """Run a stage's main(argv) (None: the command line); a user error (bad flag, missing folder,
+    unknown language, unreadable file, ...) is one line on stderr and exit status 2, never a
+    traceback (PRIMING_DEBUG=1 shows it). `interrupted` is what Ctrl-C leaves, in the stage's words."""
     try:
-        main()
+        main(argv)
     except KeyboardInterrupt:
         print(f"interrupted: {interrupted}", file=sys.stderr)
         raise SystemExit(130)

@@ -71,3 +71,16 @@ def data_dir():
     import os
     shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikiann"
     return os.environ.get("WIKIANN_DIR", str(shared))
+
+
+def prime_argv(model, data, out, *extra):
+    """meta_pretrain.py flags for a run of seconds on a tiny model (later flags in `extra` win)."""
+    return ["--model", str(model), "--data-dir", data, "--out", str(out), "--steps", "3", "--tasks-per-step", "2",
+            "--batch-size", "4", "--inner-steps", "2", "--max-sentences", "40", "--eval-sentences", "8",
+            "--eval-every", "2", "--save-every", "2", "--max-len", "32", *extra]
+
+
+def tune_argv(init, data, out, *extra):
+    """finetune_peft.py flags for a run of seconds on a tiny model (later flags in `extra` win)."""
+    return ["--init", str(init), "--data-dir", data, "--out", str(out), "--steps", "6",
+            "--batch-size", "4", "--max-sentences", "40", "--dev-sentences", "16", "--max-len", "32", *extra]

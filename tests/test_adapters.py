@@ -181,6 +181,20 @@ def test_deepcopy_is_independent(name):
 
 # ----------------------------------------------------------------------------- prefix tuning
 
+def reference_embeddings(w, ids, cfg, family, base):
+    """The embedding layer written out. Positions are computed from the input alone (BERT:
+    0..T-1; XLM-R: pad + 1 + index of the real tokens), so a model that shifted them differs."""
+    if family == "bert":
+        pos = torch.arange(ids.shape[1]).expand_as(ids)
+    else:
+        real = (ids != cfg.pad_token_id).long()
+        pos = torch.cumsum(real, dim=1) * real + cfg.pad_token_id
+    e = f"{base}.embeddings"
+    x = w[f"{e}.word_embeddings.weight"][ids] + w[f"{e}.position_embeddings.weight"][pos] \
+        + w[f"{e}.token_type_embeddings.weight"][0]
+    return F.layer_norm(x, (cfg.hidden_size,), w[f"{e}.LayerNorm.weight"], w[f"{e}.LayerNorm.bias"], cfg.layer_norm_eps)
+
+
 def reference_prefix_logits(model, ids, mask, family, mlp):
     """Independent forward of the whole tiny model with prefixes concatenated to K and V.
 
@@ -199,15 +213,7 @@ def reference_prefix_logits(model, ids, mask, family, mlp):
     else:
         kv = w[f"{prefix_name}.key_values"]
     P = kv.shape[2]
-    if family == "bert":
-        pos = torch.arange(ids.shape[1]).expand_as(ids)
-    else:
-        real = (ids != cfg.pad_token_id).long()
-        pos = torch.cumsum(real, dim=1) * real + cfg.pad_token_id
-    e = f"{base}.embeddings"
-    x = w[f"{e}.word_embeddings.weight"][ids] + w[f"{e}.position_embeddings.weight"][pos] \
-        + w[f"{e}.token_type_embeddings.weight"][0]
-    x = F.layer_norm(x, (d,), w[f"{e}.LayerNorm.weight"], w[f"{e}.LayerNorm.bias"], cfg.layer_norm_eps)
+    x = reference_embeddings(w, ids, cfg, family, base)
     B, T = ids.shape
     bias = torch.zeros(B, 1, 1, P + T)
     bias[:, :, :, P:] = torch.where(mask[:, None, None, :] > 0, 0.0, -math.inf)
@@ -413,15 +419,7 @@ def reference_adapter_logits(model, ids, mask, family, placement):
     w = {n: p.detach() for n, p in model.named_parameters()}
     cfg, base = model.config, ("bert" if family == "bert" else "roberta")
     d, heads = cfg.hidden_size, cfg.num_attention_heads
-    if family == "bert":
-        pos = torch.arange(ids.shape[1]).expand_as(ids)
-    else:
-        real = (ids != cfg.pad_token_id).long()
-        pos = torch.cumsum(real, dim=1) * real + cfg.pad_token_id
-    e = f"{base}.embeddings"
-    x = w[f"{e}.word_embeddings.weight"][ids] + w[f"{e}.position_embeddings.weight"][pos] \
-        + w[f"{e}.token_type_embeddings.weight"][0]
-    x = F.layer_norm(x, (d,), w[f"{e}.LayerNorm.weight"], w[f"{e}.LayerNorm.bias"], cfg.layer_norm_eps)
+    x = reference_embeddings(w, ids, cfg, family, base)
     B, T = ids.shape
     bias = torch.where(mask[:, None, None, :] > 0, 0.0, -math.inf)
 

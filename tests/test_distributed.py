@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import save_tiny_body
+from conftest import prime_argv, save_tiny_body
 
 import distributed
 import meta_pretrain
@@ -26,9 +26,7 @@ pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.
 def prime_args(model, data, out, *extra):
     # --outer-lr 1e-3 moves the body by ~1e-3 in 3 steps, far beyond TOLERANCE, so a process
     # that ran other tasks (or other phi_0) would show
-    return ["--model", str(model), "--data-dir", data, "--out", str(out), "--steps", "3", "--tasks-per-step", "2",
-            "--batch-size", "4", "--inner-steps", "2", "--max-sentences", "40", "--eval-sentences", "8",
-            "--eval-every", "2", "--save-every", "2", "--max-len", "32", "--outer-lr", "1e-3", *extra]
+    return prime_argv(model, data, out, "--outer-lr", "1e-3", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +112,7 @@ def test_bad_flags_under_torchrun(dropout_free_model_dir, data_dir, tmp_path, mo
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(SystemExit) as stop:
-        run_cli(lambda: meta_pretrain.main(prime_args(dropout_free_model_dir, data_dir, tmp_path / "p", *argv)))
+        run_cli(meta_pretrain.main, prime_args(dropout_free_model_dir, data_dir, tmp_path / "p", *argv))
     assert stop.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}")

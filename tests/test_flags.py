@@ -4,6 +4,8 @@ project's own functions wrapped to record what they were given."""
 import pytest
 import torch
 
+from conftest import prime_argv
+
 import maml
 import meta_pretrain
 import peft_state
@@ -12,9 +14,8 @@ from pretrained import load_tokenizer
 
 
 def prime(model_dir, data_dir, out, *flags):
-    meta_pretrain.main(["--model", str(model_dir), "--data-dir", data_dir, "--out", str(out), "--steps", "1",
-                        "--tasks-per-step", "2", "--batch-size", "4", "--inner-steps", "1", "--max-sentences", "40",
-                        "--eval-every", "0", "--max-len", "32", *flags])
+    meta_pretrain.main(prime_argv(model_dir, data_dir, out, "--steps", "1", "--inner-steps", "1", "--eval-every", "0",
+                                  *flags))
 
 
 @pytest.fixture

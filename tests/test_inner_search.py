@@ -4,6 +4,8 @@ import json
 import pytest
 import torch
 
+from conftest import tune_argv
+
 import adapters
 import episodes
 import finetune_peft
@@ -18,9 +20,8 @@ from pretrained import load_token_classifier, load_tokenizer
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "ft"
-    finetune_peft.main(["--init", str(tiny_model_dir), "--data-dir", data_dir, "--out", str(out), "--steps", "30",
-                        "--batch-size", "8", "--max-sentences", "80", "--dev-sentences", "16", "--max-len", "32",
-                        "--lr", "1e-2"])
+    finetune_peft.main(tune_argv(tiny_model_dir, data_dir, out, "--steps", "30", "--batch-size", "8",
+                                 "--max-sentences", "80", "--lr", "1e-2"))
     return out
 
 

@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from conftest import prime_argv as shared_prime_argv, tune_argv as shared_tune_argv
+
 import evaluate_ner
 import finetune_peft
 import maml
@@ -17,21 +19,20 @@ from runs import run_cli, try_lock
 
 
 def prime_argv(model, data, out, *extra):
-    return ["--model", str(model), "--data-dir", data, "--out", str(out), "--steps", "2", "--tasks-per-step", "1",
-            "--batch-size", "4", "--inner-steps", "1", "--max-sentences", "20", "--eval-sentences", "8",
-            "--eval-every", "1", "--save-every", "1", "--max-len", "32", *extra]
+    return shared_prime_argv(model, data, out, "--steps", "2", "--tasks-per-step", "1", "--inner-steps", "1",
+                             "--max-sentences", "20", "--eval-every", "1", "--save-every", "1", *extra)
 
 
 def tune_argv(init, data, out, *extra):
-    return ["--init", str(init), "--data-dir", data, "--out", str(out), "--steps", "4", "--eval-every", "2",
-            "--batch-size", "4", "--max-sentences", "20", "--dev-sentences", "8", "--max-len", "32", *extra]
+    return shared_tune_argv(init, data, out, "--steps", "4", "--eval-every", "2", "--max-sentences", "20",
+                            "--dev-sentences", "8", *extra)
 
 
 def error_of(main, argv, capsys):
     """Run a stage as its command line does; return its one-line error (exit status 2)."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
-        run_cli(lambda: main(argv))
+        run_cli(main, argv)
     assert stop.value.code == 2
     said = capsys.readouterr().err
     lines = [l for l in said.strip().splitlines() if "it/s]" not in l]  # a stage's own progress bar may precede it
@@ -165,7 +166,7 @@ def test_ctrl_c_in_fine_tuning_leaves_a_folder_evaluation_refuses(tiny_model_dir
     out = tmp_path / "ft"
     interrupt(monkeypatch, finetune_peft, "check_finite", after=3)   # after the step-2 checkpoint
     with pytest.raises(SystemExit) as stop:
-        finetune_peft.cli(tune_argv(tiny_model_dir, data_dir, out))
+        run_cli(finetune_peft.main, tune_argv(tiny_model_dir, data_dir, out), finetune_peft.INTERRUPTED)
     said = capsys.readouterr().err
     assert stop.value.code == 130 and "--overwrite" in said and "--resume" not in said  # it offers what exists
     assert (out / "peft.safetensors").is_file()
@@ -178,7 +179,7 @@ def test_ctrl_c_in_fine_tuning_leaves_a_folder_evaluation_refuses(tiny_model_dir
 def test_ctrl_c_in_priming_offers_resume(tiny_model_dir, data_dir, tmp_path, capsys, monkeypatch):
     interrupt(monkeypatch, maml, "meta_step", after=1)
     with pytest.raises(SystemExit) as stop:
-        meta_pretrain.cli(prime_argv(tiny_model_dir, data_dir, tmp_path / "p"))
+        run_cli(meta_pretrain.main, prime_argv(tiny_model_dir, data_dir, tmp_path / "p"), meta_pretrain.INTERRUPTED)
     assert stop.value.code == 130 and "continue with --resume" in capsys.readouterr().err
 
 

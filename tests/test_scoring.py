@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tune_argv
+
 import evaluate_ner
 import finetune_peft
 import scoring
@@ -25,9 +27,7 @@ def test_linear_schedule_warms_up_then_decays_to_zero():
 @pytest.fixture(scope="module")
 def tuned(tiny_model_dir, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ft") / "tuned"
-    finetune_peft.main(["--init", str(tiny_model_dir), "--data-dir", data_dir, "--out", str(out), "--steps", "20",
-                        "--batch-size", "4", "--max-sentences", "40", "--dev-sentences", "16", "--max-len", "32",
-                        "--lr", "1e-2"])
+    finetune_peft.main(tune_argv(tiny_model_dir, data_dir, out, "--steps", "20", "--lr", "1e-2"))
     return out
 
 

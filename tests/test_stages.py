@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import prime_argv, tune_argv
+
 import evaluate_ner
 import finetune_peft
 import maml
@@ -17,15 +19,7 @@ import meta_pretrain
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def prime_args(model, data, out, *extra):
-    return ["--model", str(model), "--data-dir", data, "--out", str(out), "--steps", "3", "--tasks-per-step", "2",
-            "--batch-size", "4", "--inner-steps", "2", "--max-sentences", "40", "--eval-sentences", "8",
-            "--eval-every", "2", "--save-every", "2", "--max-len", "32", *extra]
-
-
-def finetune_args(init, data, out, *extra):
-    return ["--init", str(init), "--data-dir", data, "--out", str(out), "--steps", "6", "--eval-every", "3",
-            "--batch-size", "4", "--max-sentences", "40", "--dev-sentences", "16", "--max-len", "32", *extra]
+prime_args, finetune_args = prime_argv, tune_argv
 
 
 def test_three_stages_end_to_end(tiny_model_dir, data_dir, tmp_path, capsys):
