@@ -29,9 +29,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from compare_report import add_body_change, collect, paired_rows, read_run, write_results
 from ner_data import parse_languages, resolve_data_dir
-from runs import read_record, run_cli, try_lock
-from stats import mean_std, paired_difference, seeds_for_half_width
+from runs import run_cli, try_lock
+from stats import seeds_for_half_width
 
 HERE = Path(__file__).resolve().parent
 
@@ -68,12 +69,16 @@ CONDITIONS = {
     "dose: MAML priming, 1/4 of the meta-steps": [],
 }
 MAIN_ROWS = ("no priming", "MTL priming", "MAML priming")
+PRIMED = [c for c, flags in CONDITIONS.items() if flags is not None]
 # dose-response rows: MAML priming with a fraction of the budget's meta-steps (0 is "no priming"),
 # fine-tuned with the main rows' seeds so they pair with them
 DOSES = {"dose: MAML priming, 1/4 of the meta-steps": 0.25}
 FULL_ROW = ("full", "full fine-tuning (reference)")
 SOURCE_LANG = "en"  # fine-tuning language of every run
 HASH_CHARS = 10
+# Bump when a stage trains differently for the same flags (changed defaults, seeding, modules):
+# 2 = AdapterHub adapter placements and non-linearities, seeds derived per purpose (commit b15aa73 on).
+TRAINING_CODE = "2"
 LOCKS = ".locks"  # in --runs: one lock file per run, held while a compare.py process runs it
 
 
@@ -128,8 +133,9 @@ def check_args(args):
 # ----------------------------------------------------------------------------- running stages
 
 def run_identity(flags):
-    """A short hash of the flags that shape a run (order kept: later flags override earlier)."""
-    return hashlib.sha256(json.dumps(flags).encode()).hexdigest()[:HASH_CHARS]
+    """A short hash of the flags that shape a run (order kept: later flags override earlier) and
+    of TRAINING_CODE, so runs of code that trains differently are never reused for each other."""
+    return hashlib.sha256(json.dumps([TRAINING_CODE, *flags]).encode()).hexdigest()[:HASH_CHARS]
 
 
 def run_stage(script, flags, done_marker, extra=()):
@@ -239,125 +245,6 @@ def row_plan(args, peft, condition):
     return [(p, f) for p in priming_seeds for f in range(finetune_seeds)]
 
 
-# ----------------------------------------------------------------------------- results
-
-def read_run(result):
-    """One finished run: its scores, fine-tuning seed, code versions and folders."""
-    scores = json.loads(Path(result).read_text())
-    tuned = Path(result).parent
-    record = read_record(tuned) or {}
-    primed = (record.get("init_record") or {})
-    versions = {record.get("code_version"), primed.get("code_version"), scores.get("code_version")} - {None}
-    return {"results": scores["results"], "finetune_seed": record.get("args", {}).get("seed"),
-            "versions": sorted(versions), "tuned": tuned,
-            "primed": Path(record["init_path"]) if primed else None}
-
-
-def collect(runs_of_row, langs):
-    """Per language and average: mean and std of F1 (seqeval default) over the row's runs, and
-    the average F1 per fine-tuning seed (mean over priming seeds), the input of the pairing."""
-    row = {lang: mean_std([r["results"][lang]["f1_default"] for r in runs_of_row]) for lang in [*langs, "average"]}
-    by_seed = {}
-    for r in runs_of_row:
-        by_seed.setdefault(r["finetune_seed"], []).append(r["results"]["average"]["f1_default"])
-    row["by_finetune_seed"] = {s: sum(v) / len(v) for s, v in sorted(by_seed.items())}
-    row["runs"] = len(runs_of_row)
-    row["sentences"] = sorted({r["results"][lang]["sentences"] for r in runs_of_row for lang in langs})
-    row["code_versions"] = sorted({v for r in runs_of_row for v in r["versions"]})
-    return row
-
-
-def paired_rows(table):
-    """Each primed condition against no priming of the same PEFT, and MAML against MTL priming."""
-    pairs = []
-    for (peft, condition), row in table.items():
-        base = (peft, "no priming")
-        if condition != "no priming" and base in table and CONDITIONS.get(condition) is not None:
-            pairs.append(((peft, condition), base))
-        if condition == "MAML priming" and (peft, "MTL priming") in table:
-            pairs.append(((peft, condition), (peft, "MTL priming")))
-    return {f"{peft} | {cond} vs {other}": paired_difference(table[(peft, cond)]["by_finetune_seed"],
-                                                              table[(peft, other)]["by_finetune_seed"])
-            for (peft, cond), (_, other) in pairs}
-
-
-def markdown(table, langs):
-    header = "| PEFT | condition | runs | " + " | ".join(langs) + " | average |"
-    rows = [header, "|---|---|---:|" + "---:|" * (len(langs) + 1)]
-    changes = any("body_change" in r for r in table.values())
-    if changes:  # how far priming moved the body (add_body_change)
-        rows = [rows[0] + " body change |", rows[1] + "---:|"]
-    for (peft, condition), r in table.items():
-        cells = " | ".join(f"{r[l][0]:.2f} ± {r[l][1]:.2f}" if r["runs"] > 1 else f"{r[l][0]:.2f}"  # 1 run: no std
-                           for l in [*langs, "average"])
-        change = (f" {r['body_change']:.1e} |" if "body_change" in r else " - |") if changes else ""
-        rows.append(f"| {peft} | {condition} | {r['runs']} | {cells} |{change}")
-    return "\n".join(rows)
-
-
-def paired_markdown(paired):
-    rows = ["| comparison | seeds | mean difference | 95% CI | half-width | seeds favouring | sd of differences |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, d in paired.items():
-        ci = f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d["ci95"] else "-"
-        half = f"{d['half_width']:.2f}" if d["half_width"] is not None else "-"
-        rows.append(f"| {name} | {d['n']} | {d['mean']:+.2f} | {ci} | {half} | {d['favour']} of {d['n']} | {d['sd']:.2f} |")
-    return "\n".join(rows)
-
-
-def provenance(table, args):
-    """What a reader must know next to the numbers: F1 mode, test size, budget, commits."""
-    sentences = sorted({n for r in table.values() for n in r["sentences"]})
-    versions = sorted({v for r in table.values() for v in r["code_versions"]})
-    lines = [f"F1: seqeval default mode (conlleval-like, as XTREME), average of {', '.join(args.langs.split(','))}; "
-             f"test sentences per language: {', '.join(map(str, sentences))}"
-             f"{' (the full test sets)' if args.eval_sentences is None else f' (--eval-sentences {args.eval_sentences})'}.",
-             f"Budget: {args.budget}; model: {args.model}; priming seeds {args.priming_seeds}, fine-tuning seeds "
-             f"{args.finetune_seeds} (ablations {args.ablation_finetune_seeds})."]
-    if len(versions) > 1:
-        lines.append(f"**The rows come from different commits: {', '.join(versions)}** (see results.json).")
-    else:
-        lines.append(f"Code version of every run: {', '.join(versions)}.")
-    return lines
-
-
-def write_results(table, paired, langs, args, out):
-    text = "\n".join(provenance(table, args)) + "\n\n" + markdown(table, langs) + "\n"
-    if paired:
-        text += "\nPaired differences of average target F1 (condition minus baseline, same fine-tuning seeds):\n\n"
-        text += paired_markdown(paired) + "\n"
-    (out / "table.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({
-        "provenance": provenance(table, args),
-        "rows": {f"{p} | {c}": {k: v for k, v in r.items()} for (p, c), r in table.items()},
-        "paired": paired}, indent=1, default=str))
-
-
-def body_change(primed, model):
-    """How far priming moved the body: ||theta' - theta|| / ||theta|| over its non-embedding
-    weights (the embeddings are 80% of e5-small and barely move). None where the original
-    weights are not a local safetensors file (a hub id)."""
-    from safetensors.torch import load_file
-
-    import pretrained
-    original = Path(pretrained.resolve_model(model)) / "model.safetensors"
-    if not original.is_file():
-        return None
-    before, after = load_file(str(original)), load_file(str(Path(primed) / "model.safetensors"))
-    keys = [k for k in before if "embeddings" not in k and k in after]
-    change = sum((after[k].double() - before[k].double()).pow(2).sum() for k in keys).sqrt()
-    return float(change / sum(before[k].double().pow(2).sum() for k in keys).sqrt())
-
-
-def add_body_change(table, row_runs, model):
-    """The mean body change of each primed row's priming runs, in the table's results."""
-    for row, runs_of_row in row_runs.items():
-        primed = sorted({r["primed"] for r in runs_of_row if r["primed"] is not None})
-        changes = [body_change(f, model) for f in primed if (f / "model.safetensors").is_file()]
-        if changes and None not in changes:
-            table[row]["body_change"] = sum(changes) / len(changes)
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     langs, conditions = check_args(args)
@@ -381,10 +268,10 @@ def main(argv=None):
             row_runs[(peft, condition)] = finished
             table[(peft, condition)] = collect(finished, langs)
             table = {row: table[row] for row in sorted(table, key=order.get)}
-            write_results(table, paired_rows(table), langs, args, out)
+            write_results(table, paired_rows(table, PRIMED), langs, args, out)
     row_runs = {row: row_runs[row] for row in table}
     add_body_change(table, row_runs, args.model)
-    paired = paired_rows(table)
+    paired = paired_rows(table, PRIMED)
     write_results(table, paired, langs, args, out)
     import compare_plots
     compare_plots.plot_f1(table, out / "f1.png")

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 import adapters
+import peft_config
 import peft_state
 from ner_data import LABELS, BatchStream, encode_sentences, load_wikiann
 from pretrained import (DEFAULT_MODEL, PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, model_config,
@@ -47,7 +48,7 @@ def build_parser():
     p.add_argument("--init", default=DEFAULT_MODEL, help="the body: a primed folder, e5-small, a model folder or hub id")
     p.add_argument("--peft", choices=["adapter", "prefix", "lora", "full"], default="adapter",
                    help="what trains: a PEFT method (body frozen) or full fine-tuning (reference)")
-    adapters.add_peft_flags(p)
+    peft_config.add_peft_flags(p)
     p.add_argument("--lang", default="en", help="training language (the source language)")
     p.add_argument("--steps", type=int, default=STEPS, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="sentences per batch")
@@ -83,7 +84,7 @@ def check_args(args):
     check_positive(args, "lr")
     if args.out is None:
         args.out = f"checkpoints/ft-{Path(args.init).name}-{args.peft}-{args.lang}-s{args.seed}"
-    return None if args.peft == "full" else adapters.peft_config_from_flags(args, args.peft)
+    return None if args.peft == "full" else peft_config.peft_config_from_flags(args, args.peft)
 
 
 def linear_schedule(step, steps, warmup):

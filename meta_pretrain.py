@@ -32,6 +32,7 @@ import adapters
 import distributed
 import episodes
 import maml
+import peft_config
 import peft_state
 import resume_state
 from ner_data import LABELS, parse_languages
@@ -64,7 +65,7 @@ def build_parser():
                    help="maml: meta-learning priming; mtl: plain multi-task training on the same data")
     p.add_argument("--peft", choices=["adapter", "prefix", "lora"], default="adapter",
                    help="the PEFT method that priming prepares for (simulated in the inner loop)")
-    adapters.add_peft_flags(p)
+    peft_config.add_peft_flags(p)
     p.add_argument("--inner-params", choices=["peft", "all"], default="peft",
                    help="what the inner loop updates: peft (PEFT + head, the paper) or all (standard MAML ablation)")
     p.add_argument("--outer-peft", action="store_true",
@@ -143,7 +144,7 @@ def check_args(args):
         warnings.warn(f"--source-lang {args.source_lang} is also a priming language")
     if args.out is None:
         args.out = f"checkpoints/primed-{Path(args.model).name}-{args.method}-{args.peft}-s{args.seed}"
-    return adapters.peft_config_from_flags(args, args.peft)
+    return peft_config.peft_config_from_flags(args, args.peft)
 
 
 # ----------------------------------------------------------------------------- the algorithm

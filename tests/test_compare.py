@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import compare
+import compare_report
 import stats
 
 SEED_EFFECT = {0: 0.0, 1: -3.0, 2: 2.0, 3: -1.0, 4: 1.5}        # shared by every row: the pairing cancels it
@@ -263,13 +264,21 @@ def test_body_change_is_the_relative_change_of_non_embedding_weights(tmp_path):
         (folder / "config.json").write_text("{}")
     weights = {"embeddings.word_embeddings.weight": torch.ones(10, 4), "encoder.layer.0.w": torch.full((3, 4), 2.0)}
     save_file(weights, str(before / "model.safetensors"))
-    assert compare.body_change(before, str(before)) == 0.0
+    assert compare_report.body_change(before, str(before)) == 0.0
     moved = dict(weights, **{"embeddings.word_embeddings.weight": torch.zeros(10, 4),   # embeddings: ignored
                              "encoder.layer.0.w": torch.full((3, 4), 2.2)})
     save_file(moved, str(after / "model.safetensors"))
-    assert abs(compare.body_change(after, str(before)) - 0.1) < 1e-6                  # 0.2 / 2.0 in every entry
+    assert abs(compare_report.body_change(after, str(before)) - 0.1) < 1e-6                  # 0.2 / 2.0 in every entry
     table = {("adapter", "MAML priming"): {}, ("adapter", "no priming"): {}}
-    compare.add_body_change(table, {("adapter", "MAML priming"): [{"primed": after}],
+    compare_report.add_body_change(table, {("adapter", "MAML priming"): [{"primed": after}],
                                     ("adapter", "no priming"): [{"primed": None}]}, str(before))
     assert abs(table[("adapter", "MAML priming")]["body_change"] - 0.1) < 1e-6
     assert "body_change" not in table[("adapter", "no priming")]
+
+
+def test_a_new_training_code_version_makes_new_runs(tmp_path, fake, monkeypatch):
+    compare.main(base_argv(tmp_path, "--conditions", "no priming", "--finetune-seeds", "1"))
+    first = len(fake.commands)
+    monkeypatch.setattr(compare, "TRAINING_CODE", "999")
+    compare.main(base_argv(tmp_path, "--conditions", "no priming", "--finetune-seeds", "1"))
+    assert scripts(fake.commands[first:]) == ["finetune_peft.py", "evaluate_ner.py"]
