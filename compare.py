@@ -11,14 +11,15 @@ Runs the three stages for every condition and seed, then writes into --out:
   curves.png                learning curves: held-out query loss in priming, en dev F1 in fine-tuning
 Conditions, for each --pefts method: no priming, MTL priming, MAML priming, and the ablations
 (inner loop on all parameters, same-language query, first order, outer update of the initial
-PEFT tensors); full fine-tuning is a reference row. Every primed body (--priming-seeds) is
+PEFT tensors), a dose-response row (MAML priming with 1/4 of the meta-steps; the full dose is
+the MAML row, zero is no priming); full fine-tuning is a reference row. Every primed body (--priming-seeds) is
 fine-tuned with every fine-tuning seed (--finetune-seeds; --ablation-finetune-seeds for the
 ablations); fine-tuning seed s is the same fresh PEFT draw and data order in every row, so rows
 compare paired, seed by seed. MTL and MAML priming get the same data and optimizer steps.
 
 Run identity: a run folder is named by what it is and a hash of every flag that shapes it
-(model, data folder, budget, PEFT, priming flags, seed, languages), so a run is reused only when
-all of them agree, and a changed flag makes a new run. An interrupted comparison continues
+(model, data folder, budget, PEFT, priming flags, seed, languages) and of TRAINING_CODE, so a
+run is reused only when all of them agree, and a changed flag makes a new run. An interrupted comparison continues
 where it stopped; two compare.py processes on one --runs folder share the work (a lock per run).
 """
 

@@ -42,7 +42,7 @@ from runs import (MetricsLog, check_at_least, check_finite, check_positive, clai
                   parser_taking_negative_numbers, read_record, run_cli, save_model_atomic, set_seed, write_record)
 
 # --------------------------------------------------------------------- defaults -----
-# Budget: the default run is the README's main job and finishes in ~5 minutes on 2 CPU cores.
+# Budget: the README's main job; a meta-step of these defaults took ~10 s on one busy CPU core (README).
 STEPS = 60               # meta-steps (outer optimizer steps); the paper-scale run wants thousands
 TASKS_PER_STEP = 2       # tasks averaged per meta-step (PAPER.md step 4)
 BATCH_SIZE = 8           # sentences per support / query batch
