@@ -55,7 +55,8 @@ META_SGD_LR = 1e-3       # AdamW on Meta-SGD's learned inner rates: they are O(i
 EVAL_EVERY = 20          # held-out query loss every N meta-steps
 SAVE_EVERY = 20          # resumable checkpoint every N meta-steps
 # flags that may change between an interrupted run and its --resume (everything else shapes the run)
-NOT_SHAPING = {"steps", "resume", "overwrite", "gpu", "out", "eval_every", "save_every", "reference_ft", "keep_resume"}
+NOT_SHAPING = {"steps", "resume", "overwrite", "gpu", "out", "eval_every", "save_every", "reference_ft", "keep_resume",
+               "log_adaptation_every"}
 
 
 def build_parser():
@@ -98,6 +99,8 @@ def build_parser():
     p.add_argument("--max-sentences", type=int, default=MAX_SENTENCES, help="train sentences read per language")
     p.add_argument("--eval-sentences", type=int, default=200, help="dev sentences per priming language for the held-out query loss")
     p.add_argument("--eval-every", type=int, default=EVAL_EVERY, help="held-out query loss every N steps (0: never)")
+    p.add_argument("--log-adaptation-every", type=int, default=1,
+                   help="support loss after the inner loop every N meta-steps (an extra forward, ~11%% of a step)")
     p.add_argument("--save-every", type=int, default=SAVE_EVERY, help="resumable checkpoint every N steps")
     p.add_argument("--model", default=DEFAULT_MODEL, help="e5-small (offline default), a folder, or a hub id (xlm-roberta-base)")
     p.add_argument("--data-dir", default=None, help="PAN-X folder (default: $WIKIANN_DIR, else the hub's wikiann)")
@@ -125,7 +128,7 @@ def check_args(args):
             if bad:
                 raise ValueError(f"{flag} is a MAML option; it has no meaning with --method mtl")
     check_at_least(args, 1, "steps", "tasks_per_step", "batch_size", "max_len", "inner_steps", "max_sentences",
-                   "save_every", "eval_sentences", "max_tokens")
+                   "save_every", "eval_sentences", "max_tokens", "log_adaptation_every")
     check_at_least(args, 0, "eval_every")
     check_positive(args, "inner_lr", "outer_lr", "inner_clip", "meta_sgd_lr")
     world, _, local_rank = distributed.torchrun_world()
@@ -183,12 +186,12 @@ def meta_sgd_rates(model, inner_lr, inner_params, device):
     return {n: torch.tensor(float(inner_lr), device=device, requires_grad=True) for n in names}
 
 
-def meta_gradient(loss_fn, tasks, init_fast, inner_steps, inner_lr, first_order, clip, rates):
+def meta_gradient(loss_fn, tasks, init_fast, inner_steps, inner_lr, first_order, clip, rates, measure_after=True):
     """Steps 2-4 for a meta-batch: inner loop from phi_0 on each support batch, then the query
     loss at phi' back-propagated into theta (second order unless first_order), averaged over
     tasks into .grad. Returns the logged losses (maml.meta_step)."""
     return maml.meta_step(loss_fn, tasks, init_fast, inner_steps, inner_lr, first_order=first_order, clip=clip,
-                          lrs=rates or None)
+                          lrs=rates or None, measure_after=measure_after)
 
 
 def mtl_gradient(model, tasks):
@@ -281,7 +284,7 @@ def prime(args, config, tokenizer, source, held_out, out, device, world, rank):
             if args.method == "maml":                                   # 2.-4. phi_0, inner loop, meta-gradient
                 mine, init_mine = distributed.task_share(tasks, world, rank, init_fast)
                 metrics = meta_gradient(loss_fn, mine, init_mine, args.inner_steps, args.inner_lr, args.first_order,
-                                        args.inner_clip, rates)
+                                        args.inner_clip, rates, (step + 1) % args.log_adaptation_every == 0)
             else:
                 metrics = mtl_gradient(model, distributed.task_share(tasks, world, rank)[0])
         distributed.average_across_processes(model, metrics, world)

@@ -177,3 +177,14 @@ def test_max_tokens_and_precision_reach_fine_tuning(tiny_model_dir, data_dir, tm
                         "--steps", "3", "--batch-size", "8", "--max-sentences", "40", "--dev-sentences", "8",
                         "--max-len", "32", "--max-tokens", "50", "--precision", "bf16"])
     assert all((tokens <= 50 or rows == 1) and autocast for tokens, rows, autocast in seen)
+
+
+def test_log_adaptation_every_skips_the_extra_forward(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    import json
+    calls = []
+    real = maml.meta_step
+    monkeypatch.setattr(maml, "meta_step", lambda *a, **k: calls.append(k["measure_after"]) or real(*a, **k))
+    prime(tiny_model_dir, data_dir, tmp_path / "p", "--steps", "4", "--log-adaptation-every", "2")
+    assert calls == [False, True, False, True]
+    lines = [json.loads(l) for l in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
+    assert ["support_loss_after" in l for l in lines] == [False, True, False, True]

@@ -233,3 +233,17 @@ def test_bf16_autocast_meta_gradient_is_close_to_fp32():
         grads[precision] = torch.cat([g.flatten() for g in torch.autograd.grad(loss, body_params)])
     cosine = torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], dim=0)
     assert cosine >= 0.99 and not torch.equal(grads["fp32"], grads["bf16"])  # bf16 really ran
+
+
+def test_meta_step_without_the_after_forward_gives_the_same_gradient():
+    model = tiny_model()
+    support, query = random_batch(1), random_batch(2)
+    loss_fn = maml.functional_loss(model)
+    grads = []
+    for measure_after in (True, False):
+        model.zero_grad(set_to_none=True)
+        out = maml.meta_step(loss_fn, [(support, query)], lambda i: fresh_fast(model, 0), 2, 0.5,
+                             measure_after=measure_after)
+        assert ("support_loss_after" in out) is measure_after
+        grads.append(body(model).grad.clone())
+    assert torch.equal(grads[0], grads[1])
