@@ -70,7 +70,7 @@ def tiny_model_dir(tmp_path_factory, default_tokenizer):
 def data_dir():
     import os
     shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikiann"
-    return os.environ.get("WIKIANN_DIR", str(shared))
+    return str(Path(os.environ.get("WIKIANN_DIR", shared)).resolve())  # absolute: some tests change directory
 
 
 def prime_argv(model, data, out, *extra):
