@@ -51,7 +51,7 @@ def task_share(tasks, world, rank, init_fast=None):
 def average_across_processes(model, metrics, world):
     """Average .grad and the logged losses over the processes (all_reduce SUM / world).
 
-    meta_step and mtl_step divide by the number of tasks they ran, so each process holds the
+    meta_step and mtl_gradient divide by the number of tasks they ran, so each process holds the
     mean over its share; with equal shares the mean of those means is the global mean."""
     if world == 1:
         return
