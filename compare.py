@@ -156,8 +156,10 @@ def run_stage(script, flags, done_marker, extra=()):
     with lock:
         if done_marker.exists():  # finished while we waited for the lock
             return True
-        overwrite = ["--overwrite"] if script != "evaluate_ner.py" and done_marker.parent.exists() else []
-        command = [sys.executable, str(HERE / script), *flags, *extra, *overwrite]  # overwrite: an interrupted run
+        folder = done_marker.parent
+        restart = [] if script == "evaluate_ner.py" or not folder.exists() else \
+            ["--resume"] if (folder / "resume.pt").is_file() else ["--overwrite"]  # an interrupted run
+        command = [sys.executable, str(HERE / script), *flags, *extra, *restart]
         print("+", " ".join(command), flush=True)
         if subprocess.run(command).returncode != 0:
             raise ValueError(f"{script} failed (its message is above); fix that and re-run compare.py: "

@@ -31,7 +31,7 @@ class FakeStages:
         self.commands.append(command)
         record = {"args": {"seed": int(flag(command, "--seed", 0))}, "code_version": self.version}
         if script == "meta_pretrain.py":
-            out.mkdir(parents=True)
+            out.mkdir(parents=True, exist_ok="--resume" in command)
             (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "held_out_query_loss": 1.5}) + "\n")
             (out / "run.json").write_text(json.dumps(record))
             (out / "config.json").write_text("{}")
@@ -282,3 +282,14 @@ def test_a_new_training_code_version_makes_new_runs(tmp_path, fake, monkeypatch)
     monkeypatch.setattr(compare, "TRAINING_CODE", "999")
     compare.main(base_argv(tmp_path, "--conditions", "no priming", "--finetune-seeds", "1"))
     assert scripts(fake.commands[first:]) == ["finetune_peft.py", "evaluate_ner.py"]
+
+
+def test_an_interrupted_priming_run_is_resumed(tmp_path, fake):
+    compare.main(base_argv(tmp_path, "--conditions", "MAML priming", "--finetune-seeds", "1"))
+    primed = next((tmp_path / "runs").glob("primed-adapter-MAML_priming-p0-*"))
+    (primed / "config.json").unlink()                  # killed after a resumable checkpoint
+    (primed / "resume.pt").write_bytes(b"state")
+    first = len(fake.commands)
+    compare.main(base_argv(tmp_path, "--conditions", "MAML priming", "--finetune-seeds", "1"))
+    prime = [c for c in fake.commands[first:] if "meta_pretrain.py" in c[1]]
+    assert len(prime) == 1 and "--resume" in prime[0] and "--overwrite" not in prime[0]
