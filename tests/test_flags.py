@@ -188,3 +188,18 @@ def test_log_adaptation_every_skips_the_extra_forward(tiny_model_dir, data_dir, 
     assert calls == [False, True, False, True]
     lines = [json.loads(l) for l in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
     assert ["support_loss_after" in l for l in lines] == [False, True, False, True]
+
+
+def test_peft_shape_flags_reach_the_config():
+    args = meta_pretrain.build_parser().parse_args(
+        ["--adapter-placement", "pfeiffer", "--adapter-non-linearity", "gelu", "--adapter-init", "bert",
+         "--reduction-factor", "8", "--prefix-length", "4", "--lora-rank", "2"])
+    config = meta_pretrain.check_args(args)
+    assert (config.placement, config.adapter_non_linearity, config.adapter_init, config.reduction_factor,
+            config.prefix_length, config.lora_rank) == ("pfeiffer", "gelu", "bert", 8, 4, 2)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_resume_flag(tiny_model_dir, data_dir, tmp_path, keep):
+    prime(tiny_model_dir, data_dir, tmp_path / "p", "--keep-resume" if keep else "--no-keep-resume")
+    assert (tmp_path / "p" / "resume.pt").is_file() is keep
