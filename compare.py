@@ -26,13 +26,15 @@ where it stopped; two compare.py processes on one --runs folder share the work (
 import argparse
 import hashlib
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from compare_report import add_body_change, collect, paired_rows, read_run, write_results
 from ner_data import parse_languages, resolve_data_dir
-from runs import run_cli, try_lock
+from runs import is_finished, read_record, run_cli, try_lock
 from stats import seeds_for_half_width
 
 HERE = Path(__file__).resolve().parent
@@ -63,17 +65,18 @@ CONDITIONS = {
     "no priming": None,
     "MTL priming": ["--method", "mtl"],
     "MAML priming": [],
+    "dose: MAML priming for 1/4 of the meta-steps": [],
     "ablation: inner loop on all parameters": ["--inner-params", "all"],
     "ablation: same-language query": ["--query", "same"],
     "ablation: first-order": ["--first-order"],
     "ablation: outer update of initial PEFT": ["--outer-peft"],
-    "dose: MAML priming, 1/4 of the meta-steps": [],
 }
 MAIN_ROWS = ("no priming", "MTL priming", "MAML priming")
 PRIMED = [c for c, flags in CONDITIONS.items() if flags is not None]
 # dose-response rows: MAML priming with a fraction of the budget's meta-steps (0 is "no priming"),
 # fine-tuned with the main rows' seeds so they pair with them
-DOSES = {"dose: MAML priming, 1/4 of the meta-steps": 0.25}
+DOSES = {"dose: MAML priming for 1/4 of the meta-steps": 0.25}
+FIRST = MAIN_ROWS + tuple(DOSES)  # run first, with the main rows' fine-tuning seeds
 FULL_ROW = ("full", "full fine-tuning (reference)")
 SOURCE_LANG = "en"  # fine-tuning language of every run
 HASH_CHARS = 10
@@ -81,6 +84,9 @@ HASH_CHARS = 10
 # 2 = AdapterHub adapter placements and non-linearities, seeds derived per purpose (commit b15aa73 on).
 TRAINING_CODE = "2"
 LOCKS = ".locks"  # in --runs: one lock file per run, held while a compare.py process runs it
+RECORD_FILES = ("run.json", "metrics.jsonl", "eval-*.json")  # what --records keeps of every finished run
+REFERENCE_FILES = ("peft.safetensors", "peft_config.json")   # + of no priming's seed 0 (~2 MB): primed rows
+                                                              # measure their inner-loop strength against it
 
 
 def build_parser():
@@ -107,6 +113,9 @@ def build_parser():
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
     p.add_argument("--out", default=None, help="results folder (default: results/<budget>)")
     p.add_argument("--runs", default=None, help="where the stage checkpoints go (default: <out>/runs)")
+    p.add_argument("--records", default=None,
+                   help="where every finished run's records (run.json, metrics, scores; no weights) are mirrored, "
+                        "to commit with the results: a fresh checkout continues from them (default: <out>/records)")
     return p
 
 
@@ -139,32 +148,66 @@ def run_identity(flags):
     return hashlib.sha256(json.dumps([TRAINING_CODE, *flags]).encode()).hexdigest()[:HASH_CHARS]
 
 
-def run_stage(script, flags, done_marker, extra=()):
+def finished(done_marker):
+    """Whether a stage's result is complete: a fine-tuning folder's run.json exists from the run's
+    start (status "running"), so for it the status decides; other markers are written last."""
+    done_marker = Path(done_marker)
+    if done_marker.name == "run.json":
+        return is_finished(read_record(done_marker.parent))
+    return done_marker.exists()
+
+
+def run_stage(script, flags, done_marker, extra=(), records=None, weights=False):
     """Run one stage unless its result exists. Returns True when the result is there, False when
     another compare.py process is producing it right now. `extra` flags do not shape the run
-    (--gpu) and are left out of its identity."""
+    (--gpu) and are left out of its identity. records: mirror the finished run's records there
+    (keep_record; weights: its PEFT tensors too)."""
     done_marker = Path(done_marker)
-    if done_marker.exists():
-        return True
-    name = done_marker.parent.name if script != "evaluate_ner.py" else f"{done_marker.parent.name}-{done_marker.stem}"
-    locks = done_marker.parent.parent / LOCKS
-    locks.mkdir(parents=True, exist_ok=True)
-    lock = try_lock(locks / f"{name}.lock")
-    if lock is None:
-        print(f"- {name}: another compare.py is running it; skipped here", flush=True)
-        return False
-    with lock:
-        if done_marker.exists():  # finished while we waited for the lock
-            return True
-        folder = done_marker.parent
-        restart = [] if script == "evaluate_ner.py" or not folder.exists() else \
-            ["--resume"] if (folder / "resume.pt").is_file() else ["--overwrite"]  # an interrupted run
-        command = [sys.executable, str(HERE / script), *flags, *extra, *restart]
-        print("+", " ".join(command), flush=True)
-        if subprocess.run(command).returncode != 0:
-            raise ValueError(f"{script} failed (its message is above); fix that and re-run compare.py: "
-                             f"finished runs are kept")
-        return True
+    folder = done_marker.parent
+    if not finished(done_marker):
+        name = folder.name if script != "evaluate_ner.py" else f"{folder.name}-{done_marker.stem}"
+        locks = folder.parent / LOCKS
+        locks.mkdir(parents=True, exist_ok=True)
+        lock = try_lock(locks / f"{name}.lock")
+        if lock is None:
+            print(f"- {name}: another compare.py is running it; skipped here", flush=True)
+            return False
+        with lock:
+            if not finished(done_marker):  # else: finished while we waited for the lock
+                restart = [] if script == "evaluate_ner.py" or not folder.exists() else \
+                    ["--resume"] if (folder / "resume.pt").is_file() else ["--overwrite"]  # an interrupted run
+                command = [sys.executable, str(HERE / script), *flags, *extra, *restart]
+                print("+", " ".join(command), flush=True)
+                if subprocess.run(command).returncode != 0:
+                    raise ValueError(f"{script} failed (its message is above); fix that and re-run compare.py: "
+                                     f"finished runs are kept")
+    if records is not None:
+        keep_record(folder, records, weights)
+    return True
+
+
+# --------------------------------------------------------------- records: continuing in a fresh checkout
+
+def keep_record(folder, records, weights=False):
+    """Mirror a run's small files (RECORD_FILES; with weights, REFERENCE_FILES too) into --records,
+    which is committed with the results: a fresh checkout then knows which runs finished, what
+    they scored and logged, without their weights."""
+    dest = Path(records) / folder.name
+    dest.mkdir(parents=True, exist_ok=True)
+    for pattern in RECORD_FILES + (REFERENCE_FILES if weights else ()):
+        for f in folder.glob(pattern):
+            if not (dest / f.name).is_file() or (dest / f.name).read_bytes() != f.read_bytes():
+                shutil.copy2(f, dest / f.name)
+
+
+def restore_records(records, runs):
+    """Copy every recorded run that --runs lacks (a fresh checkout) into --runs: finished runs are
+    then skipped. A primed body's weights are not recorded: if a row still needs one of them
+    (a fine-tuning seed not finished), that priming run is run again (same seed, same result)."""
+    records = Path(records)
+    for recorded in sorted(records.iterdir()) if records.is_dir() else []:
+        if recorded.is_dir() and not (runs / recorded.name).exists():
+            shutil.copytree(recorded, runs / recorded.name)
 
 
 def device_flags(args):
@@ -175,15 +218,20 @@ def data_flags(args):
     return ["--data-dir", args.data_dir] if args.data_dir else []
 
 
-def prime(args, runs, peft, condition, seed, reference, extra_prime=()):
-    """The primed body of (condition, priming seed): its folder, or None while another process runs it.
-    reference: the unprimed fine-tuning run the priming run measures its inner-loop strength against."""
+def prime_plan(args, runs, peft, condition, seed):
+    """(flags, folder) of the priming run of (condition, priming seed)."""
     flags = ["--model", args.model, *data_flags(args), *BUDGETS[args.budget]["prime"], "--peft", peft,
              "--seed", str(seed), "--source-lang", SOURCE_LANG, "--priming-langs", args.priming_langs,
-             *CONDITIONS[condition], *maml_overrides(args, condition), *dose_steps(args, condition), *extra_prime]
-    folder = runs / f"primed-{peft}-{slug(condition)}-p{seed}-{run_identity(flags)}"
+             *CONDITIONS[condition], *maml_overrides(args, condition), *dose_steps(args, condition)]
+    return flags, runs / f"primed-{peft}-{slug(condition)}-p{seed}-{run_identity(flags)}"
+
+
+def prime(args, runs, peft, condition, seed, reference):
+    """The primed body of (condition, priming seed): its folder, or None while another process runs it.
+    reference: the unprimed fine-tuning run the priming run measures its inner-loop strength against."""
+    flags, folder = prime_plan(args, runs, peft, condition, seed)
     extra = [*device_flags(args), "--reference-ft", str(reference)]  # logging only: not part of the identity
-    done = run_stage("meta_pretrain.py", [*flags, "--out", str(folder)], folder / "config.json", extra)
+    done = run_stage("meta_pretrain.py", [*flags, "--out", str(folder)], folder / "config.json", extra, args.records)
     return folder if done else None
 
 
@@ -191,8 +239,19 @@ def dose_steps(args, condition):
     """--steps for a dose-response row: its fraction of the budget's meta-steps (the later flag wins)."""
     if condition not in DOSES:
         return []
+    return ["--steps", str(max(1, round(budget_steps(args) * DOSES[condition])))]
+
+
+def dose_ladder(args):
+    """[(condition, meta-steps)] of the dose-response: no priming, the dose rows, the MAML row."""
+    steps = budget_steps(args)
+    doses = sorted((max(1, round(steps * f)), c) for c, f in DOSES.items())
+    return [("no priming", 0), *[(c, n) for n, c in doses], ("MAML priming", steps)]
+
+
+def budget_steps(args):
     budget = BUDGETS[args.budget]["prime"]
-    return ["--steps", str(max(1, round(int(budget[budget.index("--steps") + 1]) * DOSES[condition])))]
+    return int(budget[budget.index("--steps") + 1])
 
 
 def maml_overrides(args, condition):
@@ -203,38 +262,56 @@ def maml_overrides(args, condition):
             + (["--inner-steps", str(args.inner_steps)] if args.inner_steps else []))
 
 
-def finetune(args, runs, init, peft, seed, tag):
-    """A fine-tuning run of PEFT `peft` on the body `init` with fine-tuning seed `seed`."""
+def finetune_plan(args, runs, init, peft, seed, tag):
+    """(flags, folder) of a fine-tuning run of PEFT `peft` on the body `init` with fine-tuning seed `seed`."""
     flags = [*data_flags(args), *BUDGETS[args.budget]["finetune"], "--init", str(init), "--peft", peft,
              "--lang", SOURCE_LANG, "--seed", str(seed)]
-    folder = runs / f"ft-{tag}-f{seed}-{run_identity(flags)}"
-    done = run_stage("finetune_peft.py", [*flags, "--out", str(folder)], folder / "run.json", device_flags(args))
+    return flags, runs / f"ft-{tag}-f{seed}-{run_identity(flags)}"
+
+
+def finetune(args, runs, init, peft, seed, tag):
+    """The fine-tuned folder, or None while another process runs it."""
+    flags, folder = finetune_plan(args, runs, init, peft, seed, tag)
+    reference = str(init) == args.model and seed == 0 and peft != "full"  # its PEFT tensors go into --records
+    done = run_stage("finetune_peft.py", [*flags, "--out", str(folder)], folder / "run.json", device_flags(args),
+                     args.records, weights=reference)
     return folder if done else None
 
 
-def evaluate(args, tuned, langs, split):
-    """The eval JSON of a fine-tuned folder on `langs`; each language set and size is its own file."""
+def evaluate_plan(args, tuned, langs, split):
+    """(flags, eval JSON) of a fine-tuned folder on `langs`; each language set and size is its own file."""
     flags = [*data_flags(args), *BUDGETS[args.budget]["evaluate"], "--split", split, "--langs", ",".join(langs)]
     flags += ["--max-sentences", str(args.eval_sentences)] if args.eval_sentences else []
-    result = Path(tuned) / f"eval-{split}-{run_identity(flags)}.json"
-    done = run_stage("evaluate_ner.py", [*flags, "--ckpt", str(tuned), "--out", str(result)], result, device_flags(args))
+    return flags, Path(tuned) / f"eval-{split}-{run_identity(flags)}.json"
+
+
+def evaluate(args, tuned, langs, split):
+    """The eval JSON, or None while another process runs it."""
+    flags, result = evaluate_plan(args, tuned, langs, split)
+    done = run_stage("evaluate_ner.py", [*flags, "--ckpt", str(tuned), "--out", str(result)], result,
+                     device_flags(args), args.records)
     return result if done else None
 
 
 def slug(condition):
-    return condition.replace("ablation: ", "").replace(" ", "_").replace(":", "")
+    """A condition as a folder-name part: letters and digits, runs of anything else as one _."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", condition.replace("ablation: ", "")).strip("_")
 
 
-def one_run(args, runs, peft, condition, priming_seed, finetune_seed, langs, split="test", extra_prime=()):
+def one_run(args, runs, peft, condition, priming_seed, finetune_seed, langs, split="test"):
     """prime (unless no priming / full FT) -> fine-tune -> evaluate; the eval JSON, or None
     while another process is running one of its stages."""
-    init, tag = args.model, f"{peft}-{slug(condition)}"
-    if CONDITIONS[condition] is not None:
-        reference = finetune(args, runs, args.model, peft, 0, f"{peft}-no_priming")  # the no-priming row's seed 0
-        init = prime(args, runs, peft, condition, priming_seed, reference) if reference else None
-        if init is None:
-            return None
+    init, tag, primed = args.model, f"{peft}-{slug(condition)}", CONDITIONS[condition] is not None
+    if primed:
+        init = prime_plan(args, runs, peft, condition, priming_seed)[1]
         tag = init.name[len("primed-"):]
+    result = evaluate_plan(args, finetune_plan(args, runs, init, peft, finetune_seed, tag)[1], langs, split)[1]
+    if finished(result):  # also when restored from --records, where the primed body's weights are gone
+        return result
+    if primed:
+        reference = finetune(args, runs, args.model, peft, 0, f"{peft}-no_priming")  # the no-priming row's seed 0
+        if reference is None or prime(args, runs, peft, condition, priming_seed, reference) is None:
+            return None
     tuned = finetune(args, runs, init, peft, finetune_seed, tag)
     return evaluate(args, tuned, langs, split) if tuned else None
 
@@ -243,7 +320,7 @@ def row_plan(args, peft, condition):
     """(priming seed, fine-tuning seed) pairs of one row."""
     if (peft, condition) == FULL_ROW:
         return [(0, f) for f in range(args.full_seeds)]
-    finetune_seeds = args.finetune_seeds if condition in MAIN_ROWS or condition in DOSES else args.ablation_finetune_seeds
+    finetune_seeds = args.finetune_seeds if condition in FIRST else args.ablation_finetune_seeds
     priming_seeds = [0] if CONDITIONS[condition] is None else range(args.priming_seeds)
     return [(p, f) for p in priming_seeds for f in range(finetune_seeds)]
 
@@ -255,10 +332,12 @@ def main(argv=None):
     runs = Path(args.runs) if args.runs else out / "runs"
     out.mkdir(parents=True, exist_ok=True)
     runs.mkdir(parents=True, exist_ok=True)
+    args.records = Path(args.records) if args.records else out / "records"
+    restore_records(args.records, runs)
     pefts = [p.strip() for p in args.pefts.split(",")]
-    # Run order: the main rows first (they answer the question), then the ablations, then full FT;
+    # Run order: the main and dose rows first (they answer the question), then the ablations, then full FT;
     # the table is rewritten after every row, so an interrupted comparison still leaves one.
-    rows = [(peft, c) for main in (True, False) for peft in pefts for c in conditions if (c in MAIN_ROWS) == main]
+    rows = [(peft, c) for main in (True, False) for peft in pefts for c in conditions if (c in FIRST) == main]
     rows += [] if args.no_full else [FULL_ROW]
     order = {row: i for i, row in enumerate([(p, c) for p in pefts for c in conditions] + [FULL_ROW])}
     table, row_runs, missing = {}, {}, 0
@@ -271,11 +350,11 @@ def main(argv=None):
             row_runs[(peft, condition)] = finished
             table[(peft, condition)] = collect(finished, langs)
             table = {row: table[row] for row in sorted(table, key=order.get)}
-            write_results(table, paired_rows(table, PRIMED), langs, args, out)
+            write_results(table, paired_rows(table, PRIMED), langs, args, out, dose_ladder(args))
     row_runs = {row: row_runs[row] for row in table}
     add_body_change(table, row_runs, args.model)
     paired = paired_rows(table, PRIMED)
-    write_results(table, paired, langs, args, out)
+    write_results(table, paired, langs, args, out, dose_ladder(args))
     import compare_plots
     compare_plots.plot_f1(table, out / "f1.png")
     compare_plots.plot_paired(paired, out / "paired.png")

@@ -22,7 +22,7 @@ def read_run(result):
     versions = {record.get("code_version"), primed.get("code_version"), scores.get("code_version")} - {None}
     return {"results": scores["results"], "finetune_seed": record.get("args", {}).get("seed"),
             "versions": sorted(versions), "tuned": tuned,
-            "primed": Path(record["init_path"]) if primed else None}
+            "primed": Path(record["init_path"]) if primed else None, "body_change": primed.get("body_change")}
 
 
 def collect(runs_of_row, langs):
@@ -78,6 +78,24 @@ def paired_markdown(paired):
     return "\n".join(rows)
 
 
+def dose_markdown(table, paired, doses):
+    """The dose-response: average target F1 after 0, ..., N meta-steps of MAML priming, per PEFT.
+    doses: [(condition, meta-steps)], from "no priming" (0) to the full MAML row."""
+    rows = ["| PEFT | meta-steps | condition | average F1 | minus no priming (95% CI) | body change |",
+            "|---|---:|---|---:|---:|---:|"]
+    for peft in dict.fromkeys(p for p, _ in table):
+        for condition, steps in doses:
+            r = table.get((peft, condition))
+            if r is None:
+                continue
+            d = paired.get(f"{peft} | {condition} vs no priming")
+            diff = (f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d and d["ci95"]
+                    else "0" if condition == "no priming" else "-")
+            change = f"{r['body_change']:.1e}" if "body_change" in r else "-"
+            rows.append(f"| {peft} | {steps} | {condition} | {r['average'][0]:.2f} | {diff} | {change} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def provenance(table, args):
     """What a reader must know next to the numbers: F1 mode, test size, budget, commits."""
     sentences = sorted({n for r in table.values() for n in r["sentences"]})
@@ -94,11 +112,14 @@ def provenance(table, args):
     return lines
 
 
-def write_results(table, paired, langs, args, out):
+def write_results(table, paired, langs, args, out, doses=()):
     text = "\n".join(provenance(table, args)) + "\n\n" + markdown(table, langs) + "\n"
     if paired:
         text += "\nPaired differences of average target F1 (condition minus baseline, same fine-tuning seeds):\n\n"
         text += paired_markdown(paired) + "\n"
+    dose = dose_markdown(table, paired, doses)
+    if dose:
+        text += "\nDose-response: MAML priming after 0, ..., N meta-steps (same fine-tuning seeds):\n\n" + dose + "\n"
     (out / "table.md").write_text(text)
     (out / "results.json").write_text(json.dumps({
         "provenance": provenance(table, args),
@@ -123,9 +144,11 @@ def body_change(primed, model):
 
 
 def add_body_change(table, row_runs, model):
-    """The mean body change of each primed row's priming runs, in the table's results."""
+    """The mean body change of each primed row's priming runs, in the table's results: as the
+    priming run recorded it, else measured from its weights (runs of older code)."""
     for row, runs_of_row in row_runs.items():
-        primed = sorted({r["primed"] for r in runs_of_row if r["primed"] is not None})
-        changes = [body_change(f, model) for f in primed if (f / "model.safetensors").is_file()]
+        recorded = {r["primed"]: r["body_change"] for r in runs_of_row if r["primed"] is not None}
+        changes = [change if change is not None else body_change(f, model) for f, change in sorted(recorded.items())
+                   if change is not None or (f / "model.safetensors").is_file()]
         if changes and None not in changes:
             table[row]["body_change"] = sum(changes) / len(changes)

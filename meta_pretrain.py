@@ -252,6 +252,7 @@ def prime(args, config, tokenizer, source, held_out, out, device, world, rank):
     set_seed(args.seed)
     model = load_token_classifier(args.model, num_labels=len(LABELS), id2label=LABELS, device=device)
     adapters.add_peft(model, config, seed=derive_seed(args.seed, "initial phi"))
+    origin = peft_state.body_snapshot(model) if rank == 0 else None  # the pretrained body, for body_change
     set_trainable(model, args.method, args.outer_peft, args.inner_params, args.freeze_embeddings)
     model.train()  # from_pretrained returns eval mode; priming trains with dropout as fine-tuning will
     if rank:  # the model is alike everywhere; dropout masks differ (rank 0 keeps a one-process run's)
@@ -295,6 +296,7 @@ def prime(args, config, tokenizer, source, held_out, out, device, world, rank):
             with precision_context(device, args.precision):  # no collective
                 metrics.update(episodes.held_out_losses(model, held_out, loss_fn, args.inner_steps, args.inner_lr,
                                                         args.inner_clip, reference_loss))
+            metrics["body_change"] = peft_state.body_change(model, origin)
         if rank == 0:
             log.write(**metrics)
         bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if "loss" in k})
@@ -304,7 +306,7 @@ def prime(args, config, tokenizer, source, held_out, out, device, world, rank):
                 resume_state.save(out, step + 1, model, optimizer, source, {**rngs, "processes": processes}, rates)
             distributed.wait_for_all(world)
     if rank == 0:
-        finish(out, args, model, tokenizer, rates)
+        finish(out, args, model, tokenizer, rates, peft_state.body_change(model, origin))
     distributed.wait_for_all(world)
 
 
@@ -317,11 +319,11 @@ def rate_summary(rates):
             "inner_lr_max": values.max().item()}
 
 
-def finish(out, args, model, tokenizer, rates):
+def finish(out, args, model, tokenizer, rates, body_change):
     """The primed body, then the record that marks the run finished (written last)."""
     save_model_atomic(body_only(model, args), tokenizer, out)
-    record_inputs(out, args, status="finished", **({"meta_sgd_rates": {n: r.item() for n, r in rates.items()}}
-                                                   if rates else {}))
+    record_inputs(out, args, status="finished", body_change=body_change,
+                  **({"meta_sgd_rates": {n: r.item() for n, r in rates.items()}} if rates else {}))
     resume = out / resume_state.FILE
     if not args.keep_resume:
         resume.unlink(missing_ok=True)

@@ -31,16 +31,18 @@ class FakeStages:
         self.commands.append(command)
         record = {"args": {"seed": int(flag(command, "--seed", 0))}, "code_version": self.version}
         if script == "meta_pretrain.py":
-            out.mkdir(parents=True, exist_ok="--resume" in command)
+            out.mkdir(parents=True, exist_ok="--resume" in command or "--overwrite" in command)
             (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "held_out_query_loss": 1.5}) + "\n")
             (out / "run.json").write_text(json.dumps(record))
             (out / "config.json").write_text("{}")
         elif script == "finetune_peft.py":
             init = flag(command, "--init")
-            out.mkdir(parents=True)
+            out.mkdir(parents=True, exist_ok="--overwrite" in command)
             init_record = json.loads((Path(init) / "run.json").read_text()) if Path(init).is_dir() else None
             (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "dev_f1_default": 50.0}) + "\n")
-            (out / "run.json").write_text(json.dumps(record | {"init_path": init, "init_record": init_record}))
+            (out / "peft.safetensors").write_text("tensors")
+            (out / "run.json").write_text(json.dumps(record | {"init_path": init, "init_record": init_record,
+                                                               "status": "finished"}))
         else:
             tuned = Path(flag(command, "--ckpt"))
             f = json.loads((tuned / "run.json").read_text())["args"]["seed"]
@@ -225,14 +227,47 @@ def test_an_interrupted_stage_is_started_again_with_overwrite(tmp_path, fake, mo
     assert fake.overwrites == ["finetune_peft.py"]
 
 
+def test_an_unfinished_fine_tuning_record_is_run_again(tmp_path, fake):
+    compare.main(base_argv(tmp_path, "--conditions", "no priming", "--finetune-seeds", "1"))
+    tuned = next((tmp_path / "runs").glob("ft-adapter-no_priming-f0-*"))
+    record = json.loads((tuned / "run.json").read_text())
+    (tuned / "run.json").write_text(json.dumps(record | {"status": "running"}))  # killed while fine-tuning
+    for f in tuned.glob("eval-*"):
+        f.unlink()
+    first = len(fake.commands)
+    compare.main(base_argv(tmp_path, "--conditions", "no priming", "--finetune-seeds", "1"))
+    assert scripts(fake.commands[first:]) == ["finetune_peft.py", "evaluate_ner.py"]
+    assert "--overwrite" in fake.commands[first]
+
+
+def test_a_fresh_checkout_continues_from_the_records(tmp_path, fake, monkeypatch):
+    import shutil
+    compare.main(base_argv(tmp_path))
+    table = (tmp_path / "out" / "table.md").read_text()
+    records = tmp_path / "out" / "records"
+    reference = next(records.glob("ft-adapter-no_priming-f0-*"))
+    assert (reference / "peft.safetensors").is_file()                         # the strength reference's tensors
+    assert not list(records.glob("ft-adapter-no_priming-f1-*/peft.safetensors"))  # no other weights
+    assert not list(records.glob("primed-*/config.json"))                     # no primed body
+    shutil.rmtree(tmp_path / "runs")                                          # a fresh checkout: records only
+    first = len(fake.commands)
+    compare.main(base_argv(tmp_path))
+    assert fake.commands[first:] == [] and (tmp_path / "out" / "table.md").read_text() == table
+    compare.main(base_argv(tmp_path, "--finetune-seeds", "4"))                 # a row needs a primed body again
+    new = fake.commands[first:]
+    assert sorted(scripts(new)) == sorted(["meta_pretrain.py"] * 2 + ["finetune_peft.py", "evaluate_ner.py"] * 3)
+    assert {flag(c, "--seed") for c in new if "finetune_peft.py" in c[1]} == {"3"}
+    assert all("--overwrite" in c for c in new if "meta_pretrain.py" in c[1])   # its records are replaced
+
+
 def test_the_main_rows_run_first_and_the_table_keeps_the_papers_order(tmp_path, fake):
     compare.main(["--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), "--finetune-seeds", "2",
                   "--ablation-finetune-seeds", "1", "--data-dir", str(tmp_path), "--budget", "smoke"])
     rows = [(Path(flag(c, "--ckpt")).name.split("-")[1], Path(flag(c, "--ckpt")).name.split("-")[2])
             for c in fake.commands if "evaluate_ner.py" in c[1]]
-    main = {"no_priming", "MTL_priming", "MAML_priming"}
+    main = {"no_priming", "MTL_priming", "MAML_priming", "dose_MAML_priming_for_1_4_of_the_meta_steps"}
     first_ablation = next(i for i, r in enumerate(rows) if r[1] not in main)
-    assert all(r[1] in main for r in rows[:first_ablation]) and len(rows[:first_ablation]) == 2 * 3 * 2
+    assert all(r[1] in main for r in rows[:first_ablation]) and len(rows[:first_ablation]) == 2 * 4 * 2
     assert rows[-1][0] == "full"
     lines = [l for l in (tmp_path / "out" / "table.md").read_text().splitlines() if l.startswith("| adapter |")
              or l.startswith("| prefix |") or l.startswith("| full |")]
@@ -269,10 +304,13 @@ def test_body_change_is_the_relative_change_of_non_embedding_weights(tmp_path):
                              "encoder.layer.0.w": torch.full((3, 4), 2.2)})
     save_file(moved, str(after / "model.safetensors"))
     assert abs(compare_report.body_change(after, str(before)) - 0.1) < 1e-6                  # 0.2 / 2.0 in every entry
-    table = {("adapter", "MAML priming"): {}, ("adapter", "no priming"): {}}
-    compare_report.add_body_change(table, {("adapter", "MAML priming"): [{"primed": after}],
-                                    ("adapter", "no priming"): [{"primed": None}]}, str(before))
-    assert abs(table[("adapter", "MAML priming")]["body_change"] - 0.1) < 1e-6
+    table = {("adapter", "MAML priming"): {}, ("adapter", "no priming"): {}, ("adapter", "MTL priming"): {}}
+    compare_report.add_body_change(table, {("adapter", "MAML priming"): [{"primed": after, "body_change": None}],
+                                           ("adapter", "no priming"): [{"primed": None, "body_change": None}],
+                                           ("adapter", "MTL priming"): [{"primed": tmp_path / "weights-gone",
+                                                                         "body_change": 0.05}]}, str(before))
+    assert abs(table[("adapter", "MAML priming")]["body_change"] - 0.1) < 1e-6   # measured from the weights
+    assert table[("adapter", "MTL priming")]["body_change"] == 0.05                # as the priming run recorded it
     assert "body_change" not in table[("adapter", "no priming")]
 
 
@@ -289,7 +327,28 @@ def test_an_interrupted_priming_run_is_resumed(tmp_path, fake):
     primed = next((tmp_path / "runs").glob("primed-adapter-MAML_priming-p0-*"))
     (primed / "config.json").unlink()                  # killed after a resumable checkpoint
     (primed / "resume.pt").write_bytes(b"state")
+    import shutil
+    for where in (tmp_path / "runs", tmp_path / "out" / "records"):
+        for tuned in where.glob(f"ft-{primed.name[len('primed-'):]}-*"):
+            shutil.rmtree(tuned)                       # so nothing was fine-tuned on it yet
     first = len(fake.commands)
     compare.main(base_argv(tmp_path, "--conditions", "MAML priming", "--finetune-seeds", "1"))
     prime = [c for c in fake.commands[first:] if "meta_pretrain.py" in c[1]]
     assert len(prime) == 1 and "--resume" in prime[0] and "--overwrite" not in prime[0]
+
+
+def test_the_dose_row_primes_a_quarter_of_the_steps_with_the_main_rows_seeds(tmp_path, fake, monkeypatch):
+    prime = list(compare.BUDGETS["smoke"]["prime"])
+    prime[prime.index("--steps") + 1] = "8"
+    budget = {**compare.BUDGETS["smoke"], "prime": prime}
+    monkeypatch.setitem(compare.BUDGETS, "smoke", budget)
+    dose = "dose: MAML priming for 1/4 of the meta-steps"
+    compare.main(base_argv(tmp_path, "--conditions", f"no priming,MAML priming,{dose}", "--ablation-finetune-seeds", "1"))
+    primes = [c for c in fake.commands if "meta_pretrain.py" in c[1]]
+    steps = sorted(int(c[len(c) - 1 - c[::-1].index("--steps") + 1]) for c in primes)  # the last --steps wins
+    assert steps == [2, 8]
+    tuned = [Path(flag(c, "--out")).name for c in fake.commands if "finetune_peft.py" in c[1]]
+    assert sum("dose_MAML_priming" in t for t in tuned) == 3  # the main rows' 3 fine-tuning seeds, not 1
+    table = (tmp_path / "out" / "table.md").read_text()
+    ladder = [l.split("|")[2].strip() for l in table.split("Dose-response")[1].splitlines() if l.startswith("| adapter")]
+    assert ladder == ["0", "2", "8"]

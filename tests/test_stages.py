@@ -22,6 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 prime_args, finetune_args = prime_argv, tune_argv
 
 
+def test_body_change_is_logged_and_agrees_with_the_saved_weights(tiny_model_dir, data_dir, tmp_path):
+    import compare_report
+    primed = tmp_path / "primed"
+    meta_pretrain.main(prime_args(tiny_model_dir, data_dir, primed, "--outer-lr", "1e-3"))
+    record = json.loads((primed / "run.json").read_text())
+    lines = [json.loads(l) for l in (primed / "metrics.jsonl").read_text().splitlines()]
+    measured = compare_report.body_change(primed, str(tiny_model_dir))  # from the two checkpoints' files
+    assert measured > 1e-4 and abs(record["body_change"] - measured) < 1e-6 * measured
+    assert [("body_change" in l) for l in lines] == [False, True, True]  # at the evaluations (steps 2, 3)
+    assert lines[-1]["body_change"] == record["body_change"] and 0 < lines[1]["body_change"]
+
+
 def test_three_stages_end_to_end(tiny_model_dir, data_dir, tmp_path, capsys):
     from transformers import AutoModel
     primed, tuned = tmp_path / "primed", tmp_path / "tuned"
