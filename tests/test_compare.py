@@ -352,3 +352,18 @@ def test_the_dose_row_primes_a_quarter_of_the_steps_with_the_main_rows_seeds(tmp
     table = (tmp_path / "out" / "table.md").read_text()
     ladder = [l.split("|")[2].strip() for l in table.split("Dose-response")[1].splitlines() if l.startswith("| adapter")]
     assert ladder == ["0", "2", "8"]
+
+
+def test_priming_curve_averages_adaptation_between_its_rows(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import priming_curve
+    lines = [{"step": s, "support_loss_before": 2.0, "support_loss_after": a} for s, a in [(1, 1.0), (2, 0.6), (3, 0.2), (4, 0.4)]]
+    lines[1] |= {"held_out_query_loss": 1.5, "body_change": 0.01}
+    lines[3] |= {"held_out_query_loss": 1.2, "body_change": 0.02, "inner_loop_strength": 0.4}
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+    rows = priming_curve.rows_of(tmp_path, every=1)
+    assert [r[0] for r in rows] == [2, 4] and [r[1] for r in rows] == [1.5, 1.2]
+    assert rows[0][2] == pytest.approx(0.4) and rows[1][2] == pytest.approx(0.15)  # (0.5+0.3)/2, (0.1+0.2)/2
+    assert rows[1][3:] == (0.02, 0.4) and rows[0][4] is None
+    assert [r[0] for r in priming_curve.rows_of(tmp_path, every=4)] == [4]
+    assert priming_curve.rows_of(tmp_path, every=4)[0][2] == pytest.approx((0.5 + 0.3 + 0.1 + 0.2) / 4)
