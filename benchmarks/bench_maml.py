@@ -83,6 +83,7 @@ from pretrained import PRECISIONS, load_token_classifier, load_tokenizer, pick_d
 from runs import derive_seed  # noqa: E402
 
 MB = 2 ** 20
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 TARGET_SECOND_ORDER = 0.5   # x (full FT support + full FT query)
 TARGET_FIRST_ORDER = 0.3
 TARGET_HIGHER = 1.2         # higher's second-order step / ours (ours at least this much faster)
@@ -307,12 +308,19 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device):
+def timed(fn, device, costs=None):
+    """Seconds of fn(); costs (a list): append (kernel seconds, MB of fresh pages touched) of the call,
+    from getrusage: the operating system's share of the step (mostly zeroing newly mapped pages)."""
     sync(device)
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     fn()
     sync(device)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    if costs is not None:
+        costs.append((after.ru_stime - before.ru_stime, (after.ru_minflt - before.ru_minflt) * PAGE / MB))
+    return seconds
 
 
 def _status_kb(key):
@@ -517,18 +525,19 @@ def main(argv=None):
     if not args.no_higher and higher_error is None:
         configs["higher 2nd order (hooks copied)"] = lambda: bench.higher_step(1)
     times = {k: [] for k in configs}
+    costs = {k: [] for k in configs}  # (kernel s, fresh-page MB) per timed call
     for round_ in range(args.warmup + args.repeats):
         t0 = time.perf_counter()
         bench.recording = round_ >= args.warmup
         for name, fn in list(configs.items()):
             try:
-                t = timed(fn, device)
+                t = timed(fn, device, costs[name] if round_ >= args.warmup else None)
             except Exception as e:
                 if not name.startswith("higher"):
                     raise
                 higher_error = f"higher step failed: {type(e).__name__}: {e}"
                 traceback.print_exc()
-                del configs[name], times[name]
+                del configs[name], times[name], costs[name]
                 continue
             if round_ >= args.warmup:
                 times[name].append(t)
@@ -544,11 +553,16 @@ def main(argv=None):
     print()
     print(f"timing: {args.warmup} warm-up + {args.repeats} timed rounds, configurations interleaved; "
           f"memory: fresh process per configuration")
-    print(f"{'configuration':42s} {'median s':>8} {'min s':>8} {'max s':>8} {'peak delta MB':>14} {'process peak MB':>16}")
+    print(f"{'configuration':42s} {'median s':>8} {'min s':>8} {'max s':>8} {'kernel s':>8} {'new pages MB':>12} "
+          f"{'peak delta MB':>14} {'process peak MB':>16}")
+    kernel = {k: statistics.median(c[0] for c in v) for k, v in costs.items() if v}
+    fresh = {k: statistics.median(c[1] for c in v) for k, v in costs.items() if v}
     for name in times:
         m = memory.get(mem_key.get(name, ""), None)
         mem = f"{m[0]:14.0f} {m[1]:16.0f}" if m else f"{'':14} {'':16}"
-        print(f"{name:42s} {fmt_s(times[name])} {max(times[name]):8.3f} {mem}")
+        print(f"{name:42s} {fmt_s(times[name])} {max(times[name]):8.3f} {kernel[name]:8.3f} {fresh[name]:12.0f} {mem}")
+    print("(kernel s, new pages MB: medians of the operating system's time in the call and of the memory it had to "
+          "map afresh, from getrusage; zeroing new pages is most of that kernel time)")
     key8 = f"meta2x{args.tasks}"
     if key8 in memory:
         m = memory[key8]
@@ -634,6 +648,7 @@ def main(argv=None):
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({
             "args": vars(args), "device": str(device), "median_seconds": med,
+            "median_kernel_seconds": kernel, "median_new_page_mb": fresh,
             "meta_steps_per_second_2nd_order": 1 / second, "ratio_2nd_order_to_two_full_ft_steps": second / full2,
             "ratio_1st_order_to_two_full_ft_steps": med["meta-step 1st order (meta_step)"] / full2,
             "memory_mb": {k: v[:2] for k, v in memory.items() if k != "gradient_check"}}, indent=1))
