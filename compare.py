@@ -116,6 +116,9 @@ def build_parser():
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
     p.add_argument("--out", default=None, help="results folder (default: results/<budget>)")
     p.add_argument("--runs", default=None, help="where the stage checkpoints go (default: <out>/runs)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: write the table and plots from the runs finished so far (safe beside running "
+                        "compare.py processes)")
     p.add_argument("--records", default=None,
                    help="where every finished run's records (run.json, metrics, scores; no weights) are mirrored, "
                         "to commit with the results: a fresh checkout continues from them (default: <out>/records)")
@@ -311,6 +314,8 @@ def one_run(args, runs, peft, condition, priming_seed, finetune_seed, langs, spl
     result = evaluate_plan(args, finetune_plan(args, runs, init, peft, finetune_seed, tag)[1], langs, split)[1]
     if finished(result):  # also when restored from --records, where the primed body's weights are gone
         return result
+    if args.report_only:
+        return None
     if primed:
         reference = finetune(args, runs, args.model, peft, 0, f"{peft}-no_priming")  # the no-priming row's seed 0
         if reference is None or prime(args, runs, peft, condition, priming_seed, reference) is None:
@@ -368,7 +373,8 @@ def main(argv=None):
             print(f"{name}: CI half-width {d['half_width']:.2f}; about {seeds_for_half_width(d['sd'], 0.7)} "
                   f"fine-tuning seeds would give 0.7")
     if missing:
-        print(f"{missing} run(s) were being run by another compare.py: re-run this command when it ends for the full table")
+        print(f"{missing} run(s) not finished" + (" (--report-only)" if args.report_only else
+              " (another compare.py is running them)") + ": re-run this command when they are for the full table")
     print(f"written: {out}/table.md, results.json, f1.png, paired.png, curves.png")
 
 

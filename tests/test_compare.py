@@ -367,3 +367,12 @@ def test_priming_curve_averages_adaptation_between_its_rows(tmp_path):
     assert rows[1][3:] == (0.02, 0.4) and rows[0][4] is None
     assert [r[0] for r in priming_curve.rows_of(tmp_path, every=4)] == [4]
     assert priming_curve.rows_of(tmp_path, every=4)[0][2] == pytest.approx((0.5 + 0.3 + 0.1 + 0.2) / 4)
+
+
+def test_report_only_runs_nothing_and_tables_what_finished(tmp_path, fake):
+    compare.main(base_argv(tmp_path, "--conditions", "no priming", "--finetune-seeds", "2"))
+    first = len(fake.commands)
+    compare.main(base_argv(tmp_path, "--finetune-seeds", "3", "--report-only"))
+    assert fake.commands[first:] == []
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert list(rows) == ["adapter | no priming"] and rows["adapter | no priming"]["runs"] == 2
