@@ -49,9 +49,10 @@ def paired_rows(table, primed):
             pairs.append(((peft, condition), base))
         if condition == "MAML priming" and (peft, "MTL priming") in table:
             pairs.append(((peft, condition), (peft, "MTL priming")))
-    return {f"{peft} | {cond} vs {other}": paired_difference(table[(peft, cond)]["by_finetune_seed"],
-                                                              table[(peft, other)]["by_finetune_seed"])
-            for (peft, cond), (_, other) in pairs}
+    differences = {f"{peft} | {cond} vs {other}": paired_difference(table[(peft, cond)]["by_finetune_seed"],
+                                                                     table[(peft, other)]["by_finetune_seed"])
+                   for (peft, cond), (_, other) in pairs}
+    return {name: d for name, d in differences.items() if d is not None}  # None: no seed finished in both rows
 
 
 def markdown(table, langs):

@@ -376,3 +376,13 @@ def test_report_only_runs_nothing_and_tables_what_finished(tmp_path, fake):
     assert fake.commands[first:] == []
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
     assert list(rows) == ["adapter | no priming"] and rows["adapter | no priming"]["runs"] == 2
+
+
+def test_rows_without_a_common_seed_have_no_paired_difference():
+    table = {("adapter", "no priming"): {"by_finetune_seed": {0: 70.0, 2: 71.0}},   # what one of two processes
+             ("adapter", "MTL priming"): {"by_finetune_seed": {1: 72.0, 3: 73.0}},  # has seen when it writes
+             ("adapter", "MAML priming"): {"by_finetune_seed": {0: 71.0, 1: 74.0}}}
+    paired = compare_report.paired_rows(table, compare.PRIMED)
+    assert list(paired) == ["adapter | MAML priming vs no priming", "adapter | MAML priming vs MTL priming"]
+    assert paired["adapter | MAML priming vs no priming"]["n"] == 1
+    compare_report.paired_markdown(paired)  # one seed: no CI, no error
