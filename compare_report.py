@@ -70,8 +70,9 @@ def markdown(table, langs):
 
 
 def paired_markdown(paired):
-    rows = ["| comparison | seeds | mean difference | 95% CI | half-width | seeds favouring | sd of differences |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    # names are "PEFT | condition vs baseline" (paired_rows): two cells
+    rows = ["| PEFT | comparison | seeds | mean difference | 95% CI | half-width | seeds favouring | sd of differences |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, d in paired.items():
         ci = f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d["ci95"] else "-"
         half = f"{d['half_width']:.2f}" if d["half_width"] is not None else "-"

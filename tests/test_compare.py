@@ -146,6 +146,18 @@ def test_paired_differences_cancel_the_shared_seed_noise(tmp_path, fake):
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| adapter | MAML priming vs no priming | 5 | +1.00 |" in table
     assert "seqeval default" in table and "10000 (the full test sets)" in table
+    assert_tables_rectangular(table)
+
+
+def assert_tables_rectangular(text):
+    """Every markdown table in `text`: each row has as many cells as its header (else it renders shifted)."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line.count("|") - 1)
+        elif current:
+            tables, current = tables + [current], []
+    assert tables and all(set(t) == {t[0]} for t in tables), tables
 
 
 def test_paired_difference_by_hand():
