@@ -40,8 +40,9 @@ def collect(runs_of_row, langs):
 
 
 def paired_rows(table, primed):
-    """Each primed condition (in `primed`) against no priming of the same PEFT, and MAML against
-    MTL priming."""
+    """Each primed condition (in `primed`) against no priming of the same PEFT, MAML against MTL
+    priming, and each ablation against the MAML priming it removes one piece of (the paper's
+    ablation question: what does that piece add?)."""
     pairs = []
     for (peft, condition), row in table.items():
         base = (peft, "no priming")
@@ -49,6 +50,8 @@ def paired_rows(table, primed):
             pairs.append(((peft, condition), base))
         if condition == "MAML priming" and (peft, "MTL priming") in table:
             pairs.append(((peft, condition), (peft, "MTL priming")))
+        if condition.startswith("ablation:") and (peft, "MAML priming") in table:
+            pairs.append(((peft, condition), (peft, "MAML priming")))
     differences = {f"{peft} | {cond} vs {other}": paired_difference(table[(peft, cond)]["by_finetune_seed"],
                                                                      table[(peft, other)]["by_finetune_seed"])
                    for (peft, cond), (_, other) in pairs}

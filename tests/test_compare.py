@@ -381,6 +381,18 @@ def test_priming_curve_averages_adaptation_between_its_rows(tmp_path):
     assert priming_curve.rows_of(tmp_path, every=4)[0][2] == pytest.approx((0.5 + 0.3 + 0.1 + 0.2) / 4)
 
 
+def test_each_ablation_is_paired_with_maml_priming_on_the_ablation_seeds(tmp_path, fake):
+    compare.main(base_argv(tmp_path, "--conditions", "no priming,MAML priming,ablation: first-order",
+                           "--ablation-finetune-seeds", "2"))
+    paired = json.loads((tmp_path / "out" / "results.json").read_text())["paired"]
+    ablation = paired["adapter | ablation: first-order vs MAML priming"]
+    assert ablation["n"] == 2 and math.isclose(ablation["mean"], -1.0)  # the fake gives MAML +1, ablations 0
+    assert paired["adapter | ablation: first-order vs no priming"]["n"] == 2
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| adapter | ablation: first-order vs MAML priming | 2 | -1.00 |" in table
+    assert_tables_rectangular(table)
+
+
 def test_report_only_runs_nothing_and_tables_what_finished(tmp_path, fake):
     compare.main(base_argv(tmp_path, "--conditions", "no priming", "--finetune-seeds", "2"))
     first = len(fake.commands)
