@@ -410,3 +410,17 @@ def test_rows_without_a_common_seed_have_no_paired_difference():
     assert list(paired) == ["adapter | MAML priming vs no priming", "adapter | MAML priming vs MTL priming"]
     assert paired["adapter | MAML priming vs no priming"]["n"] == 1
     compare_report.paired_markdown(paired)  # one seed: no CI, no error
+
+
+def test_full_fine_tuning_gets_the_full_rate_and_peft_runs_keep_their_identity(tmp_path):
+    import finetune_peft
+    args = compare.build_parser().parse_args(["--data-dir", "/work/shared/data/wikiann"])
+    for budget in ("cpu", "gpu", "smoke"):
+        args.budget = budget
+        full, _ = compare.finetune_plan(args, tmp_path, "e5-small", "full", 0, "full-no_priming")
+        adapter, _ = compare.finetune_plan(args, tmp_path, "e5-small", "adapter", 0, "adapter-no_priming")
+        assert finetune_peft.build_parser().parse_args(full).lr == finetune_peft.LR_FULL   # the last --lr wins
+        assert finetune_peft.build_parser().parse_args(adapter).lr in (None, 1e-3)          # None: the PEFT default
+    args.budget = "cpu"   # the committed verdict's folder name: changing a PEFT run's flags would orphan its records
+    _, folder = compare.finetune_plan(args, tmp_path, "e5-small", "adapter", 0, "adapter-no_priming")
+    assert folder.name == "ft-adapter-no_priming-f0-2de6f7c344"
