@@ -44,10 +44,10 @@ HERE = Path(__file__).resolve().parent
 # The priming of every budget: the inner loop of the inner-loop search (0.3 x 5 steps: support loss
 # to ~0.58 x) and the outer learning rate of the outer-loop pilot (README: 2e-4 diverges after 30
 # meta-steps, 2e-5 is slower, 5e-5 keeps the held-out query loss falling to meta-step 200).
+PRIME_SHAPE = ["--inner-steps", "5", "--inner-lr", "0.3", "--outer-lr", "5e-5"]
 # Full fine-tuning (the reference row) takes finetune_peft.LR_FULL, not the budgets' PEFT rate: at 1e-3
 # the whole encoder collapses (verdict run: training loss 1.76 and dev F1 0.0 at step 100).
 FULL_FT_LR = "3e-5"
-PRIME_SHAPE = ["--inner-steps", "5", "--inner-lr", "0.3", "--outer-lr", "5e-5"]
 BUDGETS = {
     "cpu": {"prime": ["--steps", "200", "--tasks-per-step", "2", "--batch-size", "8", "--max-sentences", "2000",
                       *PRIME_SHAPE],
