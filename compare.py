@@ -76,13 +76,22 @@ CONDITIONS = {
     "ablation: same-language query": ["--query", "same"],
     "ablation: first-order": ["--first-order"],
     "ablation: outer update of initial PEFT": ["--outer-peft"],
+    "MTL priming at MAML's compute": ["--method", "mtl"],                  # + EQUAL_COMPUTE's --steps
+    "multi-source fine-tuning (en + priming languages)": None,          # + MULTI_SOURCE's fine-tuning flags
 }
 MAIN_ROWS = ("no priming", "MTL priming", "MAML priming")
-PRIMED = [c for c, flags in CONDITIONS.items() if flags is not None]
+# The practitioner's baseline: no priming; the PEFT tensors and head fine-tuned on en plus the
+# priming languages' train sentences (the pool priming draws from: the budget's --max-sentences).
+MULTI_SOURCE = "multi-source fine-tuning (en + priming languages)"
+# MTL priming given the wall time of MAML priming: MAML's meta-step costs this many MTL steps
+# (sum of the meta-steps' seconds in the verdict-cpu priming logs: adapter 1021 s vs 180 s, prefix
+# 1081 s vs 176 s for 200 steps, both on the 2-core CPU with two processes; RESULTS.md).
+EQUAL_COMPUTE = "MTL priming at MAML's compute"
+EQUAL_COMPUTE_FACTOR = {"adapter": 1021 / 180, "prefix": 1081 / 176, "lora": 1021 / 180}
 # dose-response rows: MAML priming with a fraction of the budget's meta-steps (0 is "no priming"),
 # fine-tuned with the main rows' seeds so they pair with them
 DOSES = {"dose: MAML priming for 1/4 of the meta-steps": 0.25}
-FIRST = MAIN_ROWS + tuple(DOSES)  # run first, with the main rows' fine-tuning seeds
+FIRST = MAIN_ROWS + tuple(DOSES) + (MULTI_SOURCE, EQUAL_COMPUTE)  # run first, with the main rows' fine-tuning seeds
 FULL_ROW = ("full", "full fine-tuning (reference)")
 SOURCE_LANG = "en"  # fine-tuning language of every run
 HASH_CHARS = 10
@@ -100,7 +109,12 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--budget", choices=sorted(BUDGETS), default="cpu", help="stage flags per run (see BUDGETS)")
     p.add_argument("--pefts", default="adapter,prefix", help="PEFT methods to compare")
-    p.add_argument("--priming-seeds", type=int, default=1, help="priming runs per primed condition (seeds 0..N-1)")
+    p.add_argument("--priming-seeds", type=int, default=1,
+                   help="priming runs per primed condition (seeds 0..N-1); with 2 or more, differences between primed "
+                        "rows are tested over priming runs (stats.two_level_difference)")
+    p.add_argument("--replicate-finetune-seeds", type=int, default=None,
+                   help="fine-tuning seeds (0..N-1) of priming seeds 1.. (default: as many as priming seed 0 gets): "
+                        "e.g. 5 priming runs x 2 fine-tuning seeds, seed 0 keeping its 5")
     p.add_argument("--finetune-seeds", type=int, default=5,
                    help="fine-tuning seeds of the main rows (0..N-1), the same in every row: the pairing")
     p.add_argument("--ablation-finetune-seeds", type=int, default=3, help="fine-tuning seeds of the ablation rows")
@@ -130,8 +144,8 @@ def build_parser():
 
 def check_args(args):
     """One clear error per bad flag, before anything runs."""
-    for flag in ["priming_seeds", "finetune_seeds", "ablation_finetune_seeds", "full_seeds"]:
-        if getattr(args, flag) < 1:
+    for flag in ["priming_seeds", "finetune_seeds", "ablation_finetune_seeds", "full_seeds", "replicate_finetune_seeds"]:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
     if args.eval_sentences is not None and args.eval_sentences < 1:
         raise ValueError(f"--eval-sentences must be at least 1 (got {args.eval_sentences}); leave it out for the full test sets")
@@ -231,7 +245,8 @@ def prime_plan(args, runs, peft, condition, seed):
     """(flags, folder) of the priming run of (condition, priming seed)."""
     flags = ["--model", args.model, *data_flags(args), *BUDGETS[args.budget]["prime"], "--peft", peft,
              "--seed", str(seed), "--source-lang", SOURCE_LANG, "--priming-langs", args.priming_langs,
-             *CONDITIONS[condition], *maml_overrides(args, condition), *dose_steps(args, condition)]
+             *CONDITIONS[condition], *maml_overrides(args, condition), *dose_steps(args, condition),
+             *equal_compute_steps(args, peft, condition)]
     return flags, runs / f"primed-{peft}-{slug(condition)}-p{seed}-{run_identity(flags)}"
 
 
@@ -249,6 +264,29 @@ def dose_steps(args, condition):
     if condition not in DOSES:
         return []
     return ["--steps", str(max(1, round(budget_steps(args) * DOSES[condition])))]
+
+
+def equal_compute_steps(args, peft, condition):
+    """--steps of the equal-compute MTL row: the MTL steps that fit in MAML priming's time."""
+    if condition != EQUAL_COMPUTE:
+        return []
+    return ["--steps", str(round(budget_steps(args) * EQUAL_COMPUTE_FACTOR[peft]))]
+
+
+def baselines_of(condition):
+    """The rows a condition is compared with (compare_report.paired_rows), in the table's order."""
+    if condition == "no priming":
+        return []
+    bases = ["no priming"]
+    if condition in ("MAML priming", EQUAL_COMPUTE):
+        bases.append("MTL priming")
+    if condition == "MAML priming":
+        bases.append(EQUAL_COMPUTE)
+    if condition.startswith("ablation:"):
+        bases.append("MAML priming")
+    if condition in ("MTL priming", "MAML priming"):
+        bases.append(MULTI_SOURCE)   # does priming beat fine-tuning on the same labelled languages?
+    return bases
 
 
 def dose_ladder(args):
@@ -271,18 +309,21 @@ def maml_overrides(args, condition):
             + (["--inner-steps", str(args.inner_steps)] if args.inner_steps else []))
 
 
-def finetune_plan(args, runs, init, peft, seed, tag):
+def finetune_plan(args, runs, init, peft, seed, tag, condition=None):
     """(flags, folder) of a fine-tuning run of PEFT `peft` on the body `init` with fine-tuning seed `seed`."""
     flags = [*data_flags(args), *BUDGETS[args.budget]["finetune"], "--init", str(init), "--peft", peft,
              "--lang", SOURCE_LANG, "--seed", str(seed)]
+    if condition == MULTI_SOURCE:  # appended: every other run keeps its identity
+        prime = BUDGETS[args.budget]["prime"]
+        flags += ["--extra-langs", args.priming_langs, "--extra-sentences", prime[prime.index("--max-sentences") + 1]]
     if peft == "full":  # the budgets' --lr is a PEFT rate; appended, it overrides and keeps the PEFT runs' identity
         flags += ["--lr", FULL_FT_LR]
     return flags, runs / f"ft-{tag}-f{seed}-{run_identity(flags)}"
 
 
-def finetune(args, runs, init, peft, seed, tag):
+def finetune(args, runs, init, peft, seed, tag, condition=None):
     """The fine-tuned folder, or None while another process runs it."""
-    flags, folder = finetune_plan(args, runs, init, peft, seed, tag)
+    flags, folder = finetune_plan(args, runs, init, peft, seed, tag, condition)
     reference = str(init) == args.model and seed == 0 and peft != "full"  # its PEFT tensors go into --records
     done = run_stage("finetune_peft.py", [*flags, "--out", str(folder)], folder / "run.json", device_flags(args),
                      args.records, weights=reference)
@@ -316,7 +357,7 @@ def one_run(args, runs, peft, condition, priming_seed, finetune_seed, langs, spl
     if primed:
         init = prime_plan(args, runs, peft, condition, priming_seed)[1]
         tag = init.name[len("primed-"):]
-    result = evaluate_plan(args, finetune_plan(args, runs, init, peft, finetune_seed, tag)[1], langs, split)[1]
+    result = evaluate_plan(args, finetune_plan(args, runs, init, peft, finetune_seed, tag, condition)[1], langs, split)[1]
     if finished(result):  # also when restored from --records, where the primed body's weights are gone
         return result
     if args.report_only:
@@ -325,7 +366,7 @@ def one_run(args, runs, peft, condition, priming_seed, finetune_seed, langs, spl
         reference = finetune(args, runs, args.model, peft, 0, f"{peft}-no_priming")  # the no-priming row's seed 0
         if reference is None or prime(args, runs, peft, condition, priming_seed, reference) is None:
             return None
-    tuned = finetune(args, runs, init, peft, finetune_seed, tag)
+    tuned = finetune(args, runs, init, peft, finetune_seed, tag, condition)
     return evaluate(args, tuned, langs, split) if tuned else None
 
 
@@ -334,8 +375,10 @@ def row_plan(args, peft, condition):
     if (peft, condition) == FULL_ROW:
         return [(0, f) for f in range(args.full_seeds)]
     finetune_seeds = args.finetune_seeds if condition in FIRST else args.ablation_finetune_seeds
-    priming_seeds = [0] if CONDITIONS[condition] is None else range(args.priming_seeds)
-    return [(p, f) for p in priming_seeds for f in range(finetune_seeds)]
+    if CONDITIONS[condition] is None:
+        return [(0, f) for f in range(finetune_seeds)]
+    replicates = args.replicate_finetune_seeds or finetune_seeds
+    return [(p, f) for p in range(args.priming_seeds) for f in range(finetune_seeds if p == 0 else replicates)]
 
 
 def main(argv=None):
@@ -363,10 +406,10 @@ def main(argv=None):
             row_runs[(peft, condition)] = finished
             table[(peft, condition)] = collect(finished, langs)
             table = {row: table[row] for row in sorted(table, key=order.get)}
-            write_results(table, paired_rows(table, PRIMED), langs, args, out, dose_ladder(args))
+            write_results(table, paired_rows(table, baselines_of), langs, args, out, dose_ladder(args))
     row_runs = {row: row_runs[row] for row in table}
     add_body_change(table, row_runs, args.model)
-    paired = paired_rows(table, PRIMED)
+    paired = paired_rows(table, baselines_of)
     write_results(table, paired, langs, args, out, dose_ladder(args))
     import compare_plots
     compare_plots.plot_f1(table, out / "f1.png")

@@ -10,76 +10,102 @@ import json
 from pathlib import Path
 
 from runs import read_record
-from stats import mean_std, paired_difference
+from stats import mean_std, priming_sd, two_level_difference
 
 
 def read_run(result):
-    """One finished run: its scores, fine-tuning seed, code versions and folders."""
+    """One finished run: its scores, priming and fine-tuning seeds, code versions, folders and
+    the seconds its priming took (the sum of the meta-steps' times in the priming run's log)."""
     scores = json.loads(Path(result).read_text())
     tuned = Path(result).parent
     record = read_record(tuned) or {}
     primed = (record.get("init_record") or {})
     versions = {record.get("code_version"), primed.get("code_version"), scores.get("code_version")} - {None}
+    primed_folder = Path(record["init_path"]) if primed else None
     return {"results": scores["results"], "finetune_seed": record.get("args", {}).get("seed"),
-            "versions": sorted(versions), "tuned": tuned,
-            "primed": Path(record["init_path"]) if primed else None, "body_change": primed.get("body_change")}
+            "priming_seed": primed.get("args", {}).get("seed") if primed else None,
+            "versions": sorted(versions), "tuned": tuned, "primed": primed_folder,
+            "body_change": primed.get("body_change"), "priming_seconds": priming_seconds(primed_folder)}
+
+
+def priming_seconds(primed):
+    """Seconds of the meta-steps of a priming run (its metrics.jsonl), or None (no priming, no log)."""
+    log = Path(primed) / "metrics.jsonl" if primed else None
+    if log is None or not log.is_file():
+        return None
+    return sum(json.loads(line).get("seconds", 0.0) for line in log.read_text().splitlines() if line.strip())
 
 
 def collect(runs_of_row, langs):
-    """Per language and average: mean and std of F1 (seqeval default) over the row's runs, and
-    the average F1 per fine-tuning seed (mean over priming seeds), the input of the pairing."""
+    """Per language and average: mean and std of F1 (seqeval default) over the row's runs; the
+    average F1 of every (priming seed, fine-tuning seed), the input of the pairing (priming seed
+    None for unprimed rows); sigma_p, the spread between priming runs; the priming time of its fastest priming run."""
     row = {lang: mean_std([r["results"][lang]["f1_default"] for r in runs_of_row]) for lang in [*langs, "average"]}
-    by_seed = {}
-    for r in runs_of_row:
-        by_seed.setdefault(r["finetune_seed"], []).append(r["results"]["average"]["f1_default"])
-    row["by_finetune_seed"] = {s: sum(v) / len(v) for s, v in sorted(by_seed.items())}
+    row["scores"] = {(r["priming_seed"], r["finetune_seed"]): r["results"]["average"]["f1_default"]
+                     for r in sorted(runs_of_row, key=lambda r: (r["priming_seed"] or 0, r["finetune_seed"]))}
+    row["priming_runs"] = len({p for p, _ in row["scores"] if p is not None})
+    row["priming_sd"] = priming_sd(row["scores"])
+    # the fastest priming run: wall time only grows with what else the machine runs at the time
+    seconds = {r["primed"]: r["priming_seconds"] for r in runs_of_row if r["priming_seconds"] is not None}
+    row["priming_seconds"] = min(seconds.values()) if seconds else None
     row["runs"] = len(runs_of_row)
     row["sentences"] = sorted({r["results"][lang]["sentences"] for r in runs_of_row for lang in langs})
     row["code_versions"] = sorted({v for r in runs_of_row for v in r["versions"]})
     return row
 
 
-def paired_rows(table, primed):
-    """Each primed condition (in `primed`) against no priming of the same PEFT, MAML against MTL
-    priming, and each ablation against the MAML priming it removes one piece of (the paper's
-    ablation question: what does that piece add?)."""
-    pairs = []
-    for (peft, condition), row in table.items():
-        base = (peft, "no priming")
-        if condition in primed and base in table:
-            pairs.append(((peft, condition), base))
-        if condition == "MAML priming" and (peft, "MTL priming") in table:
-            pairs.append(((peft, condition), (peft, "MTL priming")))
-        if condition.startswith("ablation:") and (peft, "MAML priming") in table:
-            pairs.append(((peft, condition), (peft, "MAML priming")))
-    differences = {f"{peft} | {cond} vs {other}": paired_difference(table[(peft, cond)]["by_finetune_seed"],
-                                                                     table[(peft, other)]["by_finetune_seed"])
+def paired_rows(table, baselines):
+    """Every row against each of its baselines of the same PEFT (compare.baselines_of: no
+    priming; MAML against MTL priming; each ablation against the MAML priming it removes one
+    piece of; primings against the multi-source fine-tuning), as stats.two_level_difference:
+    over priming runs where a row has several."""
+    pairs = [((peft, condition), (peft, base)) for peft, condition in table
+             for base in baselines(condition) if (peft, base) in table]
+    differences = {f"{peft} | {cond} vs {other}": two_level_difference(table[(peft, cond)]["scores"],
+                                                                        table[(peft, other)]["scores"])
                    for (peft, cond), (_, other) in pairs}
     return {name: d for name, d in differences.items() if d is not None}  # None: no seed finished in both rows
 
 
 def markdown(table, langs):
-    header = "| PEFT | condition | runs | " + " | ".join(langs) + " | average |"
-    rows = [header, "|---|---|---:|" + "---:|" * (len(langs) + 1)]
+    """One row per condition: runs (and how many priming runs), F1 mean ± std over its runs,
+    sigma_p, the priming cost (seconds of meta-steps of the fastest priming run; F1 gained over no
+    priming per priming hour)
+    and, where known, how far priming moved the body."""
+    header = "| PEFT | condition | runs | priming runs | " + " | ".join(langs) + " | average | σp | priming s | F1 / priming h |"
+    rows = [header, "|---|---|---:|---:|" + "---:|" * (len(langs) + 4)]
     changes = any("body_change" in r for r in table.values())
     if changes:  # how far priming moved the body (add_body_change)
         rows = [rows[0] + " body change |", rows[1] + "---:|"]
     for (peft, condition), r in table.items():
         cells = " | ".join(f"{r[l][0]:.2f} ± {r[l][1]:.2f}" if r["runs"] > 1 else f"{r[l][0]:.2f}"  # 1 run: no std
                            for l in [*langs, "average"])
+        sigma = f"{r['priming_sd']:.2f}" if r.get("priming_sd") is not None else "-"
+        seconds, per_hour = "-", "-"
+        if r.get("priming_seconds"):
+            seconds = f"{r['priming_seconds']:.0f}"
+            base = table.get((peft, "no priming"))
+            if base is not None:
+                per_hour = f"{(r['average'][0] - base['average'][0]) / (r['priming_seconds'] / 3600):+.1f}"
         change = (f" {r['body_change']:.1e} |" if "body_change" in r else " - |") if changes else ""
-        rows.append(f"| {peft} | {condition} | {r['runs']} | {cells} |{change}")
+        rows.append(f"| {peft} | {condition} | {r['runs']} | {r.get('priming_runs', 0) or '-'} | {cells} | {sigma} "
+                    f"| {seconds} | {per_hour} |{change}")
     return "\n".join(rows)
 
 
 def paired_markdown(paired):
-    # names are "PEFT | condition vs baseline" (paired_rows): two cells
-    rows = ["| PEFT | comparison | seeds | mean difference | 95% CI | half-width | seeds favouring | sd of differences |",
+    """names are "PEFT | condition vs baseline" (paired_rows): two cells. "design" is priming runs x
+    fine-tuning seeds; with one priming run the interval is over fine-tuning seeds only (no
+    priming variance), else over priming runs (stats.two_level_difference)."""
+    rows = ["| PEFT | comparison | priming runs x fine-tuning seeds | mean difference | 95% CI | half-width "
+            "| favouring | sd of differences |",
             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, d in paired.items():
         ci = f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d["ci95"] else "-"
         half = f"{d['half_width']:.2f}" if d["half_width"] is not None else "-"
-        rows.append(f"| {name} | {d['n']} | {d['mean']:+.2f} | {ci} | {half} | {d['favour']} of {d['n']} | {d['sd']:.2f} |")
+        over = f"{d['favour_of']} priming runs" if d["priming_seeds"] > 1 else f"{d['n']} seeds"
+        rows.append(f"| {name} | {d['priming_seeds']} x {d['finetune_seeds']} | {d['mean']:+.2f} | {ci} | {half} "
+                    f"| {d['favour']} of {over} | {d['sd']:.2f} |")
     return "\n".join(rows)
 
 
@@ -120,7 +146,10 @@ def provenance(table, args):
 def write_results(table, paired, langs, args, out, doses=()):
     text = "\n".join(provenance(table, args)) + "\n\n" + markdown(table, langs) + "\n"
     if paired:
-        text += "\nPaired differences of average target F1 (condition minus baseline, same fine-tuning seeds):\n\n"
+        text += ("\nPaired differences of average target F1 (condition minus baseline; same fine-tuning seeds, and "
+                 "same priming seeds where both rows are primed). Rows with several priming runs: the interval is over "
+                 "priming runs and holds their variance (σp in the table above); with 1 priming run it is over "
+                 "fine-tuning seeds only and holds none:\n\n")
         text += paired_markdown(paired) + "\n"
     dose = dose_markdown(table, paired, doses)
     if dose:
@@ -128,7 +157,8 @@ def write_results(table, paired, langs, args, out, doses=()):
     (out / "table.md").write_text(text)
     (out / "results.json").write_text(json.dumps({
         "provenance": provenance(table, args),
-        "rows": {f"{p} | {c}": {k: v for k, v in r.items()} for (p, c), r in table.items()},
+        "rows": {f"{p} | {c}": {k: v if k != "scores" else {f"p{ps}-f{fs}": x for (ps, fs), x in v.items()}
+                                for k, v in r.items()} for (p, c), r in table.items()},
         "paired": paired}, indent=1, default=str))
 
 

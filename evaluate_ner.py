@@ -98,7 +98,7 @@ def not_zero_shot(record, langs):
     each with a warning."""
     if not record:
         return []
-    seen = {record["args"].get("lang")}
+    seen = {record["args"].get("lang")} | set((record["args"].get("extra_langs") or "").split(","))
     primed = (record.get("init_record") or {}).get("args", {})
     seen |= set(primed.get("priming_langs", "").split(",")) | {primed.get("source_lang")}
     for lang in langs:

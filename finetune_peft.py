@@ -4,10 +4,13 @@
     python finetune_peft.py --init e5-small --peft adapter                               # no priming (reference)
     python finetune_peft.py --init e5-small --peft full                                  # full fine-tuning (reference)
     python finetune_peft.py --init xlm-roberta-base --peft prefix --gpu 0 --steps 3000
+    python finetune_peft.py --init e5-small --extra-langs de,es --extra-sentences 2000   # multi-source baseline
 
 The body (--init: a primed folder of meta_pretrain.py or any model name) stays frozen; only
 the PEFT tensors and the head train (with --peft full, everything trains). The step with the
-best source-language dev F1 is kept. The output folder holds the PEFT tensors and head only
+best source-language dev F1 is kept. --extra-langs adds other languages' train sentences to the
+source language's (the multi-source baseline: no priming, the same labelled languages priming
+sees); model selection stays on the source language's dev set. The output folder holds the PEFT tensors and head only
 (megabytes; a full model with --peft full), run.json (whose "init" points to the body) and
 metrics.jsonl. evaluate_ner.py --ckpt takes that folder.
 """
@@ -16,13 +19,14 @@ import argparse
 import time
 from pathlib import Path
 
+import datasets
 import torch
 from tqdm import tqdm
 
 import adapters
 import peft_config
 import peft_state
-from ner_data import LABELS, BatchStream, encode_sentences, load_wikiann
+from ner_data import LABELS, BatchStream, encode_sentences, load_wikiann, parse_languages
 from pretrained import (DEFAULT_MODEL, PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, model_config,
                         pick_device, precision_context, resolve_model)
 from runs import (MetricsLog, check_at_least, check_finite, check_positive, claim_run_folder, derive_seed,
@@ -49,7 +53,13 @@ def build_parser():
     p.add_argument("--peft", choices=["adapter", "prefix", "lora", "full"], default="adapter",
                    help="what trains: a PEFT method (body frozen) or full fine-tuning (reference)")
     peft_config.add_peft_flags(p)
-    p.add_argument("--lang", default="en", help="training language (the source language)")
+    p.add_argument("--lang", default="en", help="training language (the source language; its dev set selects the step)")
+    p.add_argument("--extra-langs", default=None,
+                   help="more training languages, comma-separated (e.g. de,es): their train sentences join --lang's, "
+                        "shuffled together; evaluate_ner.py leaves them out of the zero-shot average")
+    p.add_argument("--extra-sentences", type=int, default=None,
+                   help="train sentences read per --extra-langs language (default: --max-sentences); 2000 is the "
+                        "pool the CPU budget's priming draws from")
     p.add_argument("--steps", type=int, default=STEPS, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="sentences per batch")
     p.add_argument("--max-tokens", type=int, default=None,
@@ -74,7 +84,9 @@ def build_parser():
 
 def check_args(args):
     """Out-of-range flags: one clear error each. Returns the PEFT config (None for --peft full)."""
-    check_at_least(args, 1, "steps", "batch_size", "max_sentences", "dev_sentences", "eval_every", "max_len", "max_tokens")
+    check_at_least(args, 1, "steps", "batch_size", "max_sentences", "dev_sentences", "eval_every", "max_len", "max_tokens",
+                   "extra_sentences")
+    args.extra_langs = check_extra_langs(args.lang, args.extra_langs, args.extra_sentences)
     if args.eval_every is None:
         args.eval_every = max(1, args.steps // EVALS)
     if not 0 <= args.warmup < 1:
@@ -85,6 +97,29 @@ def check_args(args):
     if args.out is None:
         args.out = f"checkpoints/ft-{Path(args.init).name}-{args.peft}-{args.lang}-s{args.seed}"
     return None if args.peft == "full" else peft_config.peft_config_from_flags(args, args.peft)
+
+
+def check_extra_langs(lang, extra_langs, extra_sentences):
+    """--extra-langs as a normalised string (None: the source language only); the source language
+    or a repeated one among them is an error, and so is --extra-sentences without them."""
+    if extra_langs is None:
+        if extra_sentences is not None:
+            raise ValueError("--extra-sentences needs --extra-langs (e.g. --extra-langs de,es)")
+        return None
+    langs = parse_languages(extra_langs)
+    if lang in langs or len(set(langs)) < len(langs):
+        raise ValueError(f"--extra-langs {extra_langs}: give languages other than --lang {lang}, each once")
+    return ",".join(langs)
+
+
+def load_training_sentences(args):
+    """The train sentences: --lang's, plus each --extra-langs language's first --extra-sentences."""
+    train = load_wikiann(args.lang, "train", args.data_dir, args.max_sentences)
+    if args.extra_langs is None:
+        return train
+    extra = [load_wikiann(l, "train", args.data_dir, args.extra_sentences or args.max_sentences)
+             for l in parse_languages(args.extra_langs)]
+    return datasets.concatenate_datasets([train, *extra])  # BatchStream shuffles them together
 
 
 def linear_schedule(step, steps, warmup):
@@ -132,7 +167,7 @@ def main(argv=None):
     init_path = resolve_model(args.init)
     check_max_len(args.max_len, model_config(init_path))
     record = dict(init=args.init, init_path=init_path, init_record=init_record(init_path))
-    train = load_wikiann(args.lang, "train", args.data_dir, args.max_sentences)  # bad data: an error before any write
+    train = load_training_sentences(args)  # bad data: an error before any write
     dev = load_wikiann(args.lang, "dev", args.data_dir, args.dev_sentences)
     out = Path(args.out)
     lock = claim_run_folder(out, "finetune_peft", args, overwrite=args.overwrite)
@@ -164,7 +199,7 @@ def fine_tune(args, config, train, dev, out, record, device):
                   total_parameters=sum(p.numel() for p in model.parameters()))
     log, best = MetricsLog(out), {"dev_f1_default": -1.0, "step": 0}
     model.train()
-    bar = tqdm(range(1, args.steps + 1), desc=f"fine-tuning ({args.peft}, {args.lang})")
+    bar = tqdm(range(1, args.steps + 1), desc=f"fine-tuning ({args.peft}, {args.lang}{'+' + args.extra_langs if args.extra_langs else ''})")
     for step in bar:
         t0 = time.perf_counter()
         with precision_context(device, args.precision):

@@ -144,7 +144,7 @@ def test_paired_differences_cancel_the_shared_seed_noise(tmp_path, fake):
     assert set(paired) == {"adapter | MTL priming vs no priming", "adapter | MAML priming vs no priming",
                            "adapter | MAML priming vs MTL priming"}
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "| adapter | MAML priming vs no priming | 5 | +1.00 |" in table
+    assert "| adapter | MAML priming vs no priming | 1 x 5 | +1.00 |" in table
     assert "seqeval default" in table and "10000 (the full test sets)" in table
     assert_tables_rectangular(table)
 
@@ -389,7 +389,7 @@ def test_each_ablation_is_paired_with_maml_priming_on_the_ablation_seeds(tmp_pat
     assert ablation["n"] == 2 and math.isclose(ablation["mean"], -1.0)  # the fake gives MAML +1, ablations 0
     assert paired["adapter | ablation: first-order vs no priming"]["n"] == 2
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "| adapter | ablation: first-order vs MAML priming | 2 | -1.00 |" in table
+    assert "| adapter | ablation: first-order vs MAML priming | 1 x 2 | -1.00 |" in table
     assert_tables_rectangular(table)
 
 
@@ -403,10 +403,10 @@ def test_report_only_runs_nothing_and_tables_what_finished(tmp_path, fake):
 
 
 def test_rows_without_a_common_seed_have_no_paired_difference():
-    table = {("adapter", "no priming"): {"by_finetune_seed": {0: 70.0, 2: 71.0}},   # what one of two processes
-             ("adapter", "MTL priming"): {"by_finetune_seed": {1: 72.0, 3: 73.0}},  # has seen when it writes
-             ("adapter", "MAML priming"): {"by_finetune_seed": {0: 71.0, 1: 74.0}}}
-    paired = compare_report.paired_rows(table, compare.PRIMED)
+    table = {("adapter", "no priming"): {"scores": {(None, 0): 70.0, (None, 2): 71.0}},  # what one of two processes
+             ("adapter", "MTL priming"): {"scores": {(0, 1): 72.0, (0, 3): 73.0}},       # has seen when it writes
+             ("adapter", "MAML priming"): {"scores": {(0, 0): 71.0, (0, 1): 74.0}}}
+    paired = compare_report.paired_rows(table, compare.baselines_of)
     assert list(paired) == ["adapter | MAML priming vs no priming", "adapter | MAML priming vs MTL priming"]
     assert paired["adapter | MAML priming vs no priming"]["n"] == 1
     compare_report.paired_markdown(paired)  # one seed: no CI, no error
