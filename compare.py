@@ -118,7 +118,7 @@ def build_parser():
     p.add_argument("--model", default="e5-small", help="the pretrained model (name, folder or hub id)")
     p.add_argument("--data-dir", default=None, help="PAN-X folder (default: $WIKIANN_DIR, else the hub)")
     p.add_argument("--eval-data-dir", default=None,
-                   help="the folder of the target languages' test data (default: --data-dir)")
+                   help="the folder of the target languages' test data (default: --data-dir)%(default).0s")
     p.add_argument("--eval-data-format", choices=DATA_FORMATS, default="panx",
                    help="format of --eval-data-dir: panx, or conll (CoNLL columns; see evaluate_ner.py --help)")
     p.add_argument("--eval-tag-map", default=None,

@@ -175,7 +175,7 @@ def add_data_flags(parser):
     """--data-dir and the flags of the data format, the same on every stage."""
     parser.add_argument("--data-dir", default=None,
                         help="data folder <dir>/<lang>/<split> (default: $WIKIANN_DIR, else the hub's wikiann; "
-                             "--data-format conll needs it)")
+                             "--data-format conll needs it)%(default).0s")
     parser.add_argument("--data-format", choices=DATA_FORMATS, default="panx",
                         help="panx: 'lang:token<TAB>tag' lines (WikiANN/XTREME); conll: whitespace-separated "
                              "columns, <lang>/<split>[.txt|.conll] files (CoNLL-2002/2003 style)")
