@@ -3,6 +3,7 @@
     python compare.py --data-dir ../shared/data/wikiann                     # the CPU budget (README table)
     python compare.py --pefts adapter --conditions "no priming,MAML priming" --finetune-seeds 8
     python compare.py --gpu 0 --budget gpu --model xlm-roberta-base         # a larger budget on a GPU
+    python compare.py --langs es,nl --eval-data-dir conll2002 --eval-data-format conll --eval-tag-map MISC=O
 
 Runs the three stages for every condition and seed, then writes into --out:
   table.md / results.json   target-language F1 (fr, nl, pt test, seqeval default mode) per condition,
@@ -33,7 +34,7 @@ import sys
 from pathlib import Path
 
 from compare_report import add_body_change, collect, paired_rows, read_run, write_results
-from ner_data import parse_languages, resolve_data_dir
+from ner_data import DATA_FORMATS, parse_languages, parse_tag_map, resolve_data_dir
 from runs import is_finished, read_record, run_cli, try_lock
 from stats import seeds_for_half_width
 
@@ -130,6 +131,12 @@ def build_parser():
     p.add_argument("--inner-steps", type=int, default=None, help="inner steps of the MAML rows (default: the budget's)")
     p.add_argument("--model", default="e5-small", help="the pretrained model (name, folder or hub id)")
     p.add_argument("--data-dir", default=None, help="PAN-X folder (default: $WIKIANN_DIR, else the hub)")
+    p.add_argument("--eval-data-dir", default=None,
+                   help="the folder of the target languages' test data (default: --data-dir)%(default).0s")
+    p.add_argument("--eval-data-format", choices=DATA_FORMATS, default="panx",
+                   help="format of --eval-data-dir: panx, or conll (CoNLL columns; see evaluate_ner.py --help)")
+    p.add_argument("--eval-tag-map", default=None,
+                   help="with --eval-data-format conll: entity types to rename, e.g. MISC=O (evaluate_ner.py --tag-map)")
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
     p.add_argument("--out", default=None, help="results folder (default: results/<budget>)")
     p.add_argument("--runs", default=None, help="where the stage checkpoints go (default: <out>/runs)")
@@ -160,7 +167,19 @@ def check_args(args):
         raise ValueError(f"unknown condition(s) {unknown}; known: {', '.join(CONDITIONS)}")
     data_dir = resolve_data_dir(args.data_dir)  # $WIKIANN_DIR included, made absolute: part of run identity
     args.data_dir = str(data_dir.resolve()) if data_dir else None
+    check_eval_data(args)
     return langs, conditions
+
+
+def check_eval_data(args):
+    """The evaluation's data flags, as evaluate_ner.py would check them (made absolute: run identity)."""
+    if args.eval_data_format == "conll" and not args.eval_data_dir:
+        raise ValueError("--eval-data-format conll needs --eval-data-dir: the folder of <lang>/test CoNLL files")
+    if args.eval_tag_map and args.eval_data_format != "conll":
+        raise ValueError("--eval-tag-map applies to --eval-data-format conll only")
+    parse_tag_map(args.eval_tag_map)
+    if args.eval_data_dir:
+        args.eval_data_dir = str(resolve_data_dir(args.eval_data_dir).resolve())
 
 
 # ----------------------------------------------------------------------------- running stages
@@ -239,6 +258,15 @@ def device_flags(args):
 
 def data_flags(args):
     return ["--data-dir", args.data_dir] if args.data_dir else []
+
+
+def eval_data_flags(args):
+    """The evaluation's data flags: --data-dir's unless --eval-data-* say otherwise (then, and only
+    then, they join the evaluation's identity, so existing evaluations keep theirs)."""
+    flags = ["--data-dir", args.eval_data_dir] if args.eval_data_dir else data_flags(args)
+    if args.eval_data_format != "panx":
+        flags += ["--data-format", args.eval_data_format]
+    return flags + (["--tag-map", args.eval_tag_map] if args.eval_tag_map else [])
 
 
 def prime_plan(args, runs, peft, condition, seed):
@@ -332,7 +360,7 @@ def finetune(args, runs, init, peft, seed, tag, condition=None):
 
 def evaluate_plan(args, tuned, langs, split):
     """(flags, eval JSON) of a fine-tuned folder on `langs`; each language set and size is its own file."""
-    flags = [*data_flags(args), *BUDGETS[args.budget]["evaluate"], "--split", split, "--langs", ",".join(langs)]
+    flags = [*eval_data_flags(args), *BUDGETS[args.budget]["evaluate"], "--split", split, "--langs", ",".join(langs)]
     flags += ["--max-sentences", str(args.eval_sentences)] if args.eval_sentences else []
     return flags, Path(tuned) / f"eval-{split}-{run_identity(flags)}.json"
 

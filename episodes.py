@@ -32,9 +32,10 @@ def query_languages(source_lang, priming_langs, query):
     return list(priming_langs) if query == "cross" else [source_lang]
 
 
-def batch_stream(tokenizer, lang, split, data_dir, max_sentences, batch_size, max_len, seed, device, max_tokens=None):
-    """An endless seeded stream of padded batches of one language and split."""
-    data = load_wikiann(lang, split, data_dir, max_sentences)
+def batch_stream(tokenizer, lang, split, data_dir, max_sentences, batch_size, max_len, seed, device, max_tokens=None,
+                 fmt=None):
+    """An endless seeded stream of padded batches of one language and split (fmt: ner_data.load_wikiann's)."""
+    data = load_wikiann(lang, split, data_dir, max_sentences, fmt)
     return BatchStream(encode_sentences(data, tokenizer, max_len), batch_size, seed=seed,
                        pad_id=tokenizer.pad_token_id, device=device, max_tokens=max_tokens)
 
@@ -44,10 +45,10 @@ class EpisodeSource:
     stream has its own seed derived from the run's seed, so resuming restores each one."""
 
     def __init__(self, tokenizer, source_lang, query_langs, data_dir, max_sentences, batch_size, max_len, seed,
-                 device="cpu", max_tokens=None):
+                 device="cpu", max_tokens=None, fmt=None):
         def stream(lang, role):
             return batch_stream(tokenizer, lang, "train", data_dir, max_sentences, batch_size, max_len,
-                                derive_seed(seed, f"{role} stream {lang}"), device, max_tokens)
+                                derive_seed(seed, f"{role} stream {lang}"), device, max_tokens, fmt)
         self.support = stream(source_lang, "support")
         self.query = {lang: stream(lang, "query") for lang in query_langs}
 
@@ -69,11 +70,12 @@ class EpisodeSource:
             s.load_state(state["query"][lang])
 
 
-def held_out_episode(tokenizer, source_lang, priming_langs, data_dir, eval_sentences, batch_size, max_len, device="cpu"):
+def held_out_episode(tokenizer, source_lang, priming_langs, data_dir, eval_sentences, batch_size, max_len, device="cpu",
+                     fmt=None):
     """{"support": one source-language dev batch, "query": priming-language dev batches}."""
     def dev_batches(lang, n_sentences):
         dev = batch_stream(tokenizer, lang, "dev", data_dir, n_sentences, batch_size, max_len,
-                           derive_seed(0, "held-out batches"), device)
+                           derive_seed(0, "held-out batches"), device, fmt=fmt)
         return [dev.next_batch() for _ in range(max(1, len(dev.examples) // batch_size))]
     return {"support": dev_batches(source_lang, batch_size)[0],
             "query": [b for lang in priming_langs for b in dev_batches(lang, eval_sentences)]}

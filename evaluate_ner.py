@@ -4,6 +4,7 @@
     python evaluate_ner.py --ckpt checkpoints/ft-e5-small-adapter-en-s0 --langs fr,nl,pt --split dev
     python evaluate_ner.py --ckpt ... --predictions preds/    # also preds/fr.conll ...: token gold predicted
     python evaluate_ner.py --ckpt ... --gpu 0 --max-sentences 1000
+    python evaluate_ner.py --ckpt ... --data-format conll --data-dir conll2002 --langs es,nl --tag-map MISC=O
 
 --ckpt is a folder of finetune_peft.py: PEFT tensors + head (its run.json names the body they
 were trained on) or a full model (--peft full). Prints a markdown table of precision, recall
@@ -21,7 +22,8 @@ import warnings
 from pathlib import Path
 
 import peft_state
-from ner_data import LABELS, SPLITS, encode_sentences, load_wikiann, parse_languages
+from ner_data import (LABELS, SPLITS, add_data_flags, data_description, data_format_from_flags, encode_sentences,
+                      load_wikiann, parse_languages)
 from pretrained import PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, pick_device, precision_context
 from runs import (check_at_least, code_version, is_finished, parser_taking_negative_numbers, read_record, run_cli,
                   write_json)
@@ -40,7 +42,7 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, or bf16 autocast for the forward passes")
     p.add_argument("--max-len", type=int, default=128, help="sub-word truncation length (cut words count as O)")
-    p.add_argument("--data-dir", default=None, help="PAN-X folder (default: $WIKIANN_DIR, else the hub's wikiann)")
+    add_data_flags(p)
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
     p.add_argument("--out", default=None, help="JSON output (default: <ckpt>/eval-<split>.json)")
     p.add_argument("--predictions", default=None,
@@ -62,7 +64,7 @@ def check_args(args):
     writable_folder(out.parent, "--out")
     if args.predictions:
         writable_folder(args.predictions, "--predictions")
-    return parse_languages(args.langs), out
+    return parse_languages(args.langs), out, data_format_from_flags(args)
 
 
 def load_finetuned(ckpt, device):
@@ -129,10 +131,10 @@ def writable_folder(folder, flag):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    langs, out = check_args(args)
+    langs, out, fmt = check_args(args)
     version = code_version()  # the code that scores, read now
     device = pick_device(args.gpu)
-    datasets = {lang: load_wikiann(lang, args.split, args.data_dir, args.max_sentences) for lang in langs}
+    datasets = {lang: load_wikiann(lang, args.split, args.data_dir, args.max_sentences, fmt) for lang in langs}
     model, tokenizer, record = load_finetuned(args.ckpt, device)
     check_max_len(args.max_len, model.config)
     seen = not_zero_shot(record, langs)
@@ -153,7 +155,8 @@ def main(argv=None):
                      "average_of": averaged, "not_zero_shot": seen,
                      "seconds": seconds, "device": str(device),
                      "f1_mode": "f1_default: seqeval default mode (conlleval-like, as XTREME); f1_strict: strict IOB2",
-                     "code_version": version, "predictions": args.predictions})
+                     "code_version": version, "predictions": args.predictions,
+                     **({"data": data_description(fmt)} if fmt else {})})
     print(markdown_table(results))
     print(f"scores written to {out} ({', '.join(f'{l} {s}s' for l, s in seconds.items())})")
 

@@ -26,7 +26,8 @@ from tqdm import tqdm
 import adapters
 import peft_config
 import peft_state
-from ner_data import LABELS, BatchStream, encode_sentences, load_wikiann, parse_languages
+from ner_data import (LABELS, BatchStream, add_data_flags, data_format_from_flags, encode_sentences, load_wikiann,
+                      parse_languages)
 from pretrained import (DEFAULT_MODEL, PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, model_config,
                         pick_device, precision_context, resolve_model)
 from runs import (MetricsLog, check_at_least, check_finite, check_positive, claim_run_folder, derive_seed,
@@ -74,7 +75,7 @@ def build_parser():
                    help=f"dev F1 every N steps and at the end (default: --steps / {EVALS}, so {EVALS} evaluations)"
                         "%(default).0s")
     p.add_argument("--max-len", type=int, default=MAX_LEN, help="sub-word truncation length")
-    p.add_argument("--data-dir", default=None, help="PAN-X folder (default: $WIKIANN_DIR, else the hub's wikiann)")
+    add_data_flags(p)
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of every RNG (PEFT init, data order, dropout)")
     p.add_argument("--out", default=None, help="output folder (default: checkpoints/ft-<init>-<peft>-<lang>-s<seed>)")
@@ -112,12 +113,13 @@ def check_extra_langs(lang, extra_langs, extra_sentences):
     return ",".join(langs)
 
 
-def load_training_sentences(args):
-    """The train sentences: --lang's, plus each --extra-langs language's first --extra-sentences."""
-    train = load_wikiann(args.lang, "train", args.data_dir, args.max_sentences)
+def load_training_sentences(args, fmt=None):
+    """The train sentences: --lang's, plus each --extra-langs language's first --extra-sentences
+    (fmt: the data format, ner_data.data_format_from_flags; None: PAN-X)."""
+    train = load_wikiann(args.lang, "train", args.data_dir, args.max_sentences, fmt)
     if args.extra_langs is None:
         return train
-    extra = [load_wikiann(l, "train", args.data_dir, args.extra_sentences or args.max_sentences)
+    extra = [load_wikiann(l, "train", args.data_dir, args.extra_sentences or args.max_sentences, fmt)
              for l in parse_languages(args.extra_langs)]
     return datasets.concatenate_datasets([train, *extra])  # BatchStream shuffles them together
 
@@ -163,12 +165,13 @@ def init_record(init_path):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     config = check_args(args)
+    fmt = data_format_from_flags(args)
     device = pick_device(args.gpu)
     init_path = resolve_model(args.init)
     check_max_len(args.max_len, model_config(init_path))
     record = dict(init=args.init, init_path=init_path, init_record=init_record(init_path))
-    train = load_training_sentences(args)  # bad data: an error before any write
-    dev = load_wikiann(args.lang, "dev", args.data_dir, args.dev_sentences)
+    train = load_training_sentences(args, fmt)  # bad data: an error before any write
+    dev = load_wikiann(args.lang, "dev", args.data_dir, args.dev_sentences, fmt)
     out = Path(args.out)
     lock = claim_run_folder(out, "finetune_peft", args, overwrite=args.overwrite)
     try:

@@ -16,7 +16,8 @@ One meta-step (PAPER.md, "One priming episode"), for each of --tasks-per-step ta
      (`meta_gradient`), then AdamW on theta (the outer loop).
 The output folder is an ordinary transformers checkpoint of the primed body theta (the PEFT
 tensors and head are dropped: downstream fine-tuning starts them fresh), plus run.json (every
-flag), metrics.jsonl, and resume.pt (resume_state.py).
+flag), metrics.jsonl, resume.pt (resume_state.py) and README.md, its model card in the hub's
+format (model_card.py).
 """
 
 import argparse
@@ -32,14 +33,16 @@ import adapters
 import distributed
 import episodes
 import maml
+import model_card
 import peft_config
 import peft_state
 import resume_state
-from ner_data import LABELS, parse_languages
+from ner_data import LABELS, add_data_flags, data_format_from_flags, parse_languages
 from pretrained import (DEFAULT_MODEL, PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, model_config,
                         pick_device, precision_context, resolve_model)
-from runs import (MetricsLog, check_at_least, check_finite, check_positive, claim_run_folder, derive_seed,
-                  parser_taking_negative_numbers, read_record, run_cli, save_model_atomic, set_seed, write_record)
+from runs import (MetricsLog, check_at_least, check_finite, check_positive, claim_run_folder, code_version,
+                  derive_seed, parser_taking_negative_numbers, read_record, run_cli, save_model_atomic, set_seed,
+                  write_record)
 
 # --------------------------------------------------------------------- defaults -----
 # Budget: the README's main job; a meta-step of these defaults took ~10 s on one busy CPU core (README).
@@ -103,7 +106,7 @@ def build_parser():
                    help="support loss after the inner loop every N meta-steps (an extra forward, ~11%% of a step)")
     p.add_argument("--save-every", type=int, default=SAVE_EVERY, help="resumable checkpoint every N steps")
     p.add_argument("--model", default=DEFAULT_MODEL, help="e5-small (offline default), a folder, or a hub id (xlm-roberta-base)")
-    p.add_argument("--data-dir", default=None, help="PAN-X folder (default: $WIKIANN_DIR, else the hub's wikiann)")
+    add_data_flags(p)
     p.add_argument("--gpu", type=int, default=None,
                    help="CUDA device index; leave out for the CPU. Under torchrun leave it out: each process "
                         "takes GPU LOCAL_RANK (choose GPUs with CUDA_VISIBLE_DEVICES; with none visible, gloo on the CPU)")
@@ -217,6 +220,7 @@ def check_losses(metrics, step):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     config = check_args(args)
+    fmt = data_format_from_flags(args)
     world, rank, _ = distributed.torchrun_world()
     device = pick_device(args.gpu)
     if rank == 0:
@@ -228,13 +232,14 @@ def main(argv=None):
     source = episodes.EpisodeSource(tokenizer, args.source_lang,  # bad data: an error before anything is written
                                     episodes.query_languages(args.source_lang, priming_langs, args.query),
                                     args.data_dir, args.max_sentences, args.batch_size, args.max_len, args.seed, device,
-                                    args.max_tokens)
+                                    args.max_tokens, fmt)
     held_out = episodes.held_out_episode(tokenizer, args.source_lang, priming_langs, args.data_dir,
-                                         args.eval_sentences, args.batch_size, args.max_len, device)
+                                         args.eval_sentences, args.batch_size, args.max_len, device, fmt)
     out, lock = Path(args.out), None
     if rank == 0:  # only rank 0 writes the run folder; it owns it for the run's whole life
         lock = claim_run_folder(out, "meta_pretrain", args, shaping=sorted(set(vars(args)) - NOT_SHAPING),
-                                resume=args.resume, overwrite=args.overwrite)
+                                resume=args.resume, overwrite=args.overwrite,
+                                defaults=vars(build_parser().parse_args([])))  # for records older than a flag
     try:
         prime(args, config, tokenizer, source, held_out, out, device, world, rank)
     finally:
@@ -247,7 +252,8 @@ def main(argv=None):
 def prime(args, config, tokenizer, source, held_out, out, device, world, rank):
     """The priming loop: --steps meta-steps from the start or from resume.pt, then the primed body."""
     if rank == 0:
-        (out / "config.json").unlink(missing_ok=True)  # a run being extended is no finished model until it ends
+        for finished_only in ("config.json", model_card.CARD):  # a run being extended is no finished model
+            (out / finished_only).unlink(missing_ok=True)        # until it ends
         print(f"priming into {out}", flush=True)
     set_seed(args.seed)
     model = load_token_classifier(args.model, num_labels=len(LABELS), id2label=LABELS, device=device)
@@ -320,8 +326,9 @@ def rate_summary(rates):
 
 
 def finish(out, args, model, tokenizer, rates, body_change):
-    """The primed body, then the record that marks the run finished (written last)."""
+    """The primed body and its model card, then the record that marks the run finished (written last)."""
     save_model_atomic(body_only(model, args), tokenizer, out)
+    model_card.write_model_card(out, vars(args), body_change, code_version())
     record_inputs(out, args, status="finished", body_change=body_change,
                   **({"meta_sgd_rates": {n: r.item() for n, r in rates.items()}} if rates else {}))
     resume = out / resume_state.FILE

@@ -1,6 +1,7 @@
 """WikiANN NER data for all three stages: loading, sub-word label alignment, batching.
 
     WIKIANN_DIR=../shared/data/wikiann python ner_data.py --lang en --split train   # summary of a split
+    python ner_data.py --data-format conll --data-dir conll2002 --lang es --split test --tag-map MISC=O
 
     from ner_data import load_wikiann, encode_sentences, BatchStream
     train = load_wikiann("en", "train", data_dir="../shared/data/wikiann", max_sentences=2000)
@@ -12,10 +13,19 @@ Where the data comes from (`load_wikiann`): a PAN-X folder `<dir>/<lang>/{train,
 (XTREME's layout: one `lang:token<TAB>tag` per line, a blank line between sentences) given by
 `--data-dir` or `$WIKIANN_DIR`; else the hub's `wikiann` dataset. Either way the result is a
 `datasets.Dataset` with `tokens` and `ner_tags` (a ClassLabel in the hub's label order).
+
+With `--data-format conll` (`read_conll_file`), `--data-dir` is a folder of CoNLL column files,
+`<dir>/<lang>/<split>` (or `<split>.txt`, `<split>.conll`), e.g. CoNLL-2002's esp.testb saved
+as `<dir>/es/test.txt`: whitespace-separated columns, the token in --token-column (default the
+first), the NER tag in --tag-column (default the last), a blank line between sentences,
+`-DOCSTART-` lines skipped. Tags are normalised to IOB2 (--tag-scheme auto: BIOES/BILOU when a
+file has E-/S-/L-/U- tags, else IOB1, which leaves IOB2 unchanged), then renamed by --tag-map
+(`MISC=O,GPE=LOC`); every remaining type must be one the model predicts (PER, ORG, LOC).
 """
 
 import argparse
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +35,12 @@ SPLITS = ("train", "dev", "test")
 HUB_DATASET = "unimelb-nlp/wikiann"  # the hub's wikiann; its "validation" is PAN-X's "dev"
 PAD_MULTIPLE = 8  # on a GPU, batch lengths are rounded up to this (tensor cores work in tiles of 8)
 IGNORE = -100  # label of sub-words that carry no prediction (torch's cross-entropy ignore_index)
+TYPES = sorted({label[2:] for label in LABELS if label != "O"})  # entity types the models predict
+DATA_FORMATS = ("panx", "conll")
+TAG_SCHEMES = ("auto", "iob2", "iob1", "bioes")
+CONLL_NAMES = ("{split}", "{split}.txt", "{split}.conll")  # file names of a split in <dir>/<lang>/
+DOCSTART = "-DOCSTART-"  # CoNLL-2003's document separator line
+TO_IOB2 = {"B": "B", "I": "I", "E": "I", "S": "B", "L": "I", "U": "B"}  # BIOES and BILOU prefixes -> IOB2
 
 
 # ----------------------------------------------------------------------------------------
@@ -42,9 +58,9 @@ def resolve_data_dir(data_dir=None):
 
 
 def available_languages(data_dir):
-    """Languages of a PAN-X folder: its sub-folders that hold a train, dev or test file."""
+    """Languages of a data folder: its sub-folders that hold a train, dev or test file."""
     return sorted(p.name for p in Path(data_dir).iterdir()
-                  if p.is_dir() and any((p / s).is_file() for s in SPLITS))
+                  if p.is_dir() and any((p / n.format(split=s)).is_file() for s in SPLITS for n in CONLL_NAMES))
 
 
 def parse_languages(text):
@@ -72,7 +88,7 @@ def read_panx_file(path, max_sentences=None):
             lang, colon, token = word.partition(":")
             if not sep or not colon or not token or not lang:
                 raise ValueError(f"{path}:{lineno}: malformed line {line[:60]!r}: "
-                                 f"expected 'lang:token<TAB>tag'")
+                                 f"expected 'lang:token<TAB>tag' (a CoNLL column file? pass --data-format conll)")
             if tag not in LABELS:
                 raise ValueError(f"{path}:{lineno}: unknown tag {tag!r}: expected one of {', '.join(LABELS)}")
             tokens.append(token)
@@ -89,26 +105,39 @@ def _as_dataset(sentences):
                              features=features)
 
 
-def load_wikiann(lang, split, data_dir=None, max_sentences=None):
+def load_wikiann(lang, split, data_dir=None, max_sentences=None, fmt=None):
     """One split of one language as a datasets.Dataset (tokens, ner_tags); the first
-    max_sentences sentences only, when given (for small budgets)."""
+    max_sentences sentences only, when given (for small budgets). fmt: None for PAN-X (or the
+    hub), a ConllFormat for a folder of CoNLL column files (`data_format_from_flags`)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     if max_sentences is not None and max_sentences < 1:
         raise ValueError(f"--max-sentences {max_sentences}: give a positive number")
+    if fmt is not None and not data_dir:
+        raise ValueError("--data-format conll needs --data-dir: the folder of <lang>/<split> CoNLL files")
     folder = resolve_data_dir(data_dir)
     if folder is None:
         return _load_from_hub(lang, split, max_sentences)
-    path = folder / lang / split
-    if not path.is_file():
-        if not (folder / lang).is_dir():
-            raise ValueError(f"unknown language {lang!r}: {folder} has {', '.join(available_languages(folder))}")
-        raise FileNotFoundError(f"{path} is missing: a PAN-X folder holds <lang>/train, dev and test")
-    sentences = read_panx_file(path, max_sentences)
+    path = split_file(folder, lang, split, fmt)
+    sentences = read_panx_file(path, max_sentences) if fmt is None else read_conll_file(path, fmt, max_sentences)
     if not sentences:
-        raise ValueError(f"{path} holds no sentences: restore the file (PAN-X layout, one 'lang:token<TAB>tag' "
-                         f"per line) or point --data-dir at a complete copy")
+        layout = "PAN-X layout, one 'lang:token<TAB>tag' per line" if fmt is None else "CoNLL columns"
+        raise ValueError(f"{path} holds no sentences: restore the file ({layout}) or point --data-dir at a "
+                         f"complete copy")
     return _as_dataset(sentences)
+
+
+def split_file(folder, lang, split, fmt=None):
+    """The file of one split: <dir>/<lang>/<split> (CoNLL also <split>.txt or <split>.conll)."""
+    names = [n.format(split=split) for n in (CONLL_NAMES if fmt is not None else CONLL_NAMES[:1])]
+    for name in names:
+        if (folder / lang / name).is_file():
+            return folder / lang / name
+    if not (folder / lang).is_dir():
+        raise ValueError(f"unknown language {lang!r}: {folder} has {', '.join(available_languages(folder))}")
+    layout = "a PAN-X folder holds <lang>/train, dev and test" if fmt is None else \
+        f"a CoNLL folder holds <lang>/<split> files named {', '.join(n.format(split='<split>') for n in CONLL_NAMES)}"
+    raise FileNotFoundError(f"{folder / lang / names[0]} is missing: {layout}")
 
 
 def _load_from_hub(lang, split, max_sentences):
@@ -127,6 +156,169 @@ def _load_from_hub(lang, split, max_sentences):
         raise ValueError(f"could not load {HUB_DATASET} ({lang}, {split}) from the hub ({type(e).__name__}); "
                          f"pass --data-dir or set WIKIANN_DIR to a PAN-X folder") from None
     return ds.select_columns(["tokens", "ner_tags"])
+
+
+# ----------------------------------------------------------------------------------------
+# CoNLL column files
+
+@dataclass(frozen=True)
+class ConllFormat:
+    """How to read CoNLL column files: the token and tag columns, the tag scheme, and the
+    renamed entity types ((type, new type or "O"), ...)."""
+    token_column: int = 0
+    tag_column: int = -1
+    tag_scheme: str = "auto"
+    tag_map: tuple = ()
+
+
+def add_data_flags(parser):
+    """--data-dir and the flags of the data format, the same on every stage."""
+    parser.add_argument("--data-dir", default=None,
+                        help="data folder <dir>/<lang>/<split> (default: $WIKIANN_DIR, else the hub's wikiann; "
+                             "--data-format conll needs it)%(default).0s")
+    parser.add_argument("--data-format", choices=DATA_FORMATS, default="panx",
+                        help="panx: 'lang:token<TAB>tag' lines (WikiANN/XTREME); conll: whitespace-separated "
+                             "columns, <lang>/<split>[.txt|.conll] files (CoNLL-2002/2003 style)")
+    parser.add_argument("--token-column", type=int, default=0, help="conll: column of the tokens (0: the first)")
+    parser.add_argument("--tag-column", type=int, default=-1, help="conll: column of the NER tags (-1: the last)")
+    parser.add_argument("--tag-scheme", choices=TAG_SCHEMES, default="auto",
+                        help="conll: the files' tag scheme, normalised to IOB2 (auto: bioes when a file has "
+                             "E-/S- tags, else iob1, which leaves IOB2 tags unchanged)")
+    parser.add_argument("--tag-map", default=None,
+                        help="conll: rename entity types the model does not predict, comma-separated TYPE=TYPE "
+                             "or TYPE=O, e.g. MISC=O,GPE=LOC")
+    return parser
+
+
+def data_format_from_flags(args):
+    """None for --data-format panx, else the ConllFormat of the flags (bad flags: one line each)."""
+    if args.data_format == "panx":
+        if args.tag_map:
+            raise ValueError("--tag-map applies to --data-format conll only (PAN-X has PER, ORG and LOC only)")
+        return None
+    if not args.data_dir:
+        raise ValueError("--data-format conll needs --data-dir: the folder of <lang>/<split> CoNLL files")
+    return ConllFormat(args.token_column, args.tag_column, args.tag_scheme, parse_tag_map(args.tag_map))
+
+
+def parse_tag_map(text):
+    """'MISC=O,GPE=LOC' -> (("GPE", "LOC"), ("MISC", "O")); a target must be O or a known type."""
+    pairs = {}
+    for item in text.split(",") if text else []:
+        old, eq, new = (part.strip() for part in item.partition("="))
+        if not eq or not old or not new:
+            raise ValueError(f"bad --tag-map item {item!r}: give TYPE=TYPE or TYPE=O, comma-separated, e.g. MISC=O")
+        if new != "O" and new not in TYPES:
+            raise ValueError(f"--tag-map {old}={new}: {new} is not a type the model predicts ({', '.join(TYPES)}) "
+                             f"nor O")
+        pairs[old] = new
+    return tuple(sorted(pairs.items()))
+
+
+def read_conll_file(path, fmt, max_sentences=None):
+    """Sentences of one CoNLL column file as (tokens, tag ids), tags in IOB2 over LABELS."""
+    sentences = read_conll_columns(path, fmt, max_sentences)
+    scheme = detect_tag_scheme(sentences) if fmt.tag_scheme == "auto" else fmt.tag_scheme
+    tag_map = dict(fmt.tag_map)
+    result = []
+    for sentence in sentences:
+        check_tag_scheme(sentence, scheme, path)
+        tags = to_iob2([(prefix, kind) for _, prefix, kind, _ in sentence], scheme)
+        ids = [label_id(prefix, kind, tag_map, f"{path}:{lineno}")
+               for (prefix, kind), (_, _, _, lineno) in zip(tags, sentence)]
+        result.append(([token for token, *_ in sentence], ids))
+    return result
+
+
+def read_conll_columns(path, fmt, max_sentences=None):
+    """The raw sentences of a CoNLL file: lists of (token, tag prefix, entity type, line number)."""
+    sentences, words = [], []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            columns = decode_line(raw, path, lineno).split()
+            if columns and columns[0] != DOCSTART:
+                token, tag = column(columns, fmt.token_column, "--token-column", path, lineno), \
+                    column(columns, fmt.tag_column, "--tag-column", path, lineno)
+                words.append((token, *split_tag(tag, fmt.tag_column, f"{path}:{lineno}"), lineno))
+            elif words:  # a blank line (or -DOCSTART-) ends the sentence
+                sentences.append(words)
+                words = []
+                if max_sentences is not None and len(sentences) >= max_sentences:
+                    return sentences
+    return sentences + [words] if words else sentences
+
+
+def decode_line(raw, path, lineno):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}:{lineno}: not UTF-8 text: convert the file, e.g. iconv -f latin1 -t utf-8 "
+                         f"(CoNLL-2002's files are Latin-1)") from None
+
+
+def column(columns, index, flag, path, lineno):
+    if not -len(columns) <= index < len(columns):
+        raise ValueError(f"{path}:{lineno}: {len(columns)} column(s), no column {index}: check {flag} "
+                         f"(columns count from 0; -1 is the last)")
+    return columns[index]
+
+
+def split_tag(tag, tag_column, where):
+    """'B-PER' -> ('B', 'PER'); 'O' -> ('O', None); anything else is not a NER tag."""
+    prefix, dash, kind = tag.partition("-")
+    if tag == "O":
+        return "O", None
+    if not dash or prefix not in TO_IOB2 or not kind:
+        raise ValueError(f"{where}: {tag!r} in column {tag_column} is not a NER tag (O, B-TYPE, I-TYPE, E-TYPE, "
+                         f"S-TYPE): set --tag-column to the column of the NER tags")
+    return prefix, kind
+
+
+def detect_tag_scheme(sentences):
+    """bioes when any tag is E-/S- (or BILOU's L-/U-), else iob1 (which leaves IOB2 unchanged)."""
+    prefixes = {prefix for sentence in sentences for _, prefix, _, _ in sentence}
+    return "bioes" if prefixes & {"E", "S", "L", "U"} else "iob1"
+
+
+def check_tag_scheme(sentence, scheme, path):
+    """E-/S- (L-/U-) tags in a file read as IOB1 or IOB2: the --tag-scheme flag is wrong."""
+    for _, prefix, kind, lineno in sentence if scheme != "bioes" else []:
+        if prefix not in ("O", "B", "I"):
+            raise ValueError(f"{path}:{lineno}: tag {prefix}-{kind} is BIOES, but --tag-scheme {scheme}: "
+                             f"pass --tag-scheme bioes (or auto)")
+
+
+def to_iob2(tags, scheme):
+    """One sentence's (prefix, type) tags in IOB2. IOB1: an I- that starts an entity becomes
+    B-; BIOES: S- -> B-, E- -> I-; IOB2 as it is."""
+    if scheme == "bioes":
+        return [(TO_IOB2.get(prefix, prefix), kind) for prefix, kind in tags]
+    if scheme == "iob2":
+        return list(tags)
+    previous, result = None, []
+    for prefix, kind in tags:
+        starts = prefix == "I" and previous != kind
+        result.append(("B" if starts else prefix, kind))
+        previous = kind
+    return result
+
+
+def label_id(prefix, kind, tag_map, where):
+    """The LABELS index of an IOB2 tag after --tag-map; an unknown type names the flag that fixes it."""
+    if prefix == "O":
+        return 0
+    kind = tag_map.get(kind, kind)
+    if kind == "O":
+        return 0
+    if kind not in TYPES:
+        raise ValueError(f"{where}: entity type {kind} is not one the model predicts ({', '.join(TYPES)}): "
+                         f"map it with --tag-map {kind}=O (or {kind}=<type>)")
+    return LABELS.index(f"{prefix}-{kind}")
+
+
+def data_description(fmt):
+    """The data format as a JSON-ready dict (for records and scores)."""
+    return {"format": "panx"} if fmt is None else {"format": "conll", **asdict(fmt)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -270,10 +462,10 @@ def main():
     parser = argparse.ArgumentParser(description="Print a summary of one WikiANN split.")
     parser.add_argument("--lang", default="en", help="language code, e.g. en, de")
     parser.add_argument("--split", default="train", choices=SPLITS, help="which split")
-    parser.add_argument("--data-dir", default=None, help="PAN-X folder (default: $WIKIANN_DIR, else the hub)")
+    add_data_flags(parser)
     args = parser.parse_args()
     try:
-        ds = load_wikiann(args.lang, args.split, args.data_dir)
+        ds = load_wikiann(args.lang, args.split, args.data_dir, fmt=data_format_from_flags(args))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     n_tokens = sum(len(t) for t in ds["tokens"])

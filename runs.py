@@ -139,13 +139,14 @@ def remove_temporaries(folder):
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
 
-def claim_run_folder(out, stage, args, shaping=(), resume=False, overwrite=False):
+def claim_run_folder(out, stage, args, shaping=(), resume=False, overwrite=False, defaults=None):
     """Make `out` this run's folder, or stop with one line naming the problem and the fix.
 
     Refuses: a folder another process is writing (lock); a file; a folder of files that no
     run wrote; another stage's folder or a finished run (unless --overwrite); an interrupted
     run without --resume (the stage says whether it can resume); --resume whose flags in
-    `shaping` differ from the run's. Returns the lock (keep it open while the run lasts)."""
+    `shaping` differ from the run's (a flag that a record predates counts as its value in
+    `defaults`, the parser's defaults). Returns the lock (keep it open while the run lasts)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
@@ -168,7 +169,7 @@ def claim_run_folder(out, stage, args, shaping=(), resume=False, overwrite=False
         raise ValueError(f"{out} holds a {owner}: choose another --out (or --overwrite to replace it)")
     elif resume:
         for flag in shaping:
-            was, now = record["args"].get(flag), getattr(args, flag)
+            was, now = record["args"].get(flag, (defaults or {}).get(flag)), getattr(args, flag)
             if was != now:
                 raise ValueError(f"--resume: --{flag.replace('_', '-')} is {now} here but {was} in the run in {out}: "
                                  f"resume with the same flags, or start a new --out")
