@@ -277,9 +277,11 @@ def test_the_main_rows_run_first_and_the_table_keeps_the_papers_order(tmp_path, 
                   "--ablation-finetune-seeds", "1", "--data-dir", str(tmp_path), "--budget", "smoke"])
     rows = [(Path(flag(c, "--ckpt")).name.split("-")[1], Path(flag(c, "--ckpt")).name.split("-")[2])
             for c in fake.commands if "evaluate_ner.py" in c[1]]
-    main = {"no_priming", "MTL_priming", "MAML_priming", "dose_MAML_priming_for_1_4_of_the_meta_steps"}
+    main = {"no_priming", "MTL_priming", "MAML_priming", "dose_MAML_priming_for_1_4_of_the_meta_steps",
+            "multi_source_fine_tuning_en_priming_languages", "MTL_priming_at_MAML_s_compute"}
+    assert main == {compare.slug(c) for c in compare.FIRST}
     first_ablation = next(i for i, r in enumerate(rows) if r[1] not in main)
-    assert all(r[1] in main for r in rows[:first_ablation]) and len(rows[:first_ablation]) == 2 * 4 * 2
+    assert all(r[1] in main for r in rows[:first_ablation]) and len(rows[:first_ablation]) == 2 * 6 * 2
     assert rows[-1][0] == "full"
     lines = [l for l in (tmp_path / "out" / "table.md").read_text().splitlines() if l.startswith("| adapter |")
              or l.startswith("| prefix |") or l.startswith("| full |")]
