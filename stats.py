@@ -10,6 +10,7 @@ PEFT draw and the same data order), so seed-to-seed noise shared by both cancels
 d_s = F1(condition, s) - F1(baseline, s). The CI is mean(d) +- t(0.975, n-1) * sd(d) / sqrt(n).
 """
 
+import functools
 import math
 import statistics
 
@@ -36,6 +37,7 @@ def t_cdf(x, df, intervals=4000):
     return 0.5 + math.copysign(area, x)
 
 
+@functools.lru_cache(maxsize=None)  # a pure function, ~65 integrations a call; a comparison asks for a few df often
 def t_quantile(p, df):
     """The x with t_cdf(x, df) = p, for p > 0.5, by bisection (t_quantile(0.975, 4) = 2.776)."""
     low, high = 0.0, 1.0
