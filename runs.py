@@ -154,6 +154,16 @@ def claim_run_folder(out, stage, args, shaping=(), resume=False, overwrite=False
     lock = try_lock(out / LOCK)
     if lock is None:
         raise ValueError(f"{out} is being written by another running process: wait for it, or choose another --out")
+    try:
+        check_run_folder(out, stage, args, shaping, resume, overwrite)
+    except BaseException:
+        lock.close()  # else the error's traceback keeps it open: a caller in the same process could not retry
+        raise
+    return lock
+
+
+def check_run_folder(out, stage, args, shaping, resume, overwrite):
+    """claim_run_folder's refusals, with the lock held; clears the folder for --overwrite."""
     remove_temporaries(out)
     record = read_record(out)
     others = [p.name for p in out.iterdir() if p.name != LOCK]
@@ -161,7 +171,7 @@ def claim_run_folder(out, stage, args, shaping=(), resume=False, overwrite=False
         raise ValueError(f"{out} holds files that no run of this project wrote ({', '.join(sorted(others)[:3])}): "
                          f"choose a new or empty --out")
     if record is None:
-        return lock
+        return
     owner = f"{record.get('stage')} run"
     if overwrite:
         clear_folder(out)
@@ -178,7 +188,6 @@ def claim_run_folder(out, stage, args, shaping=(), resume=False, overwrite=False
     else:
         how = "--resume to continue it, " if "resume" in vars(args) else ""
         raise ValueError(f"{out} holds an interrupted {owner}: {how}--overwrite to start over, or choose another --out")
-    return lock
 
 
 def clear_folder(folder):

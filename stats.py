@@ -44,7 +44,7 @@ def t_cdf(x, df, intervals=400):
     return 0.5 + math.copysign(area, x)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=4096)  # a pure function; a comparison asks for the same df many times
 def t_quantile(p, df):
     """The x with t_cdf(x, df) = p, for p > 0.5 (t_quantile(0.975, 4) = 2.776), by Newton's method
     from 0: the cdf is concave for x > 0, so the steps rise monotonically to the root."""

@@ -6,10 +6,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the flat project modules
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (benchmarks/gpu_check.sh runs them)")
-
-
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny models are dominated by thread synchronisation: with 2 threads on a busy 2-core
@@ -19,6 +15,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "sentencepiece*", "vocab*", "merges*")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def each_tokenizer_read_once():
+    """Reading the real 17 MB tokenizer.json takes ~2 s of CPU, most of a tiny stage run, and each
+    run folder holds a copy of it: a tokenizer is read once per content of its files (a changed
+    file is read anew), and the stages get that same object, as they would get an equal one."""
+    import hashlib
+    from transformers import AutoTokenizer
+    real, cache = AutoTokenizer.from_pretrained, {}
+
+    def from_pretrained(name, *args, **kwargs):
+        folder = Path(str(name))
+        files = sorted({f for pattern in TOKENIZER_FILES for f in folder.glob(pattern) if f.is_file()})
+        if args or kwargs or not files:
+            return real(name, *args, **kwargs)
+        key = tuple((f.name, hashlib.sha1(f.read_bytes()).hexdigest()) for f in files)
+        if key not in cache:
+            cache[key] = real(name)
+        return cache[key]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AutoTokenizer, "from_pretrained", from_pretrained)
+        yield
 
 
 @pytest.fixture(scope="session")

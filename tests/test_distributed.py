@@ -74,6 +74,7 @@ def test_task_share_keeps_each_tasks_phi():
     assert distributed.task_share(tasks, world=1, rank=0)[0] == tasks
 
 
+@pytest.mark.slow  # two torchrun launches of 2 processes each
 def test_maml_on_two_processes_and_resume(dropout_free_model_dir, data_dir, tmp_path):
     """2 processes x 1 task = 1 process x 2 tasks, after 2 steps; then that torchrun run resumed to
     step 3 equals an uninterrupted 3-step run (one process: by the first check, the same as two)."""
@@ -92,6 +93,7 @@ def test_maml_on_two_processes_and_resume(dropout_free_model_dir, data_dir, tmp_
     assert json.loads((two / "run.json").read_text())["args"]["resume"]
 
 
+@pytest.mark.slow  # a torchrun launch of 2 processes
 def test_mtl_on_two_processes(dropout_free_model_dir, data_dir, tmp_path):
     model, one, two = dropout_free_model_dir, tmp_path / "one", tmp_path / "two"
     torchrun(prime_args(model, data_dir, two, "--method", "mtl"))

@@ -97,6 +97,15 @@ def test_a_folder_of_foreign_files_is_refused(tiny_model_dir, data_dir, tmp_path
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+def test_a_refused_folder_is_not_left_locked(tmp_path):
+    import argparse
+    from runs import LOCK, claim_run_folder
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="no run of this project wrote") as refused:  # its traceback stays alive
+        claim_run_folder(tmp_path, "meta_pretrain", argparse.Namespace())
+    assert refused.value and try_lock(tmp_path / LOCK) is not None      # so a retry in this process gets the lock
+
+
 def test_a_running_folder_is_locked(tiny_model_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "p"
     out.mkdir()

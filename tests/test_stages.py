@@ -84,15 +84,53 @@ def test_resume_equals_an_uninterrupted_run(tiny_model_dir, data_dir, tmp_path, 
     assert strip(whole / "metrics.jsonl") == strip(cut / "metrics.jsonl")
 
 
-@pytest.mark.parametrize("flags", [["--method", "mtl"], ["--inner-params", "all"], ["--outer-peft"],
-                                   ["--query", "same"], ["--first-order"], ["--peft", "prefix"], ["--peft", "lora"]])
-def test_every_ablation_runs(tiny_model_dir, data_dir, tmp_path, flags):
-    out = tmp_path / "primed"
-    meta_pretrain.main(prime_args(tiny_model_dir, data_dir, out, "--steps", "1", *flags))
-    assert (out / "config.json").is_file()
-    args = json.loads((out / "run.json").read_text())["args"]
-    recorded = args[flags[0].lstrip("-").replace("-", "_")]
-    assert recorded == (flags[1] if len(flags) > 1 else True)       # the record names the ablation that ran
+def two_meta_steps(model, data, out, *flags):
+    """A priming run of two meta-steps (the second shows a changed meta-gradient) and what it leaves:
+    the primed body (less the frozen word embeddings), metrics.jsonl, and the adapters in resume.pt."""
+    meta_pretrain.main(prime_args(model, data, out, "--steps", "2", "--tasks-per-step", "1", "--inner-steps", "1",
+                                  "--eval-every", "0", *flags))
+    body = {k: v for k, v in load_file(out / "model.safetensors").items() if "word_embeddings" not in k}
+    metrics = [{k: v for k, v in json.loads(l).items() if k != "seconds"}
+               for l in (out / "metrics.jsonl").read_text().splitlines()]
+    adapters = {k: v for k, v in torch.load(out / "resume.pt", weights_only=False)["model"].items() if "adapter" in k}
+    return body, metrics, adapters
+
+
+@pytest.fixture(scope="module")
+def default_priming(tiny_model_dir, data_dir, tmp_path_factory):
+    return two_meta_steps(tiny_model_dir, data_dir, tmp_path_factory.mktemp("default") / "primed")
+
+
+def differ(a, b):
+    assert a.keys() == b.keys() and a
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+# What each ablation changes in the outputs of a run with the default's seed (m: its metrics,
+# d: the default's, a / da: the adapters in resume.pt); a flag the code ignored changes nothing.
+SIGNS = {
+    "--method mtl": lambda m, d, a, da: "train_loss" in m[0] and "query_loss" not in m[0],     # no inner loop
+    "--inner-params all": lambda m, d, a, da: m[0]["support_loss_before"] == d[0]["support_loss_before"]
+    and m[0]["support_loss_after"] != d[0]["support_loss_after"],                            # the body adapts too
+    "--outer-peft": lambda m, d, a, da: differ(a, da)               # the initial adapters got the meta-gradient
+    and m[0]["support_loss_before"] != d[0]["support_loss_before"],                          # and phi starts there
+    "--query same": lambda m, d, a, da: m[0]["query_loss"] != d[0]["query_loss"],           # English query batches
+    "--first-order": lambda m, d, a, da: m[0] == d[0] and m[1] != d[1],  # same forward passes, another gradient
+    "--peft prefix": lambda m, d, a, da: m[0]["support_loss_before"] != d[0]["support_loss_before"],
+    "--peft lora": lambda m, d, a, da: m[0]["support_loss_before"] != d[0]["support_loss_before"],
+}
+
+
+@pytest.mark.parametrize("flags", ["", *SIGNS])
+def test_every_ablation_changes_what_priming_does(tiny_model_dir, data_dir, tmp_path, default_priming, flags):
+    body, metrics, adapters = two_meta_steps(tiny_model_dir, data_dir, tmp_path / "primed", *flags.split())
+    default_body, default_metrics, default_adapters = default_priming
+    if not flags:  # the control: the same seed gives the same run, so any difference below is the flag's
+        assert not differ(body, default_body) and metrics == default_metrics
+        assert not differ(adapters, default_adapters)
+        return
+    assert differ(body, default_body)
+    assert SIGNS[flags](metrics, default_metrics, adapters, default_adapters)
 
 
 @pytest.mark.parametrize("peft", ["prefix", "lora", "full"])
