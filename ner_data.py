@@ -15,7 +15,9 @@ Where the data comes from (`load_wikiann`): a PAN-X folder `<dir>/<lang>/{train,
 """
 
 import argparse
+import hashlib
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -41,17 +43,45 @@ def resolve_data_dir(data_dir=None):
     return Path(data_dir)
 
 
+def data_provenance(data_dir, files):
+    """What a run read, for its record: the resolved data folder (absolute; None for the hub) and
+    one sha256 over the bytes of every (lang, split) file it read, whole files (a few MB: ~10 ms
+    each), so two runs that name one folder but read other bytes are told apart."""
+    folder = resolve_data_dir(data_dir)
+    names = sorted({f"{lang}/{split}" for lang, split in files})
+    if folder is None:
+        return {"dir": None, "hub": HUB_DATASET, "files": names, "sha256": None}
+    from runs import file_sha256
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(f"{name}\0{file_sha256(folder / name)}\0".encode())
+    return {"dir": str(folder.resolve()), "files": names, "sha256": digest.hexdigest()}
+
+
 def available_languages(data_dir):
     """Languages of a PAN-X folder: its sub-folders that hold a train, dev or test file."""
     return sorted(p.name for p in Path(data_dir).iterdir()
                   if p.is_dir() and any((p / s).is_file() for s in SPLITS))
 
 
-def parse_languages(text):
-    """'de,es' -> ['de', 'es'] (a flag value; empty items are a clear error)."""
+LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(-[a-z0-9]+)*$")  # en, fr, nds-nl, be-x-old: never a path ("fr/../en")
+
+
+def check_language(code, flag="--langs"):
+    """A language code is a code (it becomes a path under the data folder), else a clear error."""
+    if not LANGUAGE_CODE.match(code):
+        raise ValueError(f"{flag}: {code!r} is not a language code (2-3 lower-case letters, optionally -suffix, "
+                         f"e.g. fr or nds-nl)")
+    return code
+
+
+def parse_languages(text, flag="--langs"):
+    """'de,es' -> ['de', 'es'] (a flag value; empty items and non-codes are clear errors)."""
     langs = [l.strip() for l in text.split(",")]
     if not all(langs):
         raise ValueError(f"bad language list {text!r}: give codes separated by commas, e.g. de,es")
+    for lang in langs:
+        check_language(lang, flag)
     return langs
 
 
@@ -96,6 +126,7 @@ def load_wikiann(lang, split, data_dir=None, max_sentences=None):
         raise ValueError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     if max_sentences is not None and max_sentences < 1:
         raise ValueError(f"--max-sentences {max_sentences}: give a positive number")
+    check_language(lang, "language")
     folder = resolve_data_dir(data_dir)
     if folder is None:
         return _load_from_hub(lang, split, max_sentences)

@@ -115,13 +115,29 @@ def model_config(path):
     return AutoConfig.from_pretrained(path)
 
 
-def check_max_len(max_len, config):
-    """--max-len within the model's position embeddings (XLM-R/RoBERTa positions start after the pad id)."""
+def check_max_len(max_len, config, tokenizer=None):
+    """--max-len within the model's position embeddings (XLM-R/RoBERTa positions start after the pad id),
+    and room for the tokenizer's special tokens plus one word (below that it would not truncate at all)."""
+    if tokenizer is not None:
+        least = tokenizer.num_special_tokens_to_add() + 1
+        if max_len < least:
+            raise ValueError(f"--max-len {max_len} leaves no room for a word: the tokenizer adds "
+                             f"{least - 1} special tokens; use --max-len {least} or more")
     offset = config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta") else 0
     limit = config.max_position_embeddings - offset
     if max_len > limit:
         raise ValueError(f"--max-len {max_len} exceeds what the model can embed ({limit} positions): "
                          f"use --max-len {limit} or less")
+
+
+def damaged_model_fix(folder):
+    """What to do about a model folder that does not load, never deleting what may be the user's:
+    the default model's cache is converted again, a priming run re-saves its body from resume.pt."""
+    if folder.resolve() == (cache_root() / CONVERTED_NAME).resolve():
+        return f"delete {folder}, the default model is converted again on the next run"
+    if (folder / "resume.pt").is_file():
+        return f"meta_pretrain.py --resume --out {folder} saves the body again from its resume.pt"
+    return "restore its weight files (model.safetensors), or give another model folder"
 
 
 def load_tokenizer(name_or_path=DEFAULT_MODEL):
@@ -149,9 +165,9 @@ def load_token_classifier(name_or_path=DEFAULT_MODEL, num_labels=7, id2label=Non
     try:
         model = AutoModelForTokenClassification.from_pretrained(path, **kwargs)
     except Exception as e:
-        if Path(path).is_dir():  # a local folder whose weights do not load: truncated or damaged files
-            raise ValueError(f"the model in {path} does not load ({type(e).__name__}: {str(e)[:80]}): delete that "
-                             f"folder and re-run the stage that wrote it (the default model is converted again)") from None
+        if Path(path).is_dir():  # a local folder whose weights do not load: missing, truncated or damaged files
+            raise ValueError(f"the model in {path} does not load ({type(e).__name__}: {str(e)[:80]}): "
+                             f"{damaged_model_fix(Path(path))}") from None
         raise
     finally:
         hf_logging.set_verbosity(verbosity)

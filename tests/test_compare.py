@@ -33,7 +33,7 @@ class FakeStages:
         if script == "meta_pretrain.py":
             out.mkdir(parents=True, exist_ok="--resume" in command or "--overwrite" in command)
             (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "held_out_query_loss": 1.5}) + "\n")
-            (out / "run.json").write_text(json.dumps(record))
+            (out / "run.json").write_text(json.dumps(record | {"stage": "meta_pretrain", "status": "finished"}))
             (out / "config.json").write_text("{}")
         elif script == "finetune_peft.py":
             init = flag(command, "--init")
@@ -41,10 +41,13 @@ class FakeStages:
             init_record = json.loads((Path(init) / "run.json").read_text()) if Path(init).is_dir() else None
             (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "dev_f1_default": 50.0}) + "\n")
             (out / "peft.safetensors").write_text("tensors")
+            (out / "peft_config.json").write_text("{}")
             (out / "run.json").write_text(json.dumps(record | {"init_path": init, "init_record": init_record,
                                                                "status": "finished"}))
         else:
             tuned = Path(flag(command, "--ckpt"))
+            if not (tuned / "peft_config.json").is_file():     # as evaluate_ner.py: no weights, no scores
+                return subprocess.CompletedProcess(command, 2)
             f = json.loads((tuned / "run.json").read_text())["args"]["seed"]
             name = tuned.name
             effect = next((v for k, v in CONDITION_EFFECT.items() if k in name), 0.0)
