@@ -427,3 +427,28 @@ def test_full_fine_tuning_gets_the_full_rate_and_peft_runs_keep_their_identity(t
     args.budget = "cpu"   # the committed verdict's folder name: changing a PEFT run's flags would orphan its records
     _, folder = compare.finetune_plan(args, tmp_path, "e5-small", "adapter", 0, "adapter-no_priming")
     assert folder.name == "ft-adapter-no_priming-f0-2de6f7c344"
+
+
+def test_a_priming_run_killed_after_its_body_was_saved_is_resumed(tmp_path, fake):
+    compare.main(base_argv(tmp_path, "--conditions", "MAML priming", "--finetune-seeds", "1"))
+    primed = next((tmp_path / "runs").glob("primed-adapter-MAML_priming-*"))
+    record = json.loads((primed / "run.json").read_text())
+    (primed / "run.json").write_text(json.dumps(record | {"status": "running"}))  # killed before the last record
+    (primed / "resume.pt").write_text("state")
+    for f in (tmp_path / "runs").glob("ft-adapter-MAML_priming-*/eval-*"):
+        f.unlink()
+    first = len(fake.commands)
+    compare.main(base_argv(tmp_path, "--conditions", "MAML priming", "--finetune-seeds", "1"))
+    new = fake.commands[first:]
+    assert scripts(new)[0] == "meta_pretrain.py" and "--resume" in new[0]   # not taken as done (config.json exists)
+
+
+def test_a_fresh_checkout_evaluates_new_languages_from_the_records(tmp_path, fake):
+    import shutil
+    compare.main(base_argv(tmp_path, "--finetune-seeds", "1"))
+    shutil.rmtree(tmp_path / "runs")                                          # a fresh checkout: records only
+    first = len(fake.commands)
+    compare.main(base_argv(tmp_path, "--finetune-seeds", "1", "--langs", "fr,nl"))  # new languages: new scores
+    new = fake.commands[first:]
+    assert sorted(scripts(new)) == sorted(["meta_pretrain.py"] * 2 + ["finetune_peft.py"] * 2 + ["evaluate_ner.py"] * 3)
+    assert all("--overwrite" in c for c in new if Path(c[1]).name != "evaluate_ner.py")  # weightless records replaced
