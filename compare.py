@@ -134,6 +134,10 @@ def check_args(args):
     for flag in ["priming_seeds", "finetune_seeds", "ablation_finetune_seeds", "full_seeds"]:
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
+    if args.inner_steps is not None and args.inner_steps < 1:
+        raise ValueError(f"--inner-steps must be at least 1 (got {args.inner_steps}); leave it out for the budget's")
+    if args.inner_lr is not None and not 0 < args.inner_lr < float("inf"):
+        raise ValueError(f"--inner-lr must be a positive number (got {args.inner_lr}); leave it out for the budget's")
     if args.eval_sentences is not None and args.eval_sentences < 1:
         raise ValueError(f"--eval-sentences must be at least 1 (got {args.eval_sentences}); leave it out for the full test sets")
     langs, priming = parse_languages(args.langs), parse_languages(args.priming_langs, "--priming-langs")

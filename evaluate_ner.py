@@ -25,7 +25,7 @@ import peft_state
 from ner_data import LABELS, SPLITS, data_provenance, encode_sentences, load_wikiann, parse_languages
 from pretrained import PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, pick_device, precision_context
 from runs import (LOCK, RECORD, check_at_least, code_version, is_finished, lock_briefly, parser_taking_negative_numbers,
-                  read_record, run_cli, weights_sha256, write_json)
+                  read_json_object, read_record, run_cli, weights_sha256, write_json)
 from scoring import entity_scores, predict_words, write_conll
 
 LANGS = "fr,nl,pt"  # target languages: never used in the default priming (de,es) or training (en)
@@ -111,7 +111,8 @@ def load_finetuned(ckpt, device):
     if record is not None and not is_finished(record):
         raise ValueError(unfinished_advice(ckpt, record))
     if (ckpt / "peft_config.json").is_file():
-        saved = json.loads((ckpt / "peft_config.json").read_text()).get("extra", {})
+        saved = read_json_object(ckpt / "peft_config.json", f"run finetune_peft.py again with --overwrite --out "
+                                                            f"{ckpt}").get("extra", {})
         body = saved.get("body_path") or saved.get("body")
         if body is None:
             raise ValueError(f"{ckpt}/peft_config.json does not say which body it was trained on")

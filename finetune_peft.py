@@ -139,13 +139,14 @@ def main(argv=None):
     device = pick_device(args.gpu)
     init_path = resolve_model(args.init)
     check_out_is_not_init(args.out, init_path)
+    body_config = model_config(init_path)  # before the tokenizer, which reads config.json too: the error names it
     tokenizer = load_tokenizer(args.init)
-    check_max_len(args.max_len, model_config(init_path), tokenizer)
+    check_max_len(args.max_len, body_config, tokenizer)
+    train = load_wikiann(args.lang, "train", args.data_dir, args.max_sentences)  # bad data: an error before any write
+    dev = load_wikiann(args.lang, "dev", args.data_dir, args.dev_sentences)
     record = dict(init=args.init, init_path=init_path, init_record=init_record(init_path),
                   init_sha256=weights_sha256(init_path),  # evaluation checks the body against it
                   data=data_provenance(args.data_dir, [(args.lang, "train"), (args.lang, "dev")]))
-    train = load_wikiann(args.lang, "train", args.data_dir, args.max_sentences)  # bad data: an error before any write
-    dev = load_wikiann(args.lang, "dev", args.data_dir, args.dev_sentences)
     set_seed(args.seed)
     model = build_model(args.init, config, args.seed, device)  # a body that does not load: an error before any write
     out = Path(args.out)

@@ -39,7 +39,8 @@ from ner_data import LABELS, check_language, data_provenance, parse_languages
 from pretrained import (DEFAULT_MODEL, PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, model_config,
                         pick_device, precision_context, resolve_model)
 from runs import (MetricsLog, check_at_least, check_finite, check_positive, check_seed, claim_run_folder, derive_seed,
-                  parser_taking_negative_numbers, read_record, run_cli, save_model_atomic, set_seed, write_record)
+                  parser_taking_negative_numbers, read_json_object, read_record, run_cli, save_model_atomic, set_seed,
+                  write_record)
 
 # --------------------------------------------------------------------- defaults -----
 # Budget: the README's main job; a meta-step of these defaults took ~10 s on one busy CPU core (README).
@@ -148,9 +149,24 @@ def check_args(args):
     args.priming_langs = ",".join(parse_languages(args.priming_langs, "--priming-langs"))
     if args.source_lang in parse_languages(args.priming_langs):
         warnings.warn(f"--source-lang {args.source_lang} is also a priming language")
+    check_reference_ft(args)
     if args.out is None:
         args.out = f"checkpoints/primed-{Path(args.model).name}-{args.method}-{args.peft}-s{args.seed}"
     return peft_config.peft_config_from_flags(args, args.peft)
+
+
+def check_reference_ft(args):
+    """--reference-ft is a fine-tuning folder of the same PEFT method, checked before --out is claimed."""
+    if args.reference_ft is None:
+        return
+    config = Path(args.reference_ft) / "peft_config.json"
+    if not config.is_file():
+        raise ValueError(f"--reference-ft {args.reference_ft} holds no peft_config.json: give a finetune_peft.py "
+                         f"folder of --peft {args.peft}")
+    method = read_json_object(config, "give another --reference-ft").get("peft_config", {}).get("method")
+    if method != args.peft:
+        raise ValueError(f"--reference-ft {args.reference_ft} was fine-tuned with --peft {method}, but this run primes "
+                         f"for --peft {args.peft}: give a reference of the same PEFT method")
 
 
 # ----------------------------------------------------------------------------- the algorithm
@@ -230,19 +246,22 @@ def main(argv=None):
     check_max_len(args.max_len, model_config(resolve_model(args.model)), tokenizer)
     priming_langs = parse_languages(args.priming_langs)
     query_langs = episodes.query_languages(args.source_lang, priming_langs, args.query)
-    data = data_provenance(args.data_dir, [(args.source_lang, "train"), *[(q, "train") for q in query_langs],
-                                           (args.source_lang, "dev"), *[(p, "dev") for p in priming_langs]])
-    source = episodes.EpisodeSource(tokenizer, args.source_lang,  # bad data: an error before anything is written
-                                    query_langs, args.data_dir, args.max_sentences, args.batch_size, args.max_len, args.seed, device,
+    source = episodes.EpisodeSource(tokenizer, args.source_lang, query_langs,  # bad data: an error before any write
+                                    args.data_dir, args.max_sentences, args.batch_size, args.max_len, args.seed, device,
                                     args.max_tokens)
     held_out = episodes.held_out_episode(tokenizer, args.source_lang, priming_langs, args.data_dir,
                                          args.eval_sentences, args.batch_size, args.max_len, device)
+    data = data_provenance(args.data_dir, [(args.source_lang, "train"), *[(q, "train") for q in query_langs],
+                                           (args.source_lang, "dev"), *[(p, "dev") for p in priming_langs]])
+    set_seed(args.seed)
+    model = load_token_classifier(args.model, num_labels=len(LABELS), id2label=LABELS, device=device)  # a body that
+    adapters.add_peft(model, config, seed=derive_seed(args.seed, "initial phi"))  # does not load: before any write
     out, lock = Path(args.out), None
     if rank == 0:  # only rank 0 writes the run folder; it owns it for the run's whole life
         lock = claim_run_folder(out, "meta_pretrain", args, shaping=sorted(set(vars(args)) - NOT_SHAPING),
                                 resume=args.resume, overwrite=args.overwrite, data=data)
     try:
-        prime(args, config, tokenizer, source, held_out, out, device, world, rank, data)
+        prime(args, model, tokenizer, source, held_out, out, device, world, rank, data)
     finally:
         if lock is not None:
             lock.close()
@@ -250,13 +269,11 @@ def main(argv=None):
         distributed.leave_process_group()
 
 
-def prime(args, config, tokenizer, source, held_out, out, device, world, rank, data):
-    """The priming loop: --steps meta-steps from the start or from resume.pt, then the primed body."""
+def prime(args, model, tokenizer, source, held_out, out, device, world, rank, data):
+    """The priming loop: --steps meta-steps from the start or from resume.pt, then the primed body
+    (`model`: the input model with its initial PEFT tensors and head, drawn after set_seed)."""
     if rank == 0:
         print(f"priming into {out}", flush=True)
-    set_seed(args.seed)
-    model = load_token_classifier(args.model, num_labels=len(LABELS), id2label=LABELS, device=device)
-    adapters.add_peft(model, config, seed=derive_seed(args.seed, "initial phi"))
     origin = peft_state.body_snapshot(model) if rank == 0 else None  # the pretrained body, for body_change
     set_trainable(model, args.method, args.outer_peft, args.inner_params, args.freeze_embeddings)
     model.train()  # from_pretrained returns eval mode; priming trains with dropout as fine-tuning will

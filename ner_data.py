@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -85,9 +86,30 @@ def parse_languages(text, flag="--langs"):
     return langs
 
 
-def read_panx_file(path, max_sentences=None):
-    """Sentences of one PAN-X file as (tokens, tags) lists; a malformed line names file:line."""
-    sentences, tokens, tags = [], [], []
+def first_undecodable_line(path):
+    """The number of the first line of a file that is not UTF-8 (for the error that names it)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return 1
+
+
+def read_panx_file(path, max_sentences=None, expected_lang=None):
+    """Sentences of one PAN-X file as (tokens, tags) lists; a malformed or non-UTF-8 line names
+    file:line; tokens marked with another language than `expected_lang` are counted in a warning."""
+    try:
+        return _read_panx_lines(path, max_sentences, expected_lang)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}:{first_undecodable_line(path)}: not UTF-8 text: re-encode the file as UTF-8 "
+                         f"(PAN-X files are UTF-8)") from None
+
+
+def _read_panx_lines(path, max_sentences, expected_lang):
+    """read_panx_file's parser (text mode, as before: the same lines and sentences)."""
+    sentences, tokens, tags, foreign = [], [], [], {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\n").rstrip("\r")
@@ -96,7 +118,7 @@ def read_panx_file(path, max_sentences=None):
                     sentences.append((tokens, tags))
                     tokens, tags = [], []
                     if max_sentences is not None and len(sentences) >= max_sentences:
-                        return sentences
+                        break
                 continue
             word, sep, tag = line.rpartition("\t")
             lang, colon, token = word.partition(":")
@@ -105,10 +127,15 @@ def read_panx_file(path, max_sentences=None):
                                  f"expected 'lang:token<TAB>tag'")
             if tag not in LABELS:
                 raise ValueError(f"{path}:{lineno}: unknown tag {tag!r}: expected one of {', '.join(LABELS)}")
+            if expected_lang is not None and lang != expected_lang:
+                foreign.setdefault(lang, lineno)
             tokens.append(token)
             tags.append(LABELS.index(tag))
     if tokens:
         sentences.append((tokens, tags))
+    if foreign:
+        warnings.warn(f"{path}: tokens marked {', '.join(f'{l}: (first at line {n})' for l, n in foreign.items())} "
+                      f"in a {expected_lang} file: they are read as {expected_lang}", stacklevel=3)
     return sentences
 
 
@@ -135,7 +162,7 @@ def load_wikiann(lang, split, data_dir=None, max_sentences=None):
         if not (folder / lang).is_dir():
             raise ValueError(f"unknown language {lang!r}: {folder} has {', '.join(available_languages(folder))}")
         raise FileNotFoundError(f"{path} is missing: a PAN-X folder holds <lang>/train, dev and test")
-    sentences = read_panx_file(path, max_sentences)
+    sentences = read_panx_file(path, max_sentences, expected_lang=lang)
     if not sentences:
         raise ValueError(f"{path} holds no sentences: restore the file (PAN-X layout, one 'lang:token<TAB>tag' "
                          f"per line) or point --data-dir at a complete copy")

@@ -83,8 +83,11 @@ def write_atomic(path, write):
         write(tmp)
         os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise ValueError(f"no space left on {path.parent} while writing {path.name}: free space there (what was "
+                             f"written before is kept), or choose another --out") from None
         raise
 
 
@@ -113,6 +116,14 @@ def weights_sha256(folder):
     return digest.hexdigest()
 
 
+def is_disk_full(error):
+    """A write that failed for want of space: ENOSPC (or EDQUOT), or torch.save's own wording of it."""
+    import errno
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(error, RuntimeError) and "write failed" in str(error)
+
+
 def write_json(path, obj):
     """Write JSON atomically."""
     write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, default=str)))
@@ -137,14 +148,28 @@ def read_record(folder):
     path = Path(folder) / RECORD
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        record = None
+    record = json_object_or_none(path)
     if not isinstance(record, dict) or not isinstance(record.get("args", {}), dict):
         raise ValueError(f"{path} is not a run record (damaged or not valid JSON): restore it, or choose another "
                          f"folder; the stage that wrote {Path(folder)} replaces it only with --overwrite")
     return record
+
+
+def json_object_or_none(path):
+    """A JSON file's object (dict), or None where the file is damaged, not JSON, or not an object."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_json_object(path, fix):
+    """A JSON object a stage needs (peft_config.json, ...), or one line naming the file and `fix`."""
+    value = json_object_or_none(path)
+    if value is None:
+        raise ValueError(f"{path} is damaged (not a JSON object): {fix}")
+    return value
 
 
 def is_finished(record):
@@ -356,6 +381,11 @@ def save_model_atomic(model, tokenizer, folder):
         files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")  # config.json last
         for f in files:
             os.replace(f, folder / f.name)
+    except Exception as e:
+        if is_disk_full(e):
+            raise ValueError(f"no space left on {folder} while saving the model: free space there (resume.pt, "
+                             f"when there is one, is kept: --resume saves it again), or choose another --out") from None
+        raise
     finally:
         for f in tmp.iterdir():
             f.unlink()

