@@ -3,11 +3,13 @@
     checkpoints/
       primed-maml-adapter-s0/        meta_pretrain.py --out: an ordinary transformers checkpoint
         config.json, model.safetensors, tokenizer.json ...   (the primed body theta)
-        run.json                     every flag, the seed, the code version, the input model
+        run.json                     every flag, the seed, the code version, the input model, and "data":
+                                     the data folder (absolute) and a sha256 of the files read
         metrics.jsonl                one JSON line per logged step
         resume.pt                    the latest resumable state (model, optimizer, data streams, RNGs)
       ft-adapter-en-s0/              finetune_peft.py --out: PEFT tensors + head only (megabytes)
-        peft.safetensors, peft_config.json, run.json (its "init" points to the body), metrics.jsonl
+        peft.safetensors, peft_config.json, run.json (its "init" points to the body, "init_sha256"
+        names the body's weights: evaluation refuses a body that changed since), metrics.jsonl
         eval-test.json               evaluate_ner.py's scores for that checkpoint
 
 So every number in a results table traces back: eval-*.json -> its fine-tuning folder's run.json
@@ -235,7 +237,8 @@ def claim_run_folder(out, stage, args, shaping=(), resume=False, overwrite=False
     .lock of ours. Returns the lock (keep it open while the run lasts)."""
     out = Path(out)
     if out.is_symlink() and not out.exists():
-        raise ValueError(f"--out {out} is a broken symbolic link (to {os.readlink(out)}): remove it or choose another --out")
+        raise ValueError(f"--out {out} is a broken symbolic link (to {os.readlink(out)}): remove it or choose "
+                         f"another --out")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
     out.mkdir(parents=True, exist_ok=True)

@@ -104,7 +104,8 @@ def test_a_finished_run_without_resume_state_is_not_advised_to_be_overwritten(ti
     out = tmp_path / "p"
     meta_pretrain.main(prime_argv(tiny_model_dir, data_dir, out, "--no-keep-resume"))
     before = contents(out)
-    message = error_of(meta_pretrain.main, prime_argv(tiny_model_dir, data_dir, out, "--resume", "--steps", "5"), capsys)
+    resume = prime_argv(tiny_model_dir, data_dir, out, "--resume", "--steps", "5")
+    message = error_of(meta_pretrain.main, resume, capsys)
     assert "cannot continue" in message and "new --out" in message and "--overwrite" not in message
     assert contents(out) == before                               # the finished body is still a finished body
 
@@ -159,7 +160,8 @@ def test_resume_with_fewer_steps_than_done_is_refused(tiny_model_dir, data_dir, 
     out = tmp_path / "p"
     meta_pretrain.main(prime_argv(tiny_model_dir, data_dir, out, "--steps", "3"))
     before = contents(out)
-    message = error_of(meta_pretrain.main, prime_argv(tiny_model_dir, data_dir, out, "--resume", "--steps", "1"), capsys)
+    resume = prime_argv(tiny_model_dir, data_dir, out, "--resume", "--steps", "1")
+    message = error_of(meta_pretrain.main, resume, capsys)
     assert "has done 3 meta-steps already" in message and "--steps 3 or more" in message
     assert contents(out) == before                               # run.json still says 3 steps, config.json kept
 
