@@ -400,3 +400,20 @@ def test_a_reference_of_another_peft_method_names_the_flag(tiny_model_dir, data_
                                                       "--reference-ft", str(tuned)), capsys)
     assert f"--reference-ft {tuned} was fine-tuned with --peft adapter" in message
     assert not (tmp_path / "p").exists()
+
+
+def test_resume_refuses_data_files_that_changed_in_place(tmp_path, data_dir):
+    from argparse import Namespace
+
+    from ner_data import data_provenance
+    copy = data_copy(data_dir, tmp_path)
+    out = tmp_path / "p"
+    args = Namespace(seed=0, resume=True, data_dir=str(copy))
+    then = data_provenance(str(copy), [("en", "train")])
+    runs.write_record(out, "meta_pretrain", args, status="running", data=then)
+    with open(copy / "en" / "train", "a") as f:                  # the same folder, other bytes
+        f.write("\nen:extra\tO\n")
+    now = data_provenance(str(copy), [("en", "train")])
+    with pytest.raises(ValueError, match="the data files in .* changed since the run"):
+        runs.claim_run_folder(out, "meta_pretrain", args, resume=True, data=now)
+    runs.claim_run_folder(out, "meta_pretrain", args, resume=True, data=then).close()  # unchanged data: accepted
