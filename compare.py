@@ -100,6 +100,7 @@ HASH_CHARS = 10
 # 2 = AdapterHub adapter placements and non-linearities, seeds derived per purpose (commit b15aa73 on).
 TRAINING_CODE = "2"
 LOCKS = ".locks"  # in --runs: one lock file per run, held while a compare.py process runs it
+WEIGHTS_MARKERS = ("config.json", "peft_config.json")  # a primed or fully fine-tuned model; PEFT tensors
 RECORD_FILES = ("run.json", "metrics.jsonl", "eval-*.json")  # what --records keeps of every finished run
 REFERENCE_FILES = ("peft.safetensors", "peft_config.json")   # + of no priming's seed 0 (~2 MB): primed rows
                                                               # measure their inner-loop strength against it
@@ -154,9 +155,13 @@ def check_args(args):
     for flag in ["priming_seeds", "finetune_seeds", "ablation_finetune_seeds", "full_seeds", "replicate_finetune_seeds"]:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
+    if args.inner_steps is not None and args.inner_steps < 1:
+        raise ValueError(f"--inner-steps must be at least 1 (got {args.inner_steps}); leave it out for the budget's")
+    if args.inner_lr is not None and not 0 < args.inner_lr < float("inf"):
+        raise ValueError(f"--inner-lr must be a positive number (got {args.inner_lr}); leave it out for the budget's")
     if args.eval_sentences is not None and args.eval_sentences < 1:
         raise ValueError(f"--eval-sentences must be at least 1 (got {args.eval_sentences}); leave it out for the full test sets")
-    langs, priming = parse_languages(args.langs), parse_languages(args.priming_langs)
+    langs, priming = parse_languages(args.langs), parse_languages(args.priming_langs, "--priming-langs")
     overlap = sorted(set(langs) & (set(priming) | {SOURCE_LANG}))
     if overlap:
         raise ValueError(f"{','.join(overlap)} is both a priming or source language and a target language: "
@@ -191,11 +196,14 @@ def run_identity(flags):
 
 
 def finished(done_marker):
-    """Whether a stage's result is complete: a fine-tuning folder's run.json exists from the run's
-    start (status "running"), so for it the status decides; other markers are written last."""
+    """Whether a stage's result is complete and usable, by the stages' own rule: a run folder's
+    run.json says "finished" (runs.is_finished) and its weights are there (a run restored from
+    --records has none: a later stage could not use it, so it is run again); an eval JSON is
+    written last, so it is done when it exists."""
     done_marker = Path(done_marker)
     if done_marker.name == "run.json":
-        return is_finished(read_record(done_marker.parent))
+        folder = done_marker.parent
+        return is_finished(read_record(folder)) and any((folder / f).is_file() for f in WEIGHTS_MARKERS)
     return done_marker.exists()
 
 
@@ -283,7 +291,7 @@ def prime(args, runs, peft, condition, seed, reference):
     reference: the unprimed fine-tuning run the priming run measures its inner-loop strength against."""
     flags, folder = prime_plan(args, runs, peft, condition, seed)
     extra = [*device_flags(args), "--reference-ft", str(reference)]  # logging only: not part of the identity
-    done = run_stage("meta_pretrain.py", [*flags, "--out", str(folder)], folder / "config.json", extra, args.records)
+    done = run_stage("meta_pretrain.py", [*flags, "--out", str(folder)], folder / "run.json", extra, args.records)
     return folder if done else None
 
 

@@ -16,20 +16,25 @@ would not be zero-shot.
 """
 
 import argparse
+import hashlib
 import json
 import time
 import warnings
 from pathlib import Path
 
 import peft_state
-from ner_data import (LABELS, SPLITS, add_data_flags, data_description, data_format_from_flags, encode_sentences,
-                      load_wikiann, parse_languages)
+from ner_data import (LABELS, SPLITS, add_data_flags, data_description, data_format_from_flags, data_provenance,
+                      encode_sentences, load_wikiann, parse_languages)
 from pretrained import PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, pick_device, precision_context
-from runs import (check_at_least, code_version, is_finished, parser_taking_negative_numbers, read_record, run_cli,
-                  write_json)
+from runs import (LOCK, RECORD, check_at_least, code_version, is_finished, lock_briefly, parser_taking_negative_numbers,
+                  read_json_object, read_record, run_cli, weights_sha256, write_json)
 from scoring import entity_scores, predict_words, write_conll
 
 LANGS = "fr,nl,pt"  # target languages: never used in the default priming (de,es) or training (en)
+LOCK_WAIT = 10.0  # seconds to wait for the checkpoint's lock: another evaluation holds it for a moment, a run for hours
+# files of a run folder that --out must never replace, even with --overwrite: the run would be lost
+RUN_FILES = (RECORD, "metrics.jsonl", "peft_config.json", "config.json", "resume.pt", "tokenizer.json",
+             "tokenizer_config.json", LOCK)
 
 
 def build_parser():
@@ -45,6 +50,8 @@ def build_parser():
     add_data_flags(p)
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
     p.add_argument("--out", default=None, help="JSON output (default: <ckpt>/eval-<split>.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --out replace an existing file that is not an evaluation's scores")
     p.add_argument("--predictions", default=None,
                    help="folder for one <lang>.conll per language (token gold predicted; conlleval/seqeval re-score it)")
     return parser_taking_negative_numbers(p)
@@ -61,10 +68,42 @@ def check_args(args):
     out = Path(args.out) if args.out else ckpt / f"eval-{args.split}.json"
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder: give a file name, e.g. {out / f'eval-{args.split}.json'}")
+    check_output_file(out, args.overwrite)
     writable_folder(out.parent, "--out")
     if args.predictions:
         writable_folder(args.predictions, "--predictions")
     return parse_languages(args.langs), out, data_format_from_flags(args)
+
+
+def is_evaluation(path):
+    """Whether `path` holds scores this script wrote (those it may replace without --overwrite)."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"ckpt", "results", "f1_mode"} <= set(saved)
+
+
+def check_output_file(out, overwrite):
+    """--out never replaces a run's own files, nor (without --overwrite) a file it did not write."""
+    if out.name in RUN_FILES or out.suffix in (".safetensors", ".bin"):
+        raise ValueError(f"--out {out} would replace a run's own file: give a new file name, "
+                         f"e.g. {out.parent / 'eval-test.json'}")
+    if out.exists() and not overwrite and not is_evaluation(out):
+        raise ValueError(f"--out {out} exists and holds no scores of evaluate_ner.py: give a new file name "
+                         f"(or --overwrite to replace it)")
+
+
+def check_body_unchanged(ckpt, body, saved_sha256):
+    """The body's weights are the bytes the PEFT tensors were trained on (a re-primed or replaced
+    body would be scored with adapters that do not belong to it)."""
+    if saved_sha256 is None:
+        return None  # a checkpoint older than the body hash, or a hub body
+    now = weights_sha256(body)
+    if now != saved_sha256:
+        raise ValueError(f"the body {body} changed since {ckpt} was fine-tuned on it (weights sha256 {now[:12]}, "
+                         f"then {saved_sha256[:12]}): fine-tune the new body into a new --out, or restore the old one")
+    return now
 
 
 def load_finetuned(ckpt, device):
@@ -72,15 +111,16 @@ def load_finetuned(ckpt, device):
     ckpt = Path(ckpt)
     record = read_record(ckpt)
     if record is not None and not is_finished(record):
-        raise ValueError(f"{ckpt} holds an unfinished {record.get('stage')} run (interrupted?): run "
-                         f"finetune_peft.py again with --overwrite --out {ckpt}")
+        raise ValueError(unfinished_advice(ckpt, record))
     if (ckpt / "peft_config.json").is_file():
-        saved = json.loads((ckpt / "peft_config.json").read_text()).get("extra", {})
+        saved = read_json_object(ckpt / "peft_config.json", f"run finetune_peft.py again with --overwrite --out "
+                                                            f"{ckpt}").get("extra", {})
         body = saved.get("body_path") or saved.get("body")
         if body is None:
             raise ValueError(f"{ckpt}/peft_config.json does not say which body it was trained on")
         if saved.get("labels", LABELS) != LABELS:
             raise ValueError(f"{ckpt} predicts labels {saved['labels']}, but the data uses {LABELS}")
+        check_body_unchanged(ckpt, body, saved.get("body_sha256"))
         model = load_token_classifier(body, num_labels=len(LABELS), id2label=LABELS, device=device)
         peft_state.load_peft(model, ckpt)
         return model, load_tokenizer(body), record
@@ -93,6 +133,17 @@ def load_finetuned(ckpt, device):
     hint = " (a pretrained or primed body: fine-tune it first with finetune_peft.py --init)" \
         if (ckpt / "config.json").is_file() else ""
     raise FileNotFoundError(f"{ckpt} is not a fine-tuned checkpoint: no peft_config.json or config.json{hint}")
+
+
+def unfinished_advice(ckpt, record):
+    """The error for an unfinished run as --ckpt, with a fix that keeps what can be kept: an
+    interrupted priming run resumes (its resume.pt), only an interrupted fine-tuning run starts over."""
+    stage = record.get("stage")
+    if stage == "meta_pretrain":
+        return (f"{ckpt} holds an unfinished meta_pretrain run (a body, not a fine-tuned checkpoint): finish it with "
+                f"meta_pretrain.py --resume --out {ckpt}, then fine-tune it with finetune_peft.py --init {ckpt}")
+    return (f"{ckpt} holds an unfinished {stage} run (interrupted?): run finetune_peft.py again with "
+            f"--overwrite --out {ckpt}")
 
 
 def not_zero_shot(record, langs):
@@ -129,14 +180,35 @@ def writable_folder(folder, flag):
         raise ValueError(f"{flag} {folder} is not a writable folder ({e.strerror}): choose another") from None
 
 
+def record_snapshot(ckpt):
+    """The bytes of a checkpoint's run.json (None without one): which run is being scored."""
+    path = Path(ckpt) / RECORD
+    return path.read_bytes() if path.is_file() else None
+
+
+def write_scores(ckpt, record_bytes, out, scores):
+    """Write the scores under the checkpoint folder's lock, and only if the folder still holds
+    the run that was scored (a finetune_peft.py --overwrite may have replaced it meanwhile)."""
+    lock = lock_briefly(Path(ckpt) / LOCK, LOCK_WAIT)
+    if lock is None:
+        raise ValueError(f"{ckpt} is being written by a fine-tuning run that started during this evaluation: "
+                         f"scores not written; evaluate it again when that run has finished")
+    with lock:
+        if record_snapshot(ckpt) != record_bytes:
+            raise ValueError(f"{ckpt} was replaced by another run while it was evaluated: these scores belong to the "
+                             f"old run and were not written; evaluate it again")
+        write_json(out, scores)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     langs, out, fmt = check_args(args)
     version = code_version()  # the code that scores, read now
     device = pick_device(args.gpu)
     datasets = {lang: load_wikiann(lang, args.split, args.data_dir, args.max_sentences, fmt) for lang in langs}
+    record_bytes = record_snapshot(args.ckpt)  # the run these scores belong to (checked again when writing)
     model, tokenizer, record = load_finetuned(args.ckpt, device)
-    check_max_len(args.max_len, model.config)
+    check_max_len(args.max_len, model.config, tokenizer)
     seen = not_zero_shot(record, langs)
     results, seconds = {}, {}
     for lang, data in datasets.items():
@@ -151,12 +223,14 @@ def main(argv=None):
     keys = [k for k in results[langs[0]] if k != "sentences"]
     averaged = [l for l in langs if l not in seen] or langs  # zero-shot languages only, when there are any
     results["average"] = {k: sum(results[l][k] for l in averaged) / len(averaged) for k in keys}
-    write_json(out, {"ckpt": str(Path(args.ckpt).resolve()), "split": args.split, "langs": langs, "results": results,
-                     "average_of": averaged, "not_zero_shot": seen,
-                     "seconds": seconds, "device": str(device),
-                     "f1_mode": "f1_default: seqeval default mode (conlleval-like, as XTREME); f1_strict: strict IOB2",
-                     "code_version": version, "predictions": args.predictions,
-                     **({"data": data_description(fmt)} if fmt else {})})
+    write_scores(args.ckpt, record_bytes, out, {
+        "ckpt": str(Path(args.ckpt).resolve()), "split": args.split, "langs": langs, "results": results,
+        "average_of": averaged, "not_zero_shot": seen, "seconds": seconds, "device": str(device),
+        "f1_mode": "f1_default: seqeval default mode (conlleval-like, as XTREME); f1_strict: strict IOB2",
+        "code_version": version, "predictions": args.predictions,
+        "ckpt_record_sha256": hashlib.sha256(record_bytes or b"").hexdigest(),
+        "data": data_provenance(args.data_dir, [(lang, args.split) for lang in langs], fmt)
+        | (data_description(fmt) if fmt else {})})
     print(markdown_table(results))
     print(f"scores written to {out} ({', '.join(f'{l} {s}s' for l, s in seconds.items())})")
 

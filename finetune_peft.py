@@ -26,13 +26,13 @@ from tqdm import tqdm
 import adapters
 import peft_config
 import peft_state
-from ner_data import (LABELS, BatchStream, add_data_flags, data_format_from_flags, encode_sentences, load_wikiann,
-                      parse_languages)
+from ner_data import (LABELS, BatchStream, add_data_flags, check_language, data_format_from_flags, data_provenance,
+                      encode_sentences, load_wikiann, parse_languages)
 from pretrained import (DEFAULT_MODEL, PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, model_config,
                         pick_device, precision_context, resolve_model)
-from runs import (MetricsLog, check_at_least, check_finite, check_positive, claim_run_folder, derive_seed,
+from runs import (MetricsLog, check_at_least, check_finite, check_positive, check_seed, claim_run_folder, derive_seed,
                   is_finished, parser_taking_negative_numbers, read_record, run_cli, save_model_atomic, set_seed,
-                  write_record)
+                  weights_sha256, write_record)
 from scoring import score_model
 
 # --------------------------------------------------------------------- defaults -----
@@ -95,6 +95,8 @@ def check_args(args):
     if args.lr is None:
         args.lr = LR_FULL if args.peft == "full" else LR_PEFT
     check_positive(args, "lr")
+    check_seed(args)
+    check_language(args.lang, "--lang")
     if args.out is None:
         args.out = f"checkpoints/ft-{Path(args.init).name}-{args.peft}-{args.lang}-s{args.seed}"
     return None if args.peft == "full" else peft_config.peft_config_from_flags(args, args.peft)
@@ -153,6 +155,12 @@ def save_checkpoint(model, tokenizer, out, extra):
         peft_state.save_peft(model, out, extra=extra)
 
 
+def check_out_is_not_init(out, init_path):
+    """--out must not be the body: --overwrite would delete the body before it is read."""
+    if Path(init_path).is_dir() and Path(out).resolve() == Path(init_path).resolve():
+        raise ValueError(f"--out {out} is the body that --init names: choose another --out (nothing was changed)")
+
+
 def init_record(init_path):
     """The record of the body's run (a primed folder), which must be finished; None for a plain model."""
     record = read_record(init_path) if Path(init_path).is_dir() else None
@@ -168,16 +176,24 @@ def main(argv=None):
     fmt = data_format_from_flags(args)
     device = pick_device(args.gpu)
     init_path = resolve_model(args.init)
-    check_max_len(args.max_len, model_config(init_path))
-    record = dict(init=args.init, init_path=init_path, init_record=init_record(init_path))
+    check_out_is_not_init(args.out, init_path)
+    body_config = model_config(init_path)  # before the tokenizer, which reads config.json too: the error names it
+    tokenizer = load_tokenizer(args.init)
+    check_max_len(args.max_len, body_config, tokenizer)
     train = load_training_sentences(args, fmt)  # bad data: an error before any write
     dev = load_wikiann(args.lang, "dev", args.data_dir, args.dev_sentences, fmt)
+    extra = [(lang, "train") for lang in parse_languages(args.extra_langs)] if args.extra_langs else []
+    record = dict(init=args.init, init_path=init_path, init_record=init_record(init_path),
+                  init_sha256=weights_sha256(init_path),  # evaluation checks the body against it
+                  data=data_provenance(args.data_dir, [(args.lang, "train"), (args.lang, "dev"), *extra], fmt))
+    set_seed(args.seed)
+    model = build_model(args.init, config, args.seed, device)  # a body that does not load: an error before any write
     out = Path(args.out)
     lock = claim_run_folder(out, "finetune_peft", args, overwrite=args.overwrite)
     try:
         print(f"fine-tuning into {out}", flush=True)
         write_record(out, "finetune_peft", args, status="running", **record)
-        best = fine_tune(args, config, train, dev, out, record, device)
+        best = fine_tune(args, model, tokenizer, train, dev, out, record, device)
         write_record(out, "finetune_peft", args, status="finished", best=best, **record)  # last: the run is complete
     finally:
         lock.close()
@@ -185,12 +201,9 @@ def main(argv=None):
           f"checkpoint in {out}")
 
 
-def fine_tune(args, config, train, dev, out, record, device):
+def fine_tune(args, model, tokenizer, train, dev, out, record, device):
     """The training loop: AdamW with linear warmup and decay on the trainable tensors; the PEFT
     tensors and head (or the model) of the best dev step are saved. Returns that step's record."""
-    set_seed(args.seed)
-    tokenizer = load_tokenizer(args.init)
-    model = build_model(args.init, config, args.seed, device)
     stream = BatchStream(encode_sentences(train, tokenizer, args.max_len), args.batch_size,
                          seed=derive_seed(args.seed, "train stream"), pad_id=tokenizer.pad_token_id, device=device,
                          max_tokens=args.max_tokens)
@@ -221,7 +234,7 @@ def fine_tune(args, config, train, dev, out, record, device):
             if metrics["dev_f1_default"] > best["dev_f1_default"]:  # model selection on source-language dev F1
                 best = {"dev_f1_default": metrics["dev_f1_default"], "step": step}
                 save_checkpoint(model, tokenizer, out, {"best": best, "body": args.init, "body_path": record["init_path"],
-                                                        "labels": LABELS})
+                                                        "body_sha256": record["init_sha256"], "labels": LABELS})
             model.train()
         log.write(**metrics)
         bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", best_dev_f1=f"{best['dev_f1_default']:.1f}")

@@ -37,11 +37,12 @@ import model_card
 import peft_config
 import peft_state
 import resume_state
-from ner_data import LABELS, add_data_flags, data_format_from_flags, parse_languages
+from ner_data import LABELS, add_data_flags, check_language, data_format_from_flags, data_provenance, parse_languages
 from pretrained import (DEFAULT_MODEL, PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, model_config,
                         pick_device, precision_context, resolve_model)
-from runs import (MetricsLog, check_at_least, check_finite, check_positive, claim_run_folder, code_version,
-                  derive_seed, parser_taking_negative_numbers, read_record, run_cli, save_model_atomic, set_seed,
+from runs import (MetricsLog, check_at_least, check_finite, check_positive, check_seed, claim_run_folder, code_version,
+                  derive_seed, parser_taking_negative_numbers, read_json_object, read_record, run_cli, save_model_atomic,
+                  set_seed,
                   write_record)
 
 # --------------------------------------------------------------------- defaults -----
@@ -57,9 +58,10 @@ OUTER_LR = 5e-5          # AdamW on the body: 2e-4 diverged after 30 meta-steps,
 META_SGD_LR = 1e-3       # AdamW on Meta-SGD's learned inner rates: they are O(inner lr), not O(weights)
 EVAL_EVERY = 20          # held-out query loss every N meta-steps
 SAVE_EVERY = 20          # resumable checkpoint every N meta-steps
-# flags that may change between an interrupted run and its --resume (everything else shapes the run)
+# flags that may change between an interrupted run and its --resume (everything else shapes the run;
+# --data-dir is compared resolved, with $WIKIANN_DIR and the files' bytes, by runs.check_same_data)
 NOT_SHAPING = {"steps", "resume", "overwrite", "gpu", "out", "eval_every", "save_every", "reference_ft", "keep_resume",
-               "log_adaptation_every"}
+               "log_adaptation_every", "data_dir"}
 
 
 def build_parser():
@@ -134,6 +136,8 @@ def check_args(args):
                    "save_every", "eval_sentences", "max_tokens", "log_adaptation_every")
     check_at_least(args, 0, "eval_every")
     check_positive(args, "inner_lr", "outer_lr", "inner_clip", "meta_sgd_lr")
+    check_seed(args)
+    check_language(args.source_lang, "--source-lang")
     world, _, local_rank = distributed.torchrun_world()
     if args.tasks_per_step % world:
         raise ValueError(f"--tasks-per-step {args.tasks_per_step} must be divisible by the number of processes "
@@ -145,12 +149,27 @@ def check_args(args):
         raise ValueError("--meta-sgd runs in one process only (its rates are not averaged across torchrun processes)")
     if "LOCAL_RANK" in os.environ and args.gpu is None and torch.cuda.is_available():
         args.gpu = local_rank  # under torchrun: one GPU per process
-    args.priming_langs = ",".join(parse_languages(args.priming_langs))
+    args.priming_langs = ",".join(parse_languages(args.priming_langs, "--priming-langs"))
     if args.source_lang in parse_languages(args.priming_langs):
         warnings.warn(f"--source-lang {args.source_lang} is also a priming language")
+    check_reference_ft(args)
     if args.out is None:
         args.out = f"checkpoints/primed-{Path(args.model).name}-{args.method}-{args.peft}-s{args.seed}"
     return peft_config.peft_config_from_flags(args, args.peft)
+
+
+def check_reference_ft(args):
+    """--reference-ft is a fine-tuning folder of the same PEFT method, checked before --out is claimed."""
+    if args.reference_ft is None:
+        return
+    config = Path(args.reference_ft) / "peft_config.json"
+    if not config.is_file():
+        raise ValueError(f"--reference-ft {args.reference_ft} holds no peft_config.json: give a finetune_peft.py "
+                         f"folder of --peft {args.peft}")
+    method = read_json_object(config, "give another --reference-ft").get("peft_config", {}).get("method")
+    if method != args.peft:
+        raise ValueError(f"--reference-ft {args.reference_ft} was fine-tuned with --peft {method}, but this run primes "
+                         f"for --peft {args.peft}: give a reference of the same PEFT method")
 
 
 # ----------------------------------------------------------------------------- the algorithm
@@ -228,20 +247,26 @@ def main(argv=None):
     distributed.join_process_group(device, world)
     distributed.wait_for_all(world)
     tokenizer = load_tokenizer(args.model)
+    check_max_len(args.max_len, model_config(resolve_model(args.model)), tokenizer)
     priming_langs = parse_languages(args.priming_langs)
-    source = episodes.EpisodeSource(tokenizer, args.source_lang,  # bad data: an error before anything is written
-                                    episodes.query_languages(args.source_lang, priming_langs, args.query),
+    query_langs = episodes.query_languages(args.source_lang, priming_langs, args.query)
+    source = episodes.EpisodeSource(tokenizer, args.source_lang, query_langs,  # bad data: an error before any write
                                     args.data_dir, args.max_sentences, args.batch_size, args.max_len, args.seed, device,
                                     args.max_tokens, fmt)
     held_out = episodes.held_out_episode(tokenizer, args.source_lang, priming_langs, args.data_dir,
                                          args.eval_sentences, args.batch_size, args.max_len, device, fmt)
+    data = data_provenance(args.data_dir, [(args.source_lang, "train"), *[(q, "train") for q in query_langs],
+                                           (args.source_lang, "dev"), *[(p, "dev") for p in priming_langs]], fmt)
+    set_seed(args.seed)
+    model = load_token_classifier(args.model, num_labels=len(LABELS), id2label=LABELS, device=device)  # a body that
+    adapters.add_peft(model, config, seed=derive_seed(args.seed, "initial phi"))  # does not load: before any write
     out, lock = Path(args.out), None
     if rank == 0:  # only rank 0 writes the run folder; it owns it for the run's whole life
         lock = claim_run_folder(out, "meta_pretrain", args, shaping=sorted(set(vars(args)) - NOT_SHAPING),
-                                resume=args.resume, overwrite=args.overwrite,
+                                resume=args.resume, overwrite=args.overwrite, data=data,
                                 defaults=vars(build_parser().parse_args([])))  # for records older than a flag
     try:
-        prime(args, config, tokenizer, source, held_out, out, device, world, rank)
+        prime(args, model, tokenizer, source, held_out, out, device, world, rank, data)
     finally:
         if lock is not None:
             lock.close()
@@ -249,15 +274,11 @@ def main(argv=None):
         distributed.leave_process_group()
 
 
-def prime(args, config, tokenizer, source, held_out, out, device, world, rank):
-    """The priming loop: --steps meta-steps from the start or from resume.pt, then the primed body."""
+def prime(args, model, tokenizer, source, held_out, out, device, world, rank, data):
+    """The priming loop: --steps meta-steps from the start or from resume.pt, then the primed body
+    (`model`: the input model with its initial PEFT tensors and head, drawn after set_seed)."""
     if rank == 0:
-        for finished_only in ("config.json", model_card.CARD):  # a run being extended is no finished model
-            (out / finished_only).unlink(missing_ok=True)        # until it ends
         print(f"priming into {out}", flush=True)
-    set_seed(args.seed)
-    model = load_token_classifier(args.model, num_labels=len(LABELS), id2label=LABELS, device=device)
-    adapters.add_peft(model, config, seed=derive_seed(args.seed, "initial phi"))
     origin = peft_state.body_snapshot(model) if rank == 0 else None  # the pretrained body, for body_change
     set_trainable(model, args.method, args.outer_peft, args.inner_params, args.freeze_embeddings)
     model.train()  # from_pretrained returns eval mode; priming trains with dropout as fine-tuning will
@@ -274,10 +295,15 @@ def prime(args, config, tokenizer, source, held_out, out, device, world, rank):
     reference_loss = (episodes.reference_query_loss(model, args.reference_ft, held_out, loss_fn)
                       if args.reference_ft else None)
     start = resume_state.load(out, model, optimizer, source, rngs, rank, rates) if args.resume else 0
+    if start > args.steps:  # the folder would hold `start` steps of training recorded as --steps
+        raise ValueError(f"--resume --steps {args.steps}: the run in {out} has done {start} meta-steps already; "
+                         f"give --steps {start} or more (nothing was changed)")
     if rank == 0:
+        for finished_only in ("config.json", model_card.CARD):  # a run being extended is no finished model
+            (out / finished_only).unlink(missing_ok=True)        # until it ends
         log = MetricsLog(out, fresh=not args.resume)
         log.truncate_after(start)
-        record_inputs(out, args, status="running")
+        record_inputs(out, args, status="running", data=data)
         if args.resume:
             print(f"resuming {out} from step {start}")
     init_fast = phi_start(model, args.outer_peft, args.inner_params, rngs["phi_rng"])
@@ -312,7 +338,7 @@ def prime(args, config, tokenizer, source, held_out, out, device, world, rank):
                 resume_state.save(out, step + 1, model, optimizer, source, {**rngs, "processes": processes}, rates)
             distributed.wait_for_all(world)
     if rank == 0:
-        finish(out, args, model, tokenizer, rates, peft_state.body_change(model, origin))
+        finish(out, args, model, tokenizer, rates, peft_state.body_change(model, origin), data)
     distributed.wait_for_all(world)
 
 
@@ -325,11 +351,11 @@ def rate_summary(rates):
             "inner_lr_max": values.max().item()}
 
 
-def finish(out, args, model, tokenizer, rates, body_change):
+def finish(out, args, model, tokenizer, rates, body_change, data):
     """The primed body and its model card, then the record that marks the run finished (written last)."""
     save_model_atomic(body_only(model, args), tokenizer, out)
     model_card.write_model_card(out, vars(args), body_change, code_version())
-    record_inputs(out, args, status="finished", body_change=body_change,
+    record_inputs(out, args, status="finished", body_change=body_change, data=data,
                   **({"meta_sgd_rates": {n: r.item() for n, r in rates.items()}} if rates else {}))
     resume = out / resume_state.FILE
     if not args.keep_resume:

@@ -24,7 +24,10 @@ file has E-/S-/L-/U- tags, else IOB1, which leaves IOB2 unchanged), then renamed
 """
 
 import argparse
+import hashlib
 import os
+import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -57,23 +60,74 @@ def resolve_data_dir(data_dir=None):
     return Path(data_dir)
 
 
+def data_provenance(data_dir, files, fmt=None):
+    """What a run read, for its record: the resolved data folder (absolute; None for the hub) and
+    one sha256 over the bytes of every (lang, split) file it read, whole files (a few MB: ~10 ms
+    each), so two runs that name one folder but read other bytes are told apart. fmt: the data
+    format (data_format_from_flags; None: PAN-X), which names the files."""
+    folder = Path(data_dir) if fmt is not None else resolve_data_dir(data_dir)
+    if folder is None:
+        names = sorted({f"{lang}/{split}" for lang, split in files})
+        return {"dir": None, "hub": HUB_DATASET, "files": names, "sha256": None}
+    names = sorted({split_file(folder, lang, split, fmt).relative_to(folder).as_posix() for lang, split in files})
+    from runs import file_sha256
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(f"{name}\0{file_sha256(folder / name)}\0".encode())
+    return {"dir": str(folder.resolve()), "files": names, "sha256": digest.hexdigest()}
+
+
 def available_languages(data_dir):
     """Languages of a data folder: its sub-folders that hold a train, dev or test file."""
     return sorted(p.name for p in Path(data_dir).iterdir()
                   if p.is_dir() and any((p / n.format(split=s)).is_file() for s in SPLITS for n in CONLL_NAMES))
 
 
-def parse_languages(text):
-    """'de,es' -> ['de', 'es'] (a flag value; empty items are a clear error)."""
+LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(-[a-z0-9]+)*$")  # en, fr, nds-nl, be-x-old: never a path ("fr/../en")
+
+
+def check_language(code, flag="--langs"):
+    """A language code is a code (it becomes a path under the data folder), else a clear error."""
+    if not LANGUAGE_CODE.match(code):
+        raise ValueError(f"{flag}: {code!r} is not a language code (2-3 lower-case letters, optionally -suffix, "
+                         f"e.g. fr or nds-nl)")
+    return code
+
+
+def parse_languages(text, flag="--langs"):
+    """'de,es' -> ['de', 'es'] (a flag value; empty items and non-codes are clear errors)."""
     langs = [l.strip() for l in text.split(",")]
     if not all(langs):
         raise ValueError(f"bad language list {text!r}: give codes separated by commas, e.g. de,es")
+    for lang in langs:
+        check_language(lang, flag)
     return langs
 
 
-def read_panx_file(path, max_sentences=None):
-    """Sentences of one PAN-X file as (tokens, tags) lists; a malformed line names file:line."""
-    sentences, tokens, tags = [], [], []
+def first_undecodable_line(path):
+    """The number of the first line of a file that is not UTF-8 (for the error that names it)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return 1
+
+
+def read_panx_file(path, max_sentences=None, expected_lang=None):
+    """Sentences of one PAN-X file as (tokens, tags) lists; a malformed or non-UTF-8 line names
+    file:line; tokens marked with another language than `expected_lang` are counted in a warning."""
+    try:
+        return _read_panx_lines(path, max_sentences, expected_lang)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}:{first_undecodable_line(path)}: not UTF-8 text: re-encode the file as UTF-8 "
+                         f"(PAN-X files are UTF-8)") from None
+
+
+def _read_panx_lines(path, max_sentences, expected_lang):
+    """read_panx_file's parser (text mode, as before: the same lines and sentences)."""
+    sentences, tokens, tags, foreign = [], [], [], {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\n").rstrip("\r")
@@ -82,7 +136,7 @@ def read_panx_file(path, max_sentences=None):
                     sentences.append((tokens, tags))
                     tokens, tags = [], []
                     if max_sentences is not None and len(sentences) >= max_sentences:
-                        return sentences
+                        break
                 continue
             word, sep, tag = line.rpartition("\t")
             lang, colon, token = word.partition(":")
@@ -91,10 +145,15 @@ def read_panx_file(path, max_sentences=None):
                                  f"expected 'lang:token<TAB>tag' (a CoNLL column file? pass --data-format conll)")
             if tag not in LABELS:
                 raise ValueError(f"{path}:{lineno}: unknown tag {tag!r}: expected one of {', '.join(LABELS)}")
+            if expected_lang is not None and lang != expected_lang:
+                foreign.setdefault(lang, lineno)
             tokens.append(token)
             tags.append(LABELS.index(tag))
     if tokens:
         sentences.append((tokens, tags))
+    if foreign:
+        warnings.warn(f"{path}: tokens marked {', '.join(f'{l}: (first at line {n})' for l, n in foreign.items())} "
+                      f"in a {expected_lang} file: they are read as {expected_lang}", stacklevel=3)
     return sentences
 
 
@@ -113,13 +172,15 @@ def load_wikiann(lang, split, data_dir=None, max_sentences=None, fmt=None):
         raise ValueError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     if max_sentences is not None and max_sentences < 1:
         raise ValueError(f"--max-sentences {max_sentences}: give a positive number")
+    check_language(lang, "language")
     if fmt is not None and not data_dir:
         raise ValueError("--data-format conll needs --data-dir: the folder of <lang>/<split> CoNLL files")
     folder = resolve_data_dir(data_dir)
     if folder is None:
         return _load_from_hub(lang, split, max_sentences)
     path = split_file(folder, lang, split, fmt)
-    sentences = read_panx_file(path, max_sentences) if fmt is None else read_conll_file(path, fmt, max_sentences)
+    sentences = (read_panx_file(path, max_sentences, expected_lang=lang) if fmt is None
+                 else read_conll_file(path, fmt, max_sentences))
     if not sentences:
         layout = "PAN-X layout, one 'lang:token<TAB>tag' per line" if fmt is None else "CoNLL columns"
         raise ValueError(f"{path} holds no sentences: restore the file ({layout}) or point --data-dir at a "

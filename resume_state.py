@@ -40,13 +40,14 @@ def load(out, model, optimizer, source, rngs, rank=0, extra=None):
     """Restore what `save` wrote (extra: the same dict of tensors, filled in place); returns the step."""
     path = Path(out) / FILE
     if not path.is_file():
-        raise FileNotFoundError(f"--resume: {path} does not exist (no checkpoint saved yet in {out}): "
-                                f"start the run again without --resume (--overwrite)")
+        raise FileNotFoundError(f"--resume: {path} does not exist (no checkpoint saved yet, or removed by "
+                                f"--no-keep-resume), so the run in {out} cannot continue: prime into a new --out "
+                                f"(nothing in {out} was changed)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or not a torch file
-        raise ValueError(f"{path} is unreadable ({type(e).__name__}): delete it and start the run again "
-                         f"with --overwrite") from None
+        raise ValueError(f"{path} is unreadable ({type(e).__name__}), so the run in {out} cannot continue: "
+                         f"prime into a new --out (nothing in {out} was changed)") from None
     model.load_state_dict(state["model"], strict=False)  # the frozen rest is the input model's
     optimizer.load_state_dict(state["optimizer"])
     source.load_state(state["streams"])

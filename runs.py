@@ -3,11 +3,13 @@
     checkpoints/
       primed-maml-adapter-s0/        meta_pretrain.py --out: an ordinary transformers checkpoint
         config.json, model.safetensors, tokenizer.json ...   (the primed body theta)
-        run.json                     every flag, the seed, the code version, the input model
+        run.json                     every flag, the seed, the code version, the input model, and "data":
+                                     the data folder (absolute) and a sha256 of the files read
         metrics.jsonl                one JSON line per logged step
         resume.pt                    the latest resumable state (model, optimizer, data streams, RNGs)
       ft-adapter-en-s0/              finetune_peft.py --out: PEFT tensors + head only (megabytes)
-        peft.safetensors, peft_config.json, run.json (its "init" points to the body), metrics.jsonl
+        peft.safetensors, peft_config.json, run.json (its "init" points to the body, "init_sha256"
+        names the body's weights: evaluation refuses a body that changed since), metrics.jsonl
         eval-test.json               evaluate_ner.py's scores for that checkpoint
 
 So every number in a results table traces back: eval-*.json -> its fine-tuning folder's run.json
@@ -16,6 +18,7 @@ Every file is written to a temporary name and renamed into place, so an interrup
 leaves a half-written file that a later stage would take.
 """
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -64,18 +67,63 @@ def code_version():
         return "unknown"
 
 
+def umask_mode(mode=0o666):
+    """`mode` as the user's umask leaves it: what open() would give a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def write_atomic(path, write):
-    """Call write(tmp_path), then rename tmp_path to path (atomic on one file system)."""
+    """Call write(tmp_path), then rename tmp_path to path (atomic on one file system). The file
+    gets the umask's mode like any new file (mkstemp alone would leave it 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise ValueError(f"no space left on {path.parent} while writing {path.name}: free space there (what was "
+                             f"written before is kept), or choose another --out") from None
         raise
+
+
+def file_sha256(path, chunk=1 << 20):
+    """The sha256 of a file's bytes (read in 1 MiB pieces: a 470 MB body takes ~1 s)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(chunk), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+
+
+def weights_sha256(folder):
+    """One sha256 over the weight files of a model folder (name and bytes of each), or None for
+    a hub id (no folder): what evaluation checks a body against."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    files = sorted({f for pattern in WEIGHT_FILES for f in folder.glob(pattern)})
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.name}\0{file_sha256(f)}\0".encode())
+    return digest.hexdigest()
+
+
+def is_disk_full(error):
+    """A write that failed for want of space: ENOSPC (or EDQUOT), or torch.save's own wording of it."""
+    import errno
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(error, RuntimeError) and "write failed" in str(error)
 
 
 def write_json(path, obj):
@@ -102,11 +150,28 @@ def read_record(folder):
     path = Path(folder) / RECORD
     if not path.is_file():
         return None
+    record = json_object_or_none(path)
+    if not isinstance(record, dict) or not isinstance(record.get("args", {}), dict):
+        raise ValueError(f"{path} is not a run record (damaged or not valid JSON): restore it, or choose another "
+                         f"folder; the stage that wrote {Path(folder)} replaces it only with --overwrite")
+    return record
+
+
+def json_object_or_none(path):
+    """A JSON file's object (dict), or None where the file is damaged, not JSON, or not an object."""
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"{path} is not valid JSON (a damaged record): re-run the stage that wrote "
-                         f"{Path(folder)} with --overwrite") from None
+        value = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_json_object(path, fix):
+    """A JSON object a stage needs (peft_config.json, ...), or one line naming the file and `fix`."""
+    value = json_object_or_none(path)
+    if value is None:
+        raise ValueError(f"{path} is damaged (not a JSON object): {fix}")
+    return value
 
 
 def is_finished(record):
@@ -131,63 +196,121 @@ def try_lock(path):
     return handle
 
 
+def lock_briefly(path, wait=10.0):
+    """The lock on `path` within `wait` seconds (another evaluation holds it for a moment), else None
+    (a run holds it for its whole life); a lock that does nothing where the folder is read-only
+    (nothing can write it then)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            handle = try_lock(path)
+        except PermissionError:
+            return contextlib.nullcontext()
+        if handle is not None or time.monotonic() > deadline:
+            return handle
+        time.sleep(0.2)
+
+
 def remove_temporaries(folder):
-    """Delete what an interrupted atomic write left behind (we hold the folder's lock)."""
+    """Delete what an interrupted atomic write left behind (only once the folder is known to be
+    a run's and we hold its lock: a user's `thesis.tex.tmp-v2` in a foreign folder is kept)."""
     import shutil
     for pattern in TEMPORARY:
         for leftover in Path(folder).glob(pattern):
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
 
-def claim_run_folder(out, stage, args, shaping=(), resume=False, overwrite=False, defaults=None):
+def only_first_record_leftovers(names):
+    """Whether a folder without run.json holds nothing but what a run killed while writing its
+    first run.json leaves (run.json.tmp-*): then it is a run's folder, not a user's."""
+    return bool(names) and all(n.startswith(RECORD + ".tmp-") for n in names)
+
+
+def claim_run_folder(out, stage, args, shaping=(), resume=False, overwrite=False, data=None, defaults=None):
     """Make `out` this run's folder, or stop with one line naming the problem and the fix.
 
     Refuses: a folder another process is writing (lock); a file; a folder of files that no
     run wrote; another stage's folder or a finished run (unless --overwrite); an interrupted
     run without --resume (the stage says whether it can resume); --resume whose flags in
     `shaping` differ from the run's (a flag that a record predates counts as its value in
-    `defaults`, the parser's defaults). Returns the lock (keep it open while the run lasts)."""
+    `defaults`, the parser's defaults), or whose data (`data`: ner_data.data_provenance) differ.
+    Nothing is deleted before the folder is known to be a run's. A refused folder keeps no
+    .lock of ours. Returns the lock (keep it open while the run lasts)."""
     out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"--out {out} is a broken symbolic link (to {os.readlink(out)}): remove it or choose "
+                         f"another --out")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    had_lock = (out / LOCK).exists()
     lock = try_lock(out / LOCK)
     if lock is None:
         raise ValueError(f"{out} is being written by another running process: wait for it, or choose another --out")
     try:
-        check_run_folder(out, stage, args, shaping, resume, overwrite)
+        check_ownership(out, stage, args, shaping, resume, overwrite, data, defaults)
     except BaseException:
         lock.close()  # else the error's traceback keeps it open: a caller in the same process could not retry
+        if not had_lock:  # a folder we refused keeps no trace of us
+            (out / LOCK).unlink(missing_ok=True)
         raise
     return lock
 
 
-def check_run_folder(out, stage, args, shaping, resume, overwrite):
-    """claim_run_folder's refusals, with the lock held; clears the folder for --overwrite."""
-    remove_temporaries(out)
-    record = read_record(out)
+def check_ownership(out, stage, args, shaping, resume, overwrite, data, defaults=None):
+    """claim_run_folder's decision, taken with the lock held; clears or tidies only a run's folder."""
+    try:
+        record = read_record(out)
+    except ValueError:
+        if not overwrite:
+            raise
+        record = {"stage": "damaged"}  # a run's folder whose record broke: --overwrite may replace it
     others = [p.name for p in out.iterdir() if p.name != LOCK]
-    if record is None and others:
+    if record is None and others and not only_first_record_leftovers(others):
         raise ValueError(f"{out} holds files that no run of this project wrote ({', '.join(sorted(others)[:3])}): "
                          f"choose a new or empty --out")
     if record is None:
+        remove_temporaries(out)
         return
     owner = f"{record.get('stage')} run"
     if overwrite:
         clear_folder(out)
-    elif record.get("stage") != stage:
+        return
+    if record.get("stage") != stage:
         raise ValueError(f"{out} holds a {owner}: choose another --out (or --overwrite to replace it)")
-    elif resume:
+    if resume:
         for flag in shaping:
             was, now = record["args"].get(flag, (defaults or {}).get(flag)), getattr(args, flag)
             if was != now:
                 raise ValueError(f"--resume: --{flag.replace('_', '-')} is {now} here but {was} in the run in {out}: "
                                  f"resume with the same flags, or start a new --out")
+        check_same_data(record, data, out)
     elif is_finished(record):
         raise ValueError(f"{out} already holds a finished {owner}: choose another --out (or --overwrite to replace it)")
     else:
         how = "--resume to continue it, " if "resume" in vars(args) else ""
         raise ValueError(f"{out} holds an interrupted {owner}: {how}--overwrite to start over, or choose another --out")
+    remove_temporaries(out)
+
+
+def check_same_data(record, data, out):
+    """--resume reads the data the run started with: the same resolved folder and the same bytes
+    (a record older than provenance compares its --data-dir as written)."""
+    if data is None:
+        return
+    was = record.get("data")
+    if was is None:
+        was_dir = record["args"].get("data_dir")
+        if was_dir is None:
+            return  # an old record of a run that read $WIKIANN_DIR or the hub: which one is unknown
+        was = {"dir": str(Path(was_dir).resolve())}
+    if was.get("dir") != data["dir"]:
+        raise ValueError(f"--resume: the data folder is {data['dir']} here but {was.get('dir')} in the run in {out}: "
+                         f"resume with the same --data-dir (or WIKIANN_DIR), or start a new --out")
+    if was.get("sha256") and was["sha256"] != data["sha256"]:
+        raise ValueError(f"--resume: the data files in {data['dir']} changed since the run in {out} started "
+                         f"(content hash {data['sha256'][:12]} here, {was['sha256'][:12]} then): restore them, "
+                         f"or start a new --out")
 
 
 def clear_folder(folder):
@@ -222,6 +345,15 @@ def check_at_least(args, minimum, *flags):
             raise ValueError(f"--{flag.replace('_', '-')} must be at least {minimum} (got {value})")
 
 
+SEED_LIMIT = 2**32  # what every RNG takes (numpy's and the data streams' included); no run needs more
+
+
+def check_seed(args):
+    """--seed within what every RNG accepts (10**20 would fail deep inside torch, after --out is claimed)."""
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise ValueError(f"--seed must be between 0 and {SEED_LIMIT - 1} (got {args.seed})")
+
+
 def check_positive(args, *flags):
     """Every named float flag is a positive finite number (NaN fails too)."""
     for flag in flags:
@@ -253,6 +385,11 @@ def save_model_atomic(model, tokenizer, folder):
         files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")  # config.json last
         for f in files:
             os.replace(f, folder / f.name)
+    except Exception as e:
+        if is_disk_full(e):
+            raise ValueError(f"no space left on {folder} while saving the model: free space there (resume.pt, "
+                             f"when there is one, is kept: --resume saves it again), or choose another --out") from None
+        raise
     finally:
         for f in tmp.iterdir():
             f.unlink()
@@ -283,8 +420,8 @@ def user_error_message(e):
     """One line for an error a user can fix, or None for a bug (which keeps its traceback)."""
     from safetensors import SafetensorError
     if isinstance(e, SafetensorError):
-        return (f"a .safetensors file is truncated or corrupt ({e}): delete the folder that holds it and "
-                f"re-run the stage that wrote it (the default model's cache folder is converted again)")
+        return (f"a .safetensors file is truncated or corrupt ({e}): restore it, or re-run the stage that wrote "
+                f"it into a new --out (a damaged default model: delete its cache folder, it is converted again)")
     if isinstance(e, PermissionError):
         return f"{e.strerror}: {e.filename}: choose a folder you can write (--out) or fix its permissions"
     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.filename:

@@ -33,7 +33,7 @@ class FakeStages:
         if script == "meta_pretrain.py":
             out.mkdir(parents=True, exist_ok="--resume" in command or "--overwrite" in command)
             (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "held_out_query_loss": 1.5}) + "\n")
-            (out / "run.json").write_text(json.dumps(record))
+            (out / "run.json").write_text(json.dumps(record | {"stage": "meta_pretrain", "status": "finished"}))
             (out / "config.json").write_text("{}")
         elif script == "finetune_peft.py":
             init = flag(command, "--init")
@@ -41,10 +41,13 @@ class FakeStages:
             init_record = json.loads((Path(init) / "run.json").read_text()) if Path(init).is_dir() else None
             (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "dev_f1_default": 50.0}) + "\n")
             (out / "peft.safetensors").write_text("tensors")
+            (out / "peft_config.json").write_text("{}")
             (out / "run.json").write_text(json.dumps(record | {"init_path": init, "init_record": init_record,
                                                                "status": "finished"}))
         else:
             tuned = Path(flag(command, "--ckpt"))
+            if not (tuned / "peft_config.json").is_file():     # as evaluate_ner.py: no weights, no scores
+                return subprocess.CompletedProcess(command, 2)
             f = json.loads((tuned / "run.json").read_text())["args"]["seed"]
             name = tuned.name
             effect = next((v for k, v in CONDITION_EFFECT.items() if k in name), 0.0)
@@ -425,3 +428,28 @@ def test_full_fine_tuning_gets_the_full_rate_and_peft_runs_keep_their_identity(t
     args.budget = "cpu"   # the committed verdict's folder name: changing a PEFT run's flags would orphan its records
     _, folder = compare.finetune_plan(args, tmp_path, "e5-small", "adapter", 0, "adapter-no_priming")
     assert folder.name == "ft-adapter-no_priming-f0-2de6f7c344"
+
+
+def test_a_priming_run_killed_after_its_body_was_saved_is_resumed(tmp_path, fake):
+    compare.main(base_argv(tmp_path, "--conditions", "MAML priming", "--finetune-seeds", "1"))
+    primed = next((tmp_path / "runs").glob("primed-adapter-MAML_priming-*"))
+    record = json.loads((primed / "run.json").read_text())
+    (primed / "run.json").write_text(json.dumps(record | {"status": "running"}))  # killed before the last record
+    (primed / "resume.pt").write_text("state")
+    for f in (tmp_path / "runs").glob("ft-adapter-MAML_priming-*/eval-*"):
+        f.unlink()
+    first = len(fake.commands)
+    compare.main(base_argv(tmp_path, "--conditions", "MAML priming", "--finetune-seeds", "1"))
+    new = fake.commands[first:]
+    assert scripts(new)[0] == "meta_pretrain.py" and "--resume" in new[0]   # not taken as done (config.json exists)
+
+
+def test_a_fresh_checkout_evaluates_new_languages_from_the_records(tmp_path, fake):
+    import shutil
+    compare.main(base_argv(tmp_path, "--finetune-seeds", "1"))
+    shutil.rmtree(tmp_path / "runs")                                          # a fresh checkout: records only
+    first = len(fake.commands)
+    compare.main(base_argv(tmp_path, "--finetune-seeds", "1", "--langs", "fr,nl"))  # new languages: new scores
+    new = fake.commands[first:]
+    assert sorted(scripts(new)) == sorted(["meta_pretrain.py"] * 2 + ["finetune_peft.py"] * 2 + ["evaluate_ner.py"] * 3)
+    assert all("--overwrite" in c for c in new if Path(c[1]).name != "evaluate_ner.py")  # weightless records replaced

@@ -250,7 +250,7 @@ def test_evaluating_a_conll_folder_equals_the_panx_layout(tuned, data_dir, tmp_p
                            "--out", str(out), "--predictions", str(tmp_path / f"pred-{layout}"), *extra])
         scores[layout] = json.loads(out.read_text())
     assert scores["conll"]["results"] == scores["panx"]["results"]
-    assert scores["conll"]["data"]["tag_map"] == [["MISC", "O"]] and "data" not in scores["panx"]
+    assert scores["conll"]["data"]["tag_map"] == [["MISC", "O"]] and "tag_map" not in scores["panx"]["data"]
     for lang in ("fr", "nl"):   # the same gold tags (after normalisation) and the same predictions, word by word
         assert (tmp_path / "pred-conll" / f"{lang}.conll").read_text() == \
             (tmp_path / "pred-panx" / f"{lang}.conll").read_text()

@@ -305,7 +305,7 @@ def test_truncated_weights_say_what_to_do(tiny_model_dir, data_dir, tuned, tmp_p
     shutil.copytree(tiny_model_dir, body)
     truncate(body / "model.safetensors")
     message = error_of(finetune_peft.main, tune_argv(body, data_dir, tmp_path / "ft"), capsys)
-    assert f"the model in {body} does not load" in message and "delete that folder" in message
+    assert f"the model in {body} does not load" in message and "restore its weight files" in message
     broken = tmp_path / "broken-ft"
     shutil.copytree(tuned, broken)
     truncate(broken / "peft.safetensors")
@@ -318,7 +318,7 @@ def test_a_damaged_record_is_named(tuned, tmp_path, data_dir, capsys):
     shutil.copytree(tuned, broken)
     (broken / "run.json").write_text("{not json")
     message = error_of(evaluate_ner.main, ["--ckpt", str(broken), "--data-dir", data_dir], capsys)
-    assert "run.json is not valid JSON" in message
+    assert "run.json is not a run record" in message
 
 
 def test_missing_paths_and_an_unreachable_hub_fail_at_once(data_dir, tmp_path, capsys, monkeypatch):
