@@ -29,8 +29,8 @@ u solves the linear system in the small phi space by conjugate gradient (`conjug
 one Hessian-vector product per iteration: autograd.grad of the inner gradient grad_phi G (taken
 with create_graph=True) against a vector, a double backward through the model. CG stops when the
 relative residual ||(H + lambda I) u - g|| / ||g|| falls to cg_tol, after cg_steps iterations, or
-on a direction of negative curvature (p^T (H + lambda I) p <= 0; the iterate so far is kept, u = 0
-if it is the first). The second term of (*) is one backward of the scalar <grad_phi G, u> (u held
+on a direction of negative curvature (p^T (H + lambda I) p <= 0); u is the iterate of smallest
+residual (u = 0, the first-order answer, if no step lowered it). The second term of (*) is one backward of the scalar <grad_phi G, u> (u held
 constant) into theta: autograd forms the mixed-derivative product, never the matrix, as in
 maml.py's term (2).
 
@@ -110,7 +110,9 @@ def _dot(xs, ys) -> Tensor:
 def conjugate_gradient(matvec: Callable[[list], list], b: list, steps: int, tol: float = 0.0) -> tuple:
     """Solve A x = b for a symmetric A given as matvec (lists of tensors in, lists out), from x = 0.
 
-    Returns (x, info): info = {"cg_iterations", "cg_residual" (||b - A x|| / ||b||, from CG's own
+    Returns (x, info): x the iterate of smallest residual seen (CG lowers the A-norm error at
+    every iteration, but its residual may rise on an ill-conditioned A, and x = 0 has residual
+    1); info = {"cg_iterations", "cg_residual" (||b - A x|| / ||b|| of that x, from CG's own
     recursion), "negative_curvature" (1 if it stopped on p^T A p <= 0, else 0)}.
     """
     x = [torch.zeros_like(t) for t in b]
@@ -118,6 +120,7 @@ def conjugate_gradient(matvec: Callable[[list], list], b: list, steps: int, tol:
     p = [t.clone() for t in b]
     rr = _dot(r, r).item()
     b_norm = rr ** 0.5
+    best, best_rr = x, rr
     iterations, negative = 0, 0
     while iterations < steps and b_norm > 0 and rr ** 0.5 > tol * b_norm:
         ap = matvec(p)
@@ -131,8 +134,10 @@ def conjugate_gradient(matvec: Callable[[list], list], b: list, steps: int, tol:
         rr_next = _dot(r, r).item()
         p = [ri + (rr_next / rr) * pi for ri, pi in zip(r, p)]
         rr, iterations = rr_next, iterations + 1
-    residual = rr ** 0.5 / b_norm if b_norm > 0 else 0.0
-    return x, {"cg_iterations": iterations, "cg_residual": residual, "negative_curvature": negative}
+        if rr < best_rr:
+            best, best_rr = x, rr
+    residual = best_rr ** 0.5 / b_norm if b_norm > 0 else 0.0
+    return best, {"cg_iterations": iterations, "cg_residual": residual, "negative_curvature": negative}
 
 
 def hypergradient(loss_fn, theta: list, phi_hat: dict, phi_0: dict, support, query, damping: float,

@@ -5,6 +5,7 @@
     python meta_pretrain.py --peft prefix --first-order       # an ablation: first-order meta-gradient
     python meta_pretrain.py --method mtl                      # multi-task priming, same data and steps
     python meta_pretrain.py --resume                          # continue an interrupted run in --out
+    python meta_pretrain.py --inner-loop implicit             # the inner loop is a near-converged fine-tuning (implicit.py)
     torchrun --nproc_per_node 4 meta_pretrain.py --model xlm-roberta-base --tasks-per-step 8   # 4 GPUs, 2 tasks each
 
 One meta-step (PAPER.md, "One priming episode"), for each of --tasks-per-step tasks:
@@ -14,6 +15,10 @@ One meta-step (PAPER.md, "One priming episode"), for each of --tasks-per-step ta
   3. the inner loop: --inner-steps SGD steps on the fast tensors only (maml.inner_loop),
   4. the meta-gradient: the query loss of (theta, phi') back-propagated into theta
      (`meta_gradient`), then AdamW on theta (the outer loop).
+With --inner-loop implicit, 2.-4. are `implicit_gradient`: the inner loop is a fine-tuning of phi
+on its own stream of source-language batches (Adam by default, as finetune_peft.py), continued
+from the previous meta-step's phi and re-drawn fresh every --fresh-every meta-steps (a warm
+start), and the meta-gradient is implicit.hypergradient on each task's support and query batch.
 The output folder is an ordinary transformers checkpoint of the primed body theta (the PEFT
 tensors and head are dropped: downstream fine-tuning starts them fresh), plus run.json (every
 flag), metrics.jsonl, and resume.pt (resume_state.py).
@@ -31,6 +36,7 @@ from tqdm import tqdm
 import adapters
 import distributed
 import episodes
+import implicit
 import maml
 import peft_config
 import peft_state
@@ -53,6 +59,18 @@ INNER_LR = 0.3           # the search's pick: lowest held-out query loss among s
 OUTER_LR = 5e-5          # AdamW on the body: 2e-4 diverged after 30 meta-steps, 2e-5 is slower (README)
 META_SGD_LR = 1e-3       # AdamW on Meta-SGD's learned inner rates: they are O(inner lr), not O(weights)
 EVAL_EVERY = 20          # held-out query loss every N meta-steps
+# --inner-loop implicit (implicit.py): the inner loop is the downstream fine-tuning, near convergence
+IMPLICIT = {
+    "implicit_optimizer": "adam",  # what finetune_peft.py fine-tunes with (AdamW; no weight decay on phi here)
+    "implicit_lr": 1e-3,           # finetune_peft.py's PEFT learning rate
+    "implicit_batch_size": 16,     # finetune_peft.py's batch size
+    "implicit_steps": 100,         # steps from a fresh phi_0: PLACEHOLDER
+    "implicit_warm_steps": 10,     # steps per meta-step while phi is carried: PLACEHOLDER
+    "fresh_every": 10,             # PLACEHOLDER
+    "damping": 1e-3,               # PLACEHOLDER
+    "cg_steps": 5,                 # PLACEHOLDER
+    "cg_tol": 1e-2,                # PLACEHOLDER
+}
 SAVE_EVERY = 20          # resumable checkpoint every N meta-steps
 # flags that may change between an interrupted run and its --resume (everything else shapes the run)
 NOT_SHAPING = {"steps", "resume", "overwrite", "gpu", "out", "eval_every", "save_every", "reference_ft", "keep_resume",
@@ -73,7 +91,12 @@ def build_parser():
                    help="keep one initial PEFT + head across episodes and meta-update it too (plain MAML ablation)")
     p.add_argument("--query", choices=["cross", "same"], default="cross",
                    help="query batch in a priming language (cross) or in the source language (same, ablation)")
-    p.add_argument("--first-order", action="store_true", help="first-order meta-gradient (drops the Hessian term)")
+    p.add_argument("--first-order", action="store_true",
+                   help="first-order meta-gradient (drops the Hessian term; with --inner-loop implicit: only "
+                        "dL_Q/dtheta at phi_hat, no CG)")
+    p.add_argument("--inner-loop", choices=["unrolled", "implicit"], default="unrolled",
+                   help="unrolled: --inner-steps SGD steps differentiated through (maml.py); implicit: a "
+                        "near-converged fine-tuning differentiated by the implicit function theorem (implicit.py)")
     p.add_argument("--inner-steps", type=int, default=INNER_STEPS, help="SGD steps of the inner loop")
     p.add_argument("--inner-lr", type=float, default=INNER_LR, help="inner-loop SGD learning rate")
     p.add_argument("--inner-clip", type=float, default=None, help="clip the inner gradient to this global norm")
@@ -81,6 +104,7 @@ def build_parser():
                    help="Meta-SGD (Li et al. 2017): one learned inner learning rate per fast tensor, starting at "
                         "--inner-lr, updated by the outer optimizer")
     p.add_argument("--meta-sgd-lr", type=float, default=META_SGD_LR, help="outer AdamW learning rate of those rates")
+    implicit_flags(p)
     p.add_argument("--outer-lr", type=float, default=OUTER_LR, help="AdamW learning rate of the outer loop")
     p.add_argument("--tasks-per-step", type=int, default=TASKS_PER_STEP,
                    help="tasks averaged per meta-step; under torchrun the global count, split evenly across processes")
@@ -120,6 +144,68 @@ def build_parser():
     return parser_taking_negative_numbers(p)
 
 
+def implicit_flags(p):
+    """The --inner-loop implicit flags. Their parser default is None (unset): an unrolled run records
+    them as None, and check_implicit fills in IMPLICIT for an implicit run."""
+    when = "(with --inner-loop implicit; default %s)%%(default).0s"  # (argparse's own "default: None" hidden)
+    p.add_argument("--implicit-optimizer", choices=sorted(implicit.OPTIMIZERS), default=None,
+                   help="optimizer of the inner fine-tuning " + when % IMPLICIT["implicit_optimizer"])
+    p.add_argument("--implicit-lr", type=float, default=None,
+                   help="learning rate of the inner fine-tuning " + when % IMPLICIT["implicit_lr"])
+    p.add_argument("--implicit-batch-size", type=int, default=None,
+                   help="sentences per inner fine-tuning batch " + when % IMPLICIT["implicit_batch_size"])
+    p.add_argument("--implicit-steps", type=int, default=None,
+                   help="inner fine-tuning steps from a freshly drawn phi_0 " + when % IMPLICIT["implicit_steps"])
+    p.add_argument("--implicit-warm-steps", type=int, default=None,
+                   help="inner fine-tuning steps at a meta-step that continues the previous one's phi "
+                        + when % IMPLICIT["implicit_warm_steps"])
+    p.add_argument("--fresh-every", type=int, default=None,
+                   help="draw a fresh phi_0 every R meta-steps and carry phi (and the optimizer state) between "
+                        "them, a warm start; 1: fresh every meta-step " + when % IMPLICIT["fresh_every"])
+    p.add_argument("--damping", type=float, default=None,
+                   help="lambda of the proximal term (lambda/2)||phi - phi_0||^2 of the inner problem and of the CG "
+                        "system; > 0 unless --first-order " + when % IMPLICIT["damping"])
+    p.add_argument("--cg-steps", type=int, default=None,
+                   help="most conjugate-gradient iterations for the hypergradient " + when % IMPLICIT["cg_steps"])
+    p.add_argument("--cg-tol", type=float, default=None,
+                   help="CG stops at this relative residual " + when % IMPLICIT["cg_tol"])
+
+
+def check_implicit(args, world):
+    """--inner-loop: refuse the other loop's flags, then fill in the implicit defaults."""
+    given = [f"--{f.replace('_', '-')}" for f in IMPLICIT if getattr(args, f) is not None]
+    if args.inner_loop == "unrolled":
+        if given:
+            raise ValueError(f"{given[0]} is an --inner-loop implicit option: add --inner-loop implicit, or leave it out")
+        return
+    if args.method == "mtl":
+        raise ValueError("--inner-loop implicit is a MAML option; it has no meaning with --method mtl")
+    for flag, bad in [("--inner-steps", args.inner_steps != INNER_STEPS), ("--inner-lr", args.inner_lr != INNER_LR),
+                      ("--inner-clip", args.inner_clip is not None), ("--meta-sgd", args.meta_sgd),
+                      ("--outer-peft", args.outer_peft), ("--inner-params all", args.inner_params == "all")]:
+        if bad:
+            raise ValueError(f"{flag} is an --inner-loop unrolled option; with --inner-loop implicit leave it out "
+                             f"(the inner fine-tuning takes the --implicit-* flags)")
+    if args.first_order and (args.cg_steps is not None or args.cg_tol is not None):
+        raise ValueError("--cg-steps / --cg-tol have no meaning with --first-order (no linear system is solved): "
+                         "leave them out")
+    if world > 1:
+        raise ValueError("--inner-loop implicit runs in one process only (its fine-tuning is not shared across "
+                         "torchrun processes)")
+    for flag, default in IMPLICIT.items():
+        setattr(args, flag, default if getattr(args, flag) is None else getattr(args, flag))
+    check_at_least(args, 1, "implicit_batch_size", "implicit_steps", "implicit_warm_steps", "fresh_every", "cg_steps")
+    check_positive(args, "implicit_lr")
+    if "--implicit-warm-steps" in given and args.fresh_every == 1:
+        raise ValueError("--implicit-warm-steps needs --fresh-every above 1 (with 1 every meta-step starts from a "
+                         "fresh phi_0)")
+    if not (args.damping > 0 or (args.first_order and args.damping == 0)):
+        raise ValueError(f"--damping must be positive (got {args.damping}): it keeps the CG system positive "
+                         f"definite; 0 is allowed with --first-order only")
+    if not 0 <= args.cg_tol < 1:
+        raise ValueError(f"--cg-tol must be in [0, 1) (got {args.cg_tol})")
+
+
 def check_args(args):
     """Inconsistent or out-of-range flags: one clear error each. Returns the PEFT config."""
     if args.method == "mtl":
@@ -127,6 +213,7 @@ def check_args(args):
                           ("--inner-params all", args.inner_params == "all"), ("--meta-sgd", args.meta_sgd)]:
             if bad:
                 raise ValueError(f"{flag} is a MAML option; it has no meaning with --method mtl")
+    check_implicit(args, distributed.torchrun_world()[0])
     check_at_least(args, 1, "steps", "tasks_per_step", "batch_size", "max_len", "inner_steps", "max_sentences",
                    "save_every", "eval_sentences", "max_tokens", "log_adaptation_every")
     check_at_least(args, 0, "eval_every")
@@ -194,6 +281,54 @@ def meta_gradient(loss_fn, tasks, init_fast, inner_steps, inner_lr, first_order,
                           lrs=rates or None, measure_after=measure_after)
 
 
+def implicit_gradient(model, loss_fn, tasks, source, carried, phi_rng, args):
+    """Steps 2-4 with --inner-loop implicit (implicit.py). phi_0: drawn fresh every --fresh-every
+    meta-steps; in between, the fine-tuning `carried` from the previous meta-step continues (phi
+    and the optimizer state: a warm start, as in AmIGO / stocBiO, so that a meta-step needs only
+    --implicit-warm-steps). The fine-tuning runs on its own source-language stream with dropout on,
+    as downstream; then, dropout off, each task's hypergradient (on its support and query batch)
+    is averaged into theta's .grad. One fine-tuning serves every task of the meta-step: the inner
+    problem, fine-tuning on the source language, is the same whatever the task's query language."""
+    if carried.get("age", 0) % args.fresh_every == 0:
+        phi_0 = {n: t.detach() for n, t in peft_state.fresh_peft_tensors(model, phi_rng).items()}
+        carried.update(phi_0=phi_0, phi=phi_0, optimizer=None, age=0)
+    steps = args.implicit_steps if carried["age"] == 0 else args.implicit_warm_steps
+    losses = []
+    phi_hat, state = implicit.fine_tune(loss_fn, carried["phi_0"], source.fine_tune_batches(), args.implicit_optimizer,
+                                        steps, args.implicit_lr, args.damping, start=carried["phi"],
+                                        state=carried["optimizer"], losses=losses)
+    carried.update(phi=phi_hat, optimizer=state, age=carried["age"] + 1)
+    theta = [p for p in peft_state.body_parameters(model).values() if p.requires_grad]
+    was_training, infos = model.training, []
+    model.eval()
+    for support, query in tasks:
+        grads, info = implicit.hypergradient(loss_fn, theta, phi_hat, carried["phi_0"], support, query, args.damping,
+                                             args.cg_steps, args.cg_tol, first_order=args.first_order)
+        for p, g in zip(theta, grads):
+            if g is not None:
+                p.grad = g / len(tasks) if p.grad is None else p.grad + g / len(tasks)
+        infos.append(info)
+    model.train(was_training)
+    mean = lambda key: sum(i[key] for i in infos) / len(infos)
+    return {"query_loss": mean("query_loss"), "support_loss_after": mean("support_loss"),
+            "fine_tune_loss_first": losses[0].item(), "fine_tune_loss_last": losses[-1].item(),
+            "inner_grad_norm": mean("inner_grad_norm"), "cg_iterations": mean("cg_iterations"),
+            "cg_residual": max(i["cg_residual"] for i in infos),
+            "negative_curvature": sum(i["negative_curvature"] for i in infos),
+            "fine_tune_steps": steps, "phi_age": carried["age"]}
+
+
+def implicit_held_out(model, held_out, loss_fn, carried, reference_loss):
+    """Meta-validation of the implicit loop (dropout off): the held-out query loss of the phi_hat
+    the last hypergradient used (theta has since taken its outer step) and of the fresh phi_0 it was
+    fine-tuned from, and so the inner-loop strength of phi_hat (episodes.adapted_losses)."""
+    was_training = model.training
+    model.eval()
+    losses = episodes.adapted_losses(held_out, loss_fn, carried["phi_0"], carried["phi"], reference_loss)
+    model.train(was_training)
+    return losses
+
+
 def mtl_gradient(model, tasks):
     """Multi-task priming: the plain loss of body + PEFT + head on the same support and query batches."""
     losses = []
@@ -228,12 +363,12 @@ def main(argv=None):
     source = episodes.EpisodeSource(tokenizer, args.source_lang,  # bad data: an error before anything is written
                                     episodes.query_languages(args.source_lang, priming_langs, args.query),
                                     args.data_dir, args.max_sentences, args.batch_size, args.max_len, args.seed, device,
-                                    args.max_tokens)
+                                    args.max_tokens, fine_tune_batch_size=args.implicit_batch_size)
     held_out = episodes.held_out_episode(tokenizer, args.source_lang, priming_langs, args.data_dir,
                                          args.eval_sentences, args.batch_size, args.max_len, device)
     out, lock = Path(args.out), None
     if rank == 0:  # only rank 0 writes the run folder; it owns it for the run's whole life
-        lock = claim_run_folder(out, "meta_pretrain", args, shaping=sorted(set(vars(args)) - NOT_SHAPING),
+        lock = claim_run_folder(out, "meta_pretrain", args, shaping=shaping_flags(args),
                                 resume=args.resume, overwrite=args.overwrite)
     try:
         prime(args, config, tokenizer, source, held_out, out, device, world, rank)
@@ -242,6 +377,14 @@ def main(argv=None):
             lock.close()
     if world > 1:
         distributed.leave_process_group()
+
+
+def shaping_flags(args):
+    """The flags a --resume must repeat. Runs recorded before --inner-loop existed are unrolled runs
+    (their record lacks it), so an unrolled run does not compare it; an implicit run does, and the
+    --implicit-* flags (None in an unrolled run) tell the two loops apart either way."""
+    shaping = set(vars(args)) - NOT_SHAPING
+    return sorted(shaping - {"inner_loop"} if args.inner_loop == "unrolled" else shaping)
 
 
 def prime(args, config, tokenizer, source, held_out, out, device, world, rank):
@@ -267,7 +410,11 @@ def prime(args, config, tokenizer, source, held_out, out, device, world, rank):
     loss_fn = maml.functional_loss(model)
     reference_loss = (episodes.reference_query_loss(model, args.reference_ft, held_out, loss_fn)
                       if args.reference_ft else None)
-    start = resume_state.load(out, model, optimizer, source, rngs, rank, rates) if args.resume else 0
+    carried = {} if args.inner_loop == "implicit" else None  # the implicit loop's warm start (implicit_gradient)
+    start = resume_state.load(out, model, optimizer, source, rngs, rank, rates, carried) if args.resume else 0
+    for key in ("phi_0", "phi"):  # resume_state loads onto the CPU
+        if carried and key in carried:
+            carried[key] = {n: t.to(device) for n, t in carried[key].items()}
     if rank == 0:
         log = MetricsLog(out, fresh=not args.resume)
         log.truncate_after(start)
@@ -282,7 +429,9 @@ def prime(args, config, tokenizer, source, held_out, out, device, world, rank):
         optimizer.zero_grad(set_to_none=True)
         tasks = source.sample(args.tasks_per_step, rngs["task_rng"])  # 1. episodes: the global meta-batch
         with precision_context(device, args.precision):
-            if args.method == "maml":                                   # 2.-4. phi_0, inner loop, meta-gradient
+            if args.method == "maml" and args.inner_loop == "implicit":  # 2.-4. implicit.py
+                metrics = implicit_gradient(model, loss_fn, tasks, source, carried, rngs["phi_rng"], args)
+            elif args.method == "maml":                                 # 2.-4. phi_0, inner loop, meta-gradient
                 mine, init_mine = distributed.task_share(tasks, world, rank, init_fast)
                 metrics = meta_gradient(loss_fn, mine, init_mine, args.inner_steps, args.inner_lr, args.first_order,
                                         args.inner_clip, rates, (step + 1) % args.log_adaptation_every == 0)
@@ -294,7 +443,9 @@ def prime(args, config, tokenizer, source, held_out, out, device, world, rank):
         metrics.update(step=step + 1, seconds=round(time.perf_counter() - t0, 3), **rate_summary(rates))
         if rank == 0 and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             with precision_context(device, args.precision):  # no collective
-                metrics.update(episodes.held_out_losses(model, held_out, loss_fn, args.inner_steps, args.inner_lr,
+                metrics.update(implicit_held_out(model, held_out, loss_fn, carried, reference_loss)
+                               if args.inner_loop == "implicit" else
+                               episodes.held_out_losses(model, held_out, loss_fn, args.inner_steps, args.inner_lr,
                                                         args.inner_clip, reference_loss))
             metrics["body_change"] = peft_state.body_change(model, origin)
         if rank == 0:
@@ -303,7 +454,8 @@ def prime(args, config, tokenizer, source, held_out, out, device, world, rank):
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             processes = distributed.rng_states(world)  # every process calls it (a collective); rank 0 saves
             if rank == 0:
-                resume_state.save(out, step + 1, model, optimizer, source, {**rngs, "processes": processes}, rates)
+                resume_state.save(out, step + 1, model, optimizer, source, {**rngs, "processes": processes}, rates,
+                                  carried)
             distributed.wait_for_all(world)
     if rank == 0:
         finish(out, args, model, tokenizer, rates, peft_state.body_change(model, origin))

@@ -171,12 +171,17 @@ def test_conjugate_gradient_error_falls_with_its_iterations(solved):
 
 
 def test_conjugate_gradient_stops_on_negative_curvature():
-    A = torch.diag(torch.tensor([2.0, -1.0], dtype=torch.float64))
-    solve_for = lambda *b: implicit.conjugate_gradient(lambda v: [A @ v[0]], [torch.tensor(b, dtype=torch.float64)], 10)
-    x, info = solve_for(1.0, 2.0)             # b^T A b < 0: no step, u = 0 (the first-order answer)
+    def solve_for(diagonal, b):
+        A = torch.diag(torch.tensor(diagonal, dtype=torch.float64))
+        return implicit.conjugate_gradient(lambda v: [A @ v[0]], [torch.tensor(b, dtype=torch.float64)], 10)
+    x, info = solve_for([2.0, -1.0], [1.0, 2.0])     # b^T A b < 0: no step, u = 0 (the first-order answer)
     assert (info["negative_curvature"], info["cg_iterations"], x[0].tolist()) == (1, 0, [0.0, 0.0])
-    x, info = solve_for(1.0, 1.0)             # one step, then a direction of negative curvature: kept
-    assert (info["negative_curvature"], info["cg_iterations"], x[0].tolist()) == (1, 1, [2.0, 2.0])
+    x, info = solve_for([2.0, -0.1], [1.0, 0.5])     # one step lowers the residual, then negative curvature
+    alpha = 1.25 / 1.975                             # b^T b / b^T A b
+    assert (info["negative_curvature"], info["cg_iterations"]) == (1, 1) and info["cg_residual"] < 1
+    torch.testing.assert_close(x[0], alpha * torch.tensor([1.0, 0.5], dtype=torch.float64))
+    x, info = solve_for([2.0, -1.0], [1.0, 1.0])     # one step that raises the residual (18 > 2): not kept
+    assert (info["cg_iterations"], info["cg_residual"], x[0].tolist()) == (1, 1.0, [0.0, 0.0])
 
 
 def test_fine_tune_keeps_no_graph_and_leaves_theta_alone(solved):
@@ -194,3 +199,135 @@ def test_fine_tune_keeps_no_graph_and_leaves_theta_alone(solved):
     torch.testing.assert_close(flat(more), flat(whole))
     with pytest.raises(ValueError, match="ran out after 2 of 5"):
         implicit.fine_tune(loss_fn_of(theta), phi_0, [support, support], "sgd", 5, 0.1)
+
+
+# ----------------------------------------------------------------------------- meta_pretrain.py --inner-loop implicit
+
+import meta_pretrain  # noqa: E402  (the stage tests below)
+
+# a tiny implicit run: 3 fine-tuning steps from a fresh phi_0, 2 per warm meta-step, fresh every 3 meta-steps
+IMPLICIT_FLAGS = ["--inner-steps", str(meta_pretrain.INNER_STEPS), "--inner-loop", "implicit",
+                  "--implicit-steps", "3", "--implicit-warm-steps", "2", "--fresh-every", "3",
+                  "--implicit-batch-size", "4", "--damping", "0.01"]
+
+
+def implicit_prime(model_dir, data_dir, out, *flags):
+    meta_pretrain.main(prime_argv(model_dir, data_dir, out, *IMPLICIT_FLAGS, *flags))
+
+
+def metrics_of(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_implicit_inner_loop_runs_end_to_end_and_logs(tiny_model_dir, data_dir, tmp_path, monkeypatch, first_order):
+    from safetensors.torch import load_file
+    import finetune_peft
+    from conftest import tune_argv
+    reference = tmp_path / "ft"                       # a tiny "downstream fine-tuning", for the strength
+    finetune_peft.main(tune_argv(tiny_model_dir, data_dir, reference, "--steps", "3"))
+    calls = []
+    real = implicit.hypergradient
+    monkeypatch.setattr(implicit, "hypergradient", lambda *a, **k: calls.append(k["first_order"]) or real(*a, **k))
+    out = tmp_path / "primed"
+    implicit_prime(tiny_model_dir, data_dir, out, "--steps", "4", "--reference-ft", str(reference),
+                   *(["--first-order"] if first_order else ["--cg-steps", "3"]))
+    assert calls == [first_order] * 8                  # 2 tasks x 4 meta-steps
+    lines = metrics_of(out)
+    assert [l["fine_tune_steps"] for l in lines] == [3, 2, 2, 3]   # fresh, warm, warm, fresh (--fresh-every 3)
+    assert [l["phi_age"] for l in lines] == [1, 2, 3, 1]
+    for l in lines:
+        assert l["inner_grad_norm"] > 0 and 0 <= l["cg_residual"] <= 1   # never worse than u = 0
+        assert l["cg_iterations"] == 0 if first_order else 0 < l["cg_iterations"] <= 3
+    assert ["inner_loop_strength" in l for l in lines] == [False, True, False, True]   # --eval-every 2
+    assert lines[-1]["held_out_query_loss"] < lines[-1]["held_out_query_loss_fresh"]
+    args = json.loads((out / "run.json").read_text())["args"]
+    assert (args["inner_loop"], args["implicit_optimizer"], args["cg_tol"]) == \
+        ("implicit", "adam", meta_pretrain.IMPLICIT["cg_tol"])        # defaults filled in and recorded
+    primed, original = load_file(out / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+    assert any(not torch.equal(primed[k], original[k]) for k in primed if k in original)   # theta moved
+
+
+def test_implicit_resume_equals_an_uninterrupted_run(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    """Interrupted in meta-step 3 (a warm one) after the checkpoint of step 2: the resumed run
+    must continue the carried fine-tuning (phi, Adam state), not draw a fresh phi_0."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    implicit_prime(tiny_model_dir, data_dir, whole, "--steps", "4", "--cg-steps", "3")
+    real, calls = implicit.hypergradient, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:                            # the first task of meta-step 3
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(implicit, "hypergradient", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        implicit_prime(tiny_model_dir, data_dir, cut, "--steps", "4", "--cg-steps", "3")
+    monkeypatch.setattr(implicit, "hypergradient", real)
+    implicit_prime(tiny_model_dir, data_dir, cut, "--steps", "4", "--cg-steps", "3", "--resume")
+    from safetensors.torch import load_file
+    a, b = load_file(whole / "model.safetensors"), load_file(cut / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda out: [{k: v for k, v in l.items() if k != "seconds"} for l in metrics_of(out)]
+    assert strip(whole) == strip(cut) and len(strip(cut)) == 4
+    with pytest.raises(ValueError, match="--damping is 0.02 here but 0.01"):   # the implicit flags shape the run
+        implicit_prime(tiny_model_dir, data_dir, cut, "--steps", "5", "--cg-steps", "3", "--resume", "--damping", "0.02")
+
+
+def test_an_unrolled_run_recorded_before_inner_loop_existed_resumes(tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "old"
+    meta_pretrain.main(prime_argv(tiny_model_dir, data_dir, out, "--steps", "2", "--eval-every", "0"))
+    record = json.loads((out / "run.json").read_text())
+    new_flags = {"inner_loop", *meta_pretrain.IMPLICIT}
+    assert record["args"]["inner_loop"] == "unrolled" and all(record["args"][f] is None for f in meta_pretrain.IMPLICIT)
+    record["args"] = {k: v for k, v in record["args"].items() if k not in new_flags}
+    (out / "run.json").write_text(json.dumps(record))
+    meta_pretrain.main(prime_argv(tiny_model_dir, data_dir, out, "--steps", "3", "--eval-every", "0", "--resume"))
+    assert len(metrics_of(out)) == 3
+    with pytest.raises(ValueError, match="--resume: --.* here but None"):   # an unrolled run stays unrolled
+        meta_pretrain.main(prime_argv(tiny_model_dir, data_dir, out, *IMPLICIT_FLAGS, "--steps", "4", "--resume"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--inner-loop", "implicit", "--inner-steps", "3"], "--inner-steps is an --inner-loop unrolled option"),
+    (["--inner-loop", "implicit", "--inner-lr", "0.1"], "--inner-lr is an --inner-loop unrolled option"),
+    (["--inner-loop", "implicit", "--inner-clip", "1"], "--inner-clip is an --inner-loop unrolled option"),
+    (["--inner-loop", "implicit", "--meta-sgd"], "--meta-sgd is an --inner-loop unrolled option"),
+    (["--inner-loop", "implicit", "--outer-peft"], "--outer-peft is an --inner-loop unrolled option"),
+    (["--inner-loop", "implicit", "--inner-params", "all"], "--inner-params all is an --inner-loop unrolled option"),
+    (["--damping", "0.1"], "--damping is an --inner-loop implicit option"),
+    (["--fresh-every", "2"], "--fresh-every is an --inner-loop implicit option"),
+    (["--implicit-steps", "50"], "--implicit-steps is an --inner-loop implicit option"),
+    (["--inner-loop", "implicit", "--damping", "0"], "--damping must be positive"),
+    (["--inner-loop", "implicit", "--damping", "-1e-3"], "--damping must be positive"),
+    (["--inner-loop", "implicit", "--first-order", "--damping", "-1"], "--damping must be positive"),
+    (["--inner-loop", "implicit", "--first-order", "--cg-steps", "3"], "--cg-steps / --cg-tol have no meaning"),
+    (["--inner-loop", "implicit", "--cg-tol", "1"], "--cg-tol must be in"),
+    (["--inner-loop", "implicit", "--cg-steps", "0"], "--cg-steps must be at least 1"),
+    (["--inner-loop", "implicit", "--implicit-lr", "0"], "--implicit-lr must be a positive"),
+    (["--inner-loop", "implicit", "--fresh-every", "1", "--implicit-warm-steps", "3"], "needs --fresh-every above 1"),
+    (["--inner-loop", "implicit", "--method", "mtl"], "--inner-loop implicit is a MAML option"),
+])
+def test_incoherent_inner_loop_flags_are_refused(argv, message):
+    with pytest.raises(ValueError, match=message):
+        meta_pretrain.check_args(meta_pretrain.build_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("argv", [[], ["--inner-loop", "implicit"], ["--inner-loop", "implicit", "--first-order",
+                                                                     "--damping", "0"]])
+def test_coherent_inner_loop_flags_pass(argv):
+    args = meta_pretrain.build_parser().parse_args(argv)
+    meta_pretrain.check_args(args)
+    implicit_run = "implicit" in argv
+    assert all((getattr(args, f) is not None) is implicit_run for f in meta_pretrain.IMPLICIT)
+
+
+def test_refusal_is_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(meta_pretrain.__file__)
+    run = subprocess.run([sys.executable, str(script), "--inner-loop", "implicit", "--damping", "0"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
+    assert run.stderr.startswith("error: --damping must be positive")
