@@ -315,7 +315,12 @@ def implicit_gradient(model, loss_fn, tasks, source, carried, phi_rng, args):
             "inner_grad_norm": mean("inner_grad_norm"), "cg_iterations": mean("cg_iterations"),
             "cg_residual": max(i["cg_residual"] for i in infos),
             "negative_curvature": sum(i["negative_curvature"] for i in infos),
-            "fine_tune_steps": steps, "phi_age": carried["age"]}
+            "fine_tune_steps": steps, "phi_age": carried["age"], "phi_distance": phi_distance(phi_hat, carried["phi_0"])}
+
+
+def phi_distance(phi, phi_0):
+    """||phi - phi_0||: how far the fine-tuning went, against which --damping pulls (lambda/2 times its square)."""
+    return torch.sqrt(sum(((phi[n] - phi_0[n]) ** 2).sum() for n in phi)).item()
 
 
 def implicit_held_out(model, held_out, loss_fn, carried, reference_loss):
