@@ -113,7 +113,9 @@ def conjugate_gradient(matvec: Callable[[list], list], b: list, steps: int, tol:
     Returns (x, info): x the iterate of smallest residual seen (CG lowers the A-norm error at
     every iteration, but its residual may rise on an ill-conditioned A, and x = 0 has residual
     1); info = {"cg_iterations", "cg_residual" (||b - A x|| / ||b|| of that x, from CG's own
-    recursion), "negative_curvature" (1 if it stopped on p^T A p <= 0, else 0)}.
+    recursion), "negative_curvature" (1 if it stopped on p^T A p <= 0, else 0), "cg_min_curvature"
+    (the smallest p^T A p / p^T p over CG's directions: with A = H + lambda I, a damping below
+    lambda minus this figure leaves A indefinite along that direction)}.
     """
     x = [torch.zeros_like(t) for t in b]
     r = [t.clone() for t in b]
@@ -121,10 +123,11 @@ def conjugate_gradient(matvec: Callable[[list], list], b: list, steps: int, tol:
     rr = _dot(r, r).item()
     b_norm = rr ** 0.5
     best, best_rr = x, rr
-    iterations, negative = 0, 0
+    iterations, negative, lowest = 0, 0, float("inf")
     while iterations < steps and b_norm > 0 and rr ** 0.5 > tol * b_norm:
         ap = matvec(p)
         curvature = _dot(p, ap).item()
+        lowest = min(lowest, curvature / _dot(p, p).item())
         if curvature <= 0:
             negative = 1
             break
@@ -137,7 +140,8 @@ def conjugate_gradient(matvec: Callable[[list], list], b: list, steps: int, tol:
         if rr < best_rr:
             best, best_rr = x, rr
     residual = best_rr ** 0.5 / b_norm if b_norm > 0 else 0.0
-    return best, {"cg_iterations": iterations, "cg_residual": residual, "negative_curvature": negative}
+    return best, {"cg_iterations": iterations, "cg_residual": residual, "negative_curvature": negative,
+                  "cg_min_curvature": lowest}
 
 
 def hypergradient(loss_fn, theta: list, phi_hat: dict, phi_0: dict, support, query, damping: float,
@@ -148,7 +152,8 @@ def hypergradient(loss_fn, theta: list, phi_hat: dict, phi_0: dict, support, que
       query_loss       L_Q at phi_hat
       support_loss     L_S at phi_hat (without the proximal term)
       inner_grad_norm  ||grad_phi G(phi_hat)|| on `support`: 0 at the exact phi*
-      cg_iterations, cg_residual, negative_curvature   (conjugate_gradient; 0, 1.0, 0 if first order)
+      cg_iterations, cg_residual, negative_curvature, cg_min_curvature   (conjugate_gradient;
+                       0, 1.0, 0, inf if first order)
 
     support is the batch G (its Hessian and mixed block) is taken on; damping the lambda that
     `fine_tune` used. Nothing is written to .grad. Call with dropout off (module docstring).
@@ -168,7 +173,8 @@ def hypergradient(loss_fn, theta: list, phi_hat: dict, phi_0: dict, support, que
     info = {"query_loss": query_loss.item(), "support_loss": support_loss.item(),
             "inner_grad_norm": _dot(inner, inner).sqrt().item()}
     if first_order:
-        return tuple(grads), info | {"cg_iterations": 0, "cg_residual": 1.0, "negative_curvature": 0}
+        return tuple(grads), info | {"cg_iterations": 0, "cg_residual": 1.0, "negative_curvature": 0,
+                                     "cg_min_curvature": float("inf")}
 
     def hessian_vector_product(v):  # (H + lambda I) v: the graph of `inner` is kept for every product
         outputs = [(g, vi) for g, vi in zip(inner, v) if g.requires_grad]

@@ -315,6 +315,7 @@ def implicit_gradient(model, loss_fn, tasks, source, carried, phi_rng, args):
             "inner_grad_norm": mean("inner_grad_norm"), "cg_iterations": mean("cg_iterations"),
             "cg_residual": max(i["cg_residual"] for i in infos),
             "negative_curvature": sum(i["negative_curvature"] for i in infos),
+            **({} if args.first_order else {"cg_min_curvature": min(i["cg_min_curvature"] for i in infos)}),
             "fine_tune_steps": steps, "phi_age": carried["age"], "phi_distance": phi_distance(phi_hat, carried["phi_0"])}
 
 

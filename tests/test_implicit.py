@@ -176,6 +176,7 @@ def test_conjugate_gradient_stops_on_negative_curvature():
         return implicit.conjugate_gradient(lambda v: [A @ v[0]], [torch.tensor(b, dtype=torch.float64)], 10)
     x, info = solve_for([2.0, -1.0], [1.0, 2.0])     # b^T A b < 0: no step, u = 0 (the first-order answer)
     assert (info["negative_curvature"], info["cg_iterations"], x[0].tolist()) == (1, 0, [0.0, 0.0])
+    assert info["cg_min_curvature"] == pytest.approx((2 - 4) / 5)           # b^T A b / b^T b
     x, info = solve_for([2.0, -0.1], [1.0, 0.5])     # one step lowers the residual, then negative curvature
     alpha = 1.25 / 1.975                             # b^T b / b^T A b
     assert (info["negative_curvature"], info["cg_iterations"]) == (1, 1) and info["cg_residual"] < 1
@@ -239,6 +240,7 @@ def test_implicit_inner_loop_runs_end_to_end_and_logs(tiny_model_dir, data_dir, 
     for l in lines:
         assert l["inner_grad_norm"] > 0 and 0 <= l["cg_residual"] <= 1   # never worse than u = 0
         assert l["cg_iterations"] == 0 if first_order else 0 < l["cg_iterations"] <= 3
+        assert ("cg_min_curvature" in l) is not first_order
     assert ["inner_loop_strength" in l for l in lines] == [False, True, False, True]   # --eval-every 2
     assert lines[-1]["held_out_query_loss"] < lines[-1]["held_out_query_loss_fresh"]
     args = json.loads((out / "run.json").read_text())["args"]
