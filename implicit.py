@@ -3,6 +3,7 @@
     phi_hat, state = fine_tune(loss_fn, phi_0, batches, "adam", steps=100, lr=1e-3, damping=1e-3)
     grads, info = hypergradient(loss_fn, theta, phi_hat, phi_0, support, query, damping=1e-3, cg_steps=5)
     grads, info = hypergradient(..., first_order=True)     # only dL_Q/dtheta at phi_hat
+    grads, info = hypergradient(..., cg_damping=0.1)       # a more damped linear system than the inner problem's
 
 A sibling of maml.py with its notation (theta the body, phi the fast PEFT tensors and head,
 loss_fn(fast, batch) the model's loss with `fast` in place of the parameters of those names,
@@ -33,6 +34,11 @@ on a direction of negative curvature (p^T (H + lambda I) p <= 0); u is the itera
 residual (u = 0, the first-order answer, if no step lowered it). The second term of (*) is one backward of the scalar <grad_phi G, u> (u held
 constant) into theta: autograd forms the mixed-derivative product, never the matrix, as in
 maml.py's term (2).
+
+A lambda small enough to leave the fine-tuning free can leave H + lambda I indefinite, and CG then
+stops at once. cg_damping replaces lambda in the linear system only, (H + cg_damping I) u = g: a
+damped inverse Hessian as in influence functions (Koh & Liang 2017) or Levenberg-Marquardt, a
+biased but stable u (u -> g / cg_damping as it grows: a scaled first-order correction).
 
 phi_hat from `fine_tune` is only near phi*: the error of (*) grows with ||grad_phi G(phi_hat)||,
 which `hypergradient` reports (inner_grad_norm) beside the CG iterations and relative residual.
@@ -145,7 +151,8 @@ def conjugate_gradient(matvec: Callable[[list], list], b: list, steps: int, tol:
 
 
 def hypergradient(loss_fn, theta: list, phi_hat: dict, phi_0: dict, support, query, damping: float,
-                  cg_steps: int = 10, cg_tol: float = 1e-3, first_order: bool = False) -> tuple:
+                  cg_steps: int = 10, cg_tol: float = 1e-3, first_order: bool = False,
+                  cg_damping: float | None = None) -> tuple:
     """Return (grads, info): dF/dtheta of (*) in the module docstring, one entry per tensor of
     `theta` (None where the losses do not reach it), and the diagnostics
 
@@ -156,7 +163,7 @@ def hypergradient(loss_fn, theta: list, phi_hat: dict, phi_0: dict, support, que
                        0, 1.0, 0, inf if first order)
 
     support is the batch G (its Hessian and mixed block) is taken on; damping the lambda that
-    `fine_tune` used. Nothing is written to .grad. Call with dropout off (module docstring).
+    `fine_tune` used; cg_damping (default: damping) the lambda of the linear system. Nothing is written to .grad. Call with dropout off (module docstring).
     """
     theta = list(theta)
     phi = OrderedDict((n, t.detach().requires_grad_(True)) for n, t in phi_hat.items())
@@ -176,11 +183,13 @@ def hypergradient(loss_fn, theta: list, phi_hat: dict, phi_0: dict, support, que
         return tuple(grads), info | {"cg_iterations": 0, "cg_residual": 1.0, "negative_curvature": 0,
                                      "cg_min_curvature": float("inf")}
 
+    extra = 0.0 if cg_damping is None else cg_damping - damping
+
     def hessian_vector_product(v):  # (H + lambda I) v: the graph of `inner` is kept for every product
         outputs = [(g, vi) for g, vi in zip(inner, v) if g.requires_grad]
         hv = torch.autograd.grad([g for g, _ in outputs], fast, grad_outputs=[vi for _, vi in outputs],
                                  retain_graph=True, allow_unused=True)
-        return [torch.zeros_like(t) if h is None else h for h, t in zip(hv, fast)]
+        return [(torch.zeros_like(t) if h is None else h) + extra * vi for h, t, vi in zip(hv, fast, v)]
 
     u, cg = conjugate_gradient(hessian_vector_product, g_query, cg_steps, cg_tol)
     mixed_outputs = _dot([g for g in inner if g.requires_grad], [ui for g, ui in zip(inner, u) if g.requires_grad])

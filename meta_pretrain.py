@@ -70,6 +70,7 @@ IMPLICIT = {
     "damping": 1e-3,               # PLACEHOLDER
     "cg_steps": 5,                 # PLACEHOLDER
     "cg_tol": 1e-2,                # PLACEHOLDER
+    "cg_damping": None,            # None: --damping (the exact implicit formula)
 }
 SAVE_EVERY = 20          # resumable checkpoint every N meta-steps
 # flags that may change between an interrupted run and its --resume (everything else shapes the run)
@@ -169,6 +170,10 @@ def implicit_flags(p):
                    help="most conjugate-gradient iterations for the hypergradient " + when % IMPLICIT["cg_steps"])
     p.add_argument("--cg-tol", type=float, default=None,
                    help="CG stops at this relative residual " + when % IMPLICIT["cg_tol"])
+    p.add_argument("--cg-damping", type=float, default=None,
+                   help="lambda of the CG system only, (H + lambda I) u = dL_Q/dphi: a larger one than --damping "
+                        "when H + damping I is indefinite (CG then stops at once; see cg_min_curvature in "
+                        "metrics.jsonl) " + when % "--damping")
 
 
 def check_implicit(args, world):
@@ -186,9 +191,9 @@ def check_implicit(args, world):
         if bad:
             raise ValueError(f"{flag} is an --inner-loop unrolled option; with --inner-loop implicit leave it out "
                              f"(the inner fine-tuning takes the --implicit-* flags)")
-    if args.first_order and (args.cg_steps is not None or args.cg_tol is not None):
-        raise ValueError("--cg-steps / --cg-tol have no meaning with --first-order (no linear system is solved): "
-                         "leave them out")
+    if args.first_order and any(v is not None for v in (args.cg_steps, args.cg_tol, args.cg_damping)):
+        raise ValueError("--cg-steps / --cg-tol / --cg-damping have no meaning with --first-order (no linear "
+                         "system is solved): leave them out")
     if world > 1:
         raise ValueError("--inner-loop implicit runs in one process only (its fine-tuning is not shared across "
                          "torchrun processes)")
@@ -202,6 +207,9 @@ def check_implicit(args, world):
     if not (args.damping > 0 or (args.first_order and args.damping == 0)):
         raise ValueError(f"--damping must be positive (got {args.damping}): it keeps the CG system positive "
                          f"definite; 0 is allowed with --first-order only")
+    if not args.first_order:  # (first order solves no system: it stays None)
+        args.cg_damping = args.damping if args.cg_damping is None else args.cg_damping
+        check_positive(args, "cg_damping")
     if not 0 <= args.cg_tol < 1:
         raise ValueError(f"--cg-tol must be in [0, 1) (got {args.cg_tol})")
 
@@ -303,7 +311,8 @@ def implicit_gradient(model, loss_fn, tasks, source, carried, phi_rng, args):
     model.eval()
     for support, query in tasks:
         grads, info = implicit.hypergradient(loss_fn, theta, phi_hat, carried["phi_0"], support, query, args.damping,
-                                             args.cg_steps, args.cg_tol, first_order=args.first_order)
+                                             args.cg_steps, args.cg_tol, first_order=args.first_order,
+                                             cg_damping=args.cg_damping)
         for p, g in zip(theta, grads):
             if g is not None:
                 p.grad = g / len(tasks) if p.grad is None else p.grad + g / len(tasks)

@@ -121,6 +121,13 @@ def test_hypergradient_equals_the_dense_formula(solved):
                           exact) > 0.05
 
 
+def test_cg_damping_replaces_lambda_in_the_linear_system_only(solved):
+    theta, phi_hat, phi_0, support, query = solved
+    grad, _ = hyper(theta, phi_hat, phi_0, support, query, cg_steps=100, cg_tol=1e-12, cg_damping=2.0)
+    assert relative_error(grad, dense_hypergradient(theta, phi_hat, phi_0, support, query, hessian_damping=2.0)) < 1e-6
+    assert relative_error(grad, dense_hypergradient(theta, phi_hat, phi_0, support, query)) > 0.01
+
+
 def test_first_order_is_the_direct_term_only(solved):
     theta, phi_hat, phi_0, support, query = solved
     grad, info = hyper(theta, phi_hat, phi_0, support, query, first_order=True)
@@ -303,7 +310,10 @@ def test_an_unrolled_run_recorded_before_inner_loop_existed_resumes(tiny_model_d
     (["--inner-loop", "implicit", "--damping", "0"], "--damping must be positive"),
     (["--inner-loop", "implicit", "--damping", "-1e-3"], "--damping must be positive"),
     (["--inner-loop", "implicit", "--first-order", "--damping", "-1"], "--damping must be positive"),
-    (["--inner-loop", "implicit", "--first-order", "--cg-steps", "3"], "--cg-steps / --cg-tol have no meaning"),
+    (["--inner-loop", "implicit", "--first-order", "--cg-steps", "3"], "--cg-steps / --cg-tol / --cg-damping have"),
+    (["--inner-loop", "implicit", "--first-order", "--cg-damping", "1"], "--cg-steps / --cg-tol / --cg-damping have"),
+    (["--inner-loop", "implicit", "--cg-damping", "0"], "--cg-damping must be a positive"),
+    (["--cg-damping", "0.1"], "--cg-damping is an --inner-loop implicit option"),
     (["--inner-loop", "implicit", "--cg-tol", "1"], "--cg-tol must be in"),
     (["--inner-loop", "implicit", "--cg-steps", "0"], "--cg-steps must be at least 1"),
     (["--inner-loop", "implicit", "--implicit-lr", "0"], "--implicit-lr must be a positive"),
@@ -320,8 +330,9 @@ def test_incoherent_inner_loop_flags_are_refused(argv, message):
 def test_coherent_inner_loop_flags_pass(argv):
     args = meta_pretrain.build_parser().parse_args(argv)
     meta_pretrain.check_args(args)
-    implicit_run = "implicit" in argv
-    assert all((getattr(args, f) is not None) is implicit_run for f in meta_pretrain.IMPLICIT)
+    implicit_run, first_order = "implicit" in argv, "--first-order" in argv
+    assert all((getattr(args, f) is not None) is implicit_run for f in meta_pretrain.IMPLICIT if f != "cg_damping")
+    assert args.cg_damping == (None if first_order or not implicit_run else args.damping)
 
 
 def test_refusal_is_one_line(tmp_path):
