@@ -358,12 +358,12 @@ def mtl_gradient(model, tasks):
     return {"train_loss": sum(losses) / len(losses)}
 
 
-def check_losses(metrics, step):
+def check_losses(metrics, step, inner_loop="unrolled"):
     """Every logged loss finite, before the optimizer step it would poison."""
+    rates = "--implicit-lr / --outer-lr" if inner_loop == "implicit" else "--inner-lr / --outer-lr or set --inner-clip"
     for name, value in metrics.items():
         if "loss" in name:
-            check_finite(value, f"{name} at meta-step {step}",
-                         "lower --inner-lr / --outer-lr or set --inner-clip, and start again with --overwrite")
+            check_finite(value, f"{name} at meta-step {step}", f"lower {rates}, and start again with --overwrite")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -457,7 +457,7 @@ def prime(args, config, tokenizer, source, held_out, out, device, world, rank):
             else:
                 metrics = mtl_gradient(model, distributed.task_share(tasks, world, rank)[0])
         distributed.average_across_processes(model, metrics, world)
-        check_losses(metrics, step + 1)
+        check_losses(metrics, step + 1, args.inner_loop)
         optimizer.step()                                                # the outer update of theta
         metrics.update(step=step + 1, seconds=round(time.perf_counter() - t0, 3), **rate_summary(rates))
         if rank == 0 and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):

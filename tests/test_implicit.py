@@ -345,3 +345,10 @@ def test_refusal_is_one_line(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
     assert run.stderr.startswith("error: --damping must be positive")
+
+
+def test_a_non_finite_loss_names_the_implicit_flags():
+    with pytest.raises(ValueError, match="fine_tune_loss_last at meta-step 3 is nan: lower --implicit-lr"):
+        meta_pretrain.check_losses({"fine_tune_loss_last": float("nan")}, 3, "implicit")
+    with pytest.raises(ValueError, match="lower --inner-lr / --outer-lr or set --inner-clip"):
+        meta_pretrain.check_losses({"query_loss": float("inf")}, 3)
