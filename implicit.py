@@ -31,9 +31,9 @@ one Hessian-vector product per iteration: autograd.grad of the inner gradient gr
 with create_graph=True) against a vector, a double backward through the model. CG stops when the
 relative residual ||(H + lambda I) u - g|| / ||g|| falls to cg_tol, after cg_steps iterations, or
 on a direction of negative curvature (p^T (H + lambda I) p <= 0); u is the iterate of smallest
-residual (u = 0, the first-order answer, if no step lowered it). The second term of (*) is one backward of the scalar <grad_phi G, u> (u held
-constant) into theta: autograd forms the mixed-derivative product, never the matrix, as in
-maml.py's term (2).
+residual (u = 0, the first-order answer, if no step lowered it). The second term of (*) is one
+backward of the scalar <grad_phi G, u> (u held constant) into theta: autograd forms the
+mixed-derivative product, never the matrix, as in maml.py's term (2).
 
 A lambda small enough to leave the fine-tuning free can leave H + lambda I indefinite, and CG then
 stops at once. cg_damping replaces lambda in the linear system only, (H + cg_damping I) u = g: a
@@ -163,7 +163,8 @@ def hypergradient(loss_fn, theta: list, phi_hat: dict, phi_0: dict, support, que
                        0, 1.0, 0, inf if first order)
 
     support is the batch G (its Hessian and mixed block) is taken on; damping the lambda that
-    `fine_tune` used; cg_damping (default: damping) the lambda of the linear system. Nothing is written to .grad. Call with dropout off (module docstring).
+    `fine_tune` used; cg_damping (default: damping) the lambda of the linear system. Nothing is
+    written to .grad. Call with dropout off (module docstring).
     """
     theta = list(theta)
     phi = OrderedDict((n, t.detach().requires_grad_(True)) for n, t in phi_hat.items())

@@ -7,7 +7,7 @@ Setting: the default model and the stage's default flags (adapters, 2 tasks of 8
 length 64). Configurations, each in a fresh subprocess (this script with --worker):
   unrolled    meta_pretrain.meta_gradient: 5 SGD steps at 0.3, second order (today's default
               meta-step), then AdamW on the body;
-  implicit N  meta_pretrain.implicit_gradient with --implicit-steps N --fresh-every 1 (N Adam
+  implicit N  implicit_priming.meta_gradient with --implicit-steps N --fresh-every 1 (N Adam
               steps of fine-tuning from a fresh phi_0 on batches of 16, then the hypergradient
               of each task with the default CG budget), then AdamW on the body.
 The tasks are drawn once and reused, and the fine-tuning cycles over the same 4 batches of 16
@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import adapters  # noqa: E402
 import episodes  # noqa: E402
 import implicit  # noqa: E402
+import implicit_priming  # noqa: E402
 import maml  # noqa: E402
 import meta_pretrain  # noqa: E402
 from bench_maml import peak_memory  # noqa: E402
@@ -89,7 +90,7 @@ def run_worker(cli):
     args, config = stage_args(cli.data_dir, implicit_steps)
     device = pick_device(None)
     tokenizer = load_tokenizer(args.model)
-    fine_tune_size = meta_pretrain.IMPLICIT["implicit_batch_size"]
+    fine_tune_size = implicit_priming.IMPLICIT["implicit_batch_size"]
     source = episodes.EpisodeSource(tokenizer, args.source_lang, parse_languages(args.priming_langs), args.data_dir,
                                     args.max_sentences, args.batch_size, args.max_len, args.seed, device,
                                     fine_tune_batch_size=fine_tune_size)
@@ -122,7 +123,7 @@ def run_worker(cli):
             meta_pretrain.meta_gradient(loss_fn, tasks, init_fast, args.inner_steps, args.inner_lr, False, None, {})
         else:
             args.implicit_steps = steps
-            cg.append(meta_pretrain.implicit_gradient(model, loss_fn, tasks, fixed, {}, phi_rng, args)["cg_iterations"])
+            cg.append(implicit_priming.meta_gradient(model, loss_fn, tasks, fixed, {}, phi_rng, args)["cg_iterations"])
         optimizer.step()
 
     meta_step(FINE_TUNE_BATCHES if implicit_steps is not None else None)     # warm-up
@@ -166,7 +167,8 @@ def main(argv=None):
         label = "unrolled, 5 SGD steps (today)" if r["config"] == "unrolled" else f"implicit, N = {r['config']}"
         implicit_only = (f"{r['fine_tune_s']:.1f} | {r['hypergradient_s']:.1f} | {r['cg_iterations']}"
                          if r["config"] != "unrolled" else "- | - | -")
-        print(f"| {label} | {r['seconds']:.1f} | {implicit_only} | {r['peak_delta_mb']:.0f} | {r['process_peak_mb']:.0f} |")
+        memory = f"{r['peak_delta_mb']:.0f} | {r['process_peak_mb']:.0f}"
+        print(f"| {label} | {r['seconds']:.1f} | {implicit_only} | {memory} |")
     print(f"\nmemory: {rows[0]['method']}; torch threads per worker: {rows[0]['threads']}")
     if cli.json:
         Path(cli.json).write_text(json.dumps(rows, indent=2))

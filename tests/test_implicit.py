@@ -211,7 +211,8 @@ def test_fine_tune_keeps_no_graph_and_leaves_theta_alone(solved):
 
 # ----------------------------------------------------------------------------- meta_pretrain.py --inner-loop implicit
 
-import meta_pretrain  # noqa: E402  (the stage tests below)
+import implicit_priming  # noqa: E402  (the stage tests below)
+import meta_pretrain  # noqa: E402
 
 # a tiny implicit run: 3 fine-tuning steps from a fresh phi_0, 2 per warm meta-step, fresh every 3 meta-steps
 IMPLICIT_FLAGS = ["--inner-steps", str(meta_pretrain.INNER_STEPS), "--inner-loop", "implicit",
@@ -252,7 +253,7 @@ def test_implicit_inner_loop_runs_end_to_end_and_logs(tiny_model_dir, data_dir, 
     assert lines[-1]["held_out_query_loss"] < lines[-1]["held_out_query_loss_fresh"]
     args = json.loads((out / "run.json").read_text())["args"]
     assert (args["inner_loop"], args["implicit_optimizer"], args["cg_tol"]) == \
-        ("implicit", "adam", None if first_order else meta_pretrain.IMPLICIT["cg_tol"])   # defaults filled, recorded
+        ("implicit", "adam", None if first_order else implicit_priming.IMPLICIT["cg_tol"])   # defaults filled, recorded
     primed, original = load_file(out / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
     assert any(not torch.equal(primed[k], original[k]) for k in primed if k in original)   # theta moved
 
@@ -280,15 +281,17 @@ def test_implicit_resume_equals_an_uninterrupted_run(tiny_model_dir, data_dir, t
     strip = lambda out: [{k: v for k, v in l.items() if k != "seconds"} for l in metrics_of(out)]
     assert strip(whole) == strip(cut) and len(strip(cut)) == 4
     with pytest.raises(ValueError, match="--damping is 0.02 here but 0.01"):   # the implicit flags shape the run
-        implicit_prime(tiny_model_dir, data_dir, cut, "--steps", "5", "--cg-steps", "3", "--resume", "--damping", "0.02")
+        implicit_prime(tiny_model_dir, data_dir, cut, "--steps", "5", "--cg-steps", "3", "--resume",
+                       "--damping", "0.02")
 
 
 def test_an_unrolled_run_recorded_before_inner_loop_existed_resumes(tiny_model_dir, data_dir, tmp_path):
     out = tmp_path / "old"
     meta_pretrain.main(prime_argv(tiny_model_dir, data_dir, out, "--steps", "2", "--eval-every", "0"))
     record = json.loads((out / "run.json").read_text())
-    new_flags = {"inner_loop", *meta_pretrain.IMPLICIT}
-    assert record["args"]["inner_loop"] == "unrolled" and all(record["args"][f] is None for f in meta_pretrain.IMPLICIT)
+    new_flags = {"inner_loop", *implicit_priming.IMPLICIT}
+    assert record["args"]["inner_loop"] == "unrolled"
+    assert all(record["args"][f] is None for f in implicit_priming.IMPLICIT)
     record["args"] = {k: v for k, v in record["args"].items() if k not in new_flags}
     (out / "run.json").write_text(json.dumps(record))
     meta_pretrain.main(prime_argv(tiny_model_dir, data_dir, out, "--steps", "3", "--eval-every", "0", "--resume"))
@@ -331,7 +334,7 @@ def test_coherent_inner_loop_flags_pass(argv):
     args = meta_pretrain.build_parser().parse_args(argv)
     meta_pretrain.check_args(args)
     implicit_run, first_order = "implicit" in argv, "--first-order" in argv
-    for flag in meta_pretrain.IMPLICIT:          # filled in for an implicit run, the CG ones unless first order
+    for flag in implicit_priming.IMPLICIT:          # filled in for an implicit run, the CG ones unless first order
         assert (getattr(args, flag) is not None) is (implicit_run and not (first_order and flag.startswith("cg_")))
     assert args.cg_damping == (args.damping if implicit_run and not first_order else None)
 
