@@ -280,9 +280,9 @@ def test_implicit_resume_equals_an_uninterrupted_run(tiny_model_dir, data_dir, t
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda out: [{k: v for k, v in l.items() if k != "seconds"} for l in metrics_of(out)]
     assert strip(whole) == strip(cut) and len(strip(cut)) == 4
-    with pytest.raises(ValueError, match="--damping is 0.02 here but 0.01"):   # the implicit flags shape the run
+    with pytest.raises(ValueError, match="--fresh-every is 4 here but 3"):   # the implicit flags shape the run
         implicit_prime(tiny_model_dir, data_dir, cut, "--steps", "5", "--cg-steps", "3", "--resume",
-                       "--damping", "0.02")
+                       "--fresh-every", "4")
 
 
 def test_an_unrolled_run_recorded_before_inner_loop_existed_resumes(tiny_model_dir, data_dir, tmp_path):
