@@ -5,6 +5,7 @@ from, and the held-out episode that meta-validation scores.
     support, query = source.sample(n_tasks=2, generator=task_rng)[0]
     held_out = held_out_episode(tokenizer, "en", ["de", "es"], data_dir, ...)
     held_out_losses(model, held_out, loss_fn, inner_steps=3, inner_lr=0.1, inner_clip=None)
+    adapted_losses(held_out, loss_fn, fresh, adapted, reference_loss)   # score a given phi (the implicit loop's)
 
   support batch  source-language train sentences: what downstream PEFT fine-tuning will see.
   query batch    train sentences of a priming language, drawn uniformly per task, so the
