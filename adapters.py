@@ -13,7 +13,7 @@
     load_peft(BertForTokenClassification(BertConfig(num_labels=7)), "/tmp/peft-demo")
 
 For the BERT and XLM-R token classifiers of transformers 5 (the head is `model.classifier`).
-Notation as in PAPER.md: theta = the encoder's own parameters ("body"), phi = the PEFT
+Notation as in METHOD.md: theta = the encoder's own parameters ("body"), phi = the PEFT
 tensors plus the head.
 
 Injection never renames a parameter of the model: PEFT modules are added as new children

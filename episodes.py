@@ -1,10 +1,11 @@
-"""Priming episodes (PAPER.md, "One priming episode"): where support and query batches come
+"""Priming episodes (METHOD.md, "One priming episode"): where support and query batches come
 from, and the held-out episode that meta-validation scores.
 
     source = EpisodeSource(tokenizer, "en", query_languages("en", ["de", "es"], "cross"), data_dir, ...)
     support, query = source.sample(n_tasks=2, generator=task_rng)[0]
     held_out = held_out_episode(tokenizer, "en", ["de", "es"], data_dir, ...)
     held_out_losses(model, held_out, loss_fn, inner_steps=3, inner_lr=0.1, inner_clip=None)
+    adapted_losses(held_out, loss_fn, fresh, adapted, reference_loss)   # score a given phi (the implicit loop's)
 
   support batch  source-language train sentences: what downstream PEFT fine-tuning will see.
   query batch    train sentences of a priming language, drawn uniformly per task, so the
@@ -45,12 +46,19 @@ class EpisodeSource:
     stream has its own seed derived from the run's seed, so resuming restores each one."""
 
     def __init__(self, tokenizer, source_lang, query_langs, data_dir, max_sentences, batch_size, max_len, seed,
-                 device="cpu", max_tokens=None, fmt=None):
-        def stream(lang, role):
-            return batch_stream(tokenizer, lang, "train", data_dir, max_sentences, batch_size, max_len,
+                 device="cpu", max_tokens=None, fmt=None, fine_tune_batch_size=None):
+        def stream(lang, role, size=batch_size):
+            return batch_stream(tokenizer, lang, "train", data_dir, max_sentences, size, max_len,
                                 derive_seed(seed, f"{role} stream {lang}"), device, max_tokens, fmt)
         self.support = stream(source_lang, "support")
         self.query = {lang: stream(lang, "query") for lang in query_langs}
+        # the implicit inner loop's fine-tuning batches (source language, their own size and seed)
+        self.fine_tune = stream(source_lang, "fine-tuning", fine_tune_batch_size) if fine_tune_batch_size else None
+
+    def fine_tune_batches(self):
+        """The endless stream of fine-tuning batches (implicit inner loop)."""
+        while True:
+            yield self.fine_tune.next_batch()
 
     def sample(self, n_tasks, generator):
         """n (support, query) batch pairs; each task's query language is drawn uniformly."""
@@ -62,12 +70,15 @@ class EpisodeSource:
         return tasks
 
     def state(self):
-        return {"support": self.support.state(), "query": {l: s.state() for l, s in self.query.items()}}
+        state = {"support": self.support.state(), "query": {l: s.state() for l, s in self.query.items()}}
+        return state | ({"fine_tune": self.fine_tune.state()} if self.fine_tune else {})
 
     def load_state(self, state):
         self.support.load_state(state["support"])
         for lang, s in self.query.items():
             s.load_state(state["query"][lang])
+        if self.fine_tune:
+            self.fine_tune.load_state(state["fine_tune"])
 
 
 def held_out_episode(tokenizer, source_lang, priming_langs, data_dir, eval_sentences, batch_size, max_len, device="cpu",
@@ -100,15 +111,27 @@ def held_out_losses(model, held_out, loss_fn, inner_steps, inner_lr, inner_clip,
                                  fine-tuning, 0 = no better than the fresh tensors."""
     was_training = model.training
     model.eval()
-    fresh = peft_state.fresh_peft_tensors(model, torch.Generator().manual_seed(derive_seed(0, "held-out phi")))
+    fresh = held_out_phi(model)
     adapted = maml.inner_loop(loss_fn, fresh, held_out["support"], inner_steps, inner_lr,
                               first_order=True, clip=inner_clip)
+    losses = adapted_losses(held_out, loss_fn, fresh, adapted, reference_loss)
+    model.train(was_training)
+    return losses
+
+
+def held_out_phi(model):
+    """The fixed fresh phi of meta-validation (the same draw at every evaluation)."""
+    return peft_state.fresh_peft_tensors(model, torch.Generator().manual_seed(derive_seed(0, "held-out phi")))
+
+
+def adapted_losses(held_out, loss_fn, fresh, adapted, reference_loss=None):
+    """The held-out query loss of `adapted` and of `fresh`, and the inner-loop strength (see
+    `held_out_losses`). Call with dropout off. The implicit inner loop scores its phi_hat here."""
     losses = {"held_out_query_loss": query_loss(loss_fn, adapted, held_out["query"]),
               "held_out_query_loss_fresh": query_loss(loss_fn, fresh, held_out["query"])}
     if reference_loss is not None:
         gap = losses["held_out_query_loss_fresh"] - reference_loss
         losses["inner_loop_strength"] = (losses["held_out_query_loss_fresh"] - losses["held_out_query_loss"]) / gap
-    model.train(was_training)
     return losses
 
 

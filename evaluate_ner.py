@@ -51,7 +51,7 @@ def build_parser():
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
     p.add_argument("--out", default=None, help="JSON output (default: <ckpt>/eval-<split>.json)")
     p.add_argument("--overwrite", action="store_true",
-                   help="let --out replace an existing file that is not an evaluation's scores")
+                   help="let --out replace an existing file that is not an evaluation's scores, and --predictions its <lang>.conll files")
     p.add_argument("--predictions", default=None,
                    help="folder for one <lang>.conll per language (token gold predicted; conlleval/seqeval re-score it)")
     return parser_taking_negative_numbers(p)
@@ -70,9 +70,15 @@ def check_args(args):
         raise ValueError(f"--out {out} is a folder: give a file name, e.g. {out / f'eval-{args.split}.json'}")
     check_output_file(out, args.overwrite)
     writable_folder(out.parent, "--out")
+    langs = parse_languages(args.langs)
     if args.predictions:
         writable_folder(args.predictions, "--predictions")
-    return parse_languages(args.langs), out, data_format_from_flags(args)
+        existing = [str(Path(args.predictions) / f"{lang}.conll") for lang in langs
+                    if (Path(args.predictions) / f"{lang}.conll").exists()]
+        if existing and not args.overwrite:
+            raise ValueError(f"--predictions: {', '.join(existing)} exists already: choose another --predictions "
+                             f"folder (or --overwrite to replace it)")
+    return langs, out, data_format_from_flags(args)
 
 
 def is_evaluation(path):

@@ -137,7 +137,7 @@ def linear_schedule(step, steps, warmup):
 
 
 def build_model(init, config, seed, device):
-    """The body `init` with fresh PEFT tensors and a fresh head (PAPER.md: after priming,
+    """The body `init` with fresh PEFT tensors and a fresh head (METHOD.md: after priming,
     downstream PEFT starts from fresh PEFT parameters and a fresh head); config None: full
     fine-tuning. The same seed draws the same PEFT tensors and head on every body."""
     model = load_token_classifier(init, num_labels=len(LABELS), id2label=LABELS, device=device)

@@ -1,19 +1,24 @@
-"""Priming: meta-learn a pretrained encoder for later PEFT fine-tuning (../shared/PAPER.md).
+"""Priming: meta-learn a pretrained encoder for later PEFT fine-tuning (METHOD.md).
 
     python meta_pretrain.py                                   # the default: e5-small, adapters, en -> de,es, CPU
     python meta_pretrain.py --gpu 0 --model xlm-roberta-base --steps 2000 --max-sentences 20000
     python meta_pretrain.py --peft prefix --first-order       # an ablation: first-order meta-gradient
     python meta_pretrain.py --method mtl                      # multi-task priming, same data and steps
     python meta_pretrain.py --resume                          # continue an interrupted run in --out
+    python meta_pretrain.py --inner-loop implicit             # the inner loop: a near-converged fine-tuning
     torchrun --nproc_per_node 4 meta_pretrain.py --model xlm-roberta-base --tasks-per-step 8   # 4 GPUs, 2 tasks each
 
-One meta-step (PAPER.md, "One priming episode"), for each of --tasks-per-step tasks:
+One meta-step (METHOD.md, "One priming episode"), for each of --tasks-per-step tasks:
   1. the episode: a support batch in the source language (what downstream PEFT will see) and a
      query batch in a priming language, or the source language with --query same (episodes.py),
   2. where phi starts and which tensors are fast: fresh PEFT tensors and head (`phi_start`),
   3. the inner loop: --inner-steps SGD steps on the fast tensors only (maml.inner_loop),
   4. the meta-gradient: the query loss of (theta, phi') back-propagated into theta
      (`meta_gradient`), then AdamW on theta (the outer loop).
+With --inner-loop implicit, 2.-4. are implicit_priming.meta_gradient: the inner loop is a fine-tuning of phi
+on its own stream of source-language batches (Adam by default, as finetune_peft.py), continued
+from the previous meta-step's phi and re-drawn fresh every --fresh-every meta-steps (a warm
+start), and the meta-gradient is implicit.hypergradient on each task's support and query batch.
 The output folder is an ordinary transformers checkpoint of the primed body theta (the PEFT
 tensors and head are dropped: downstream fine-tuning starts them fresh), plus run.json (every
 flag), metrics.jsonl, resume.pt (resume_state.py) and README.md, its model card in the hub's
@@ -32,6 +37,7 @@ from tqdm import tqdm
 import adapters
 import distributed
 import episodes
+import implicit_priming
 import maml
 import model_card
 import peft_config
@@ -48,7 +54,7 @@ from runs import (MetricsLog, check_at_least, check_finite, check_positive, chec
 # --------------------------------------------------------------------- defaults -----
 # Budget: the README's main job; a meta-step of these defaults took ~10 s on one busy CPU core (README).
 STEPS = 60               # meta-steps (outer optimizer steps); the paper-scale run wants thousands
-TASKS_PER_STEP = 2       # tasks averaged per meta-step (PAPER.md step 4)
+TASKS_PER_STEP = 2       # tasks averaged per meta-step (METHOD.md step 4)
 BATCH_SIZE = 8           # sentences per support / query batch
 MAX_LEN = 64             # sub-words; WikiANN sentences are short (median ~ 14 sub-words)
 MAX_SENTENCES = 2000     # sentences read per language: enough for the default budget
@@ -78,7 +84,12 @@ def build_parser():
                    help="keep one initial PEFT + head across episodes and meta-update it too (plain MAML ablation)")
     p.add_argument("--query", choices=["cross", "same"], default="cross",
                    help="query batch in a priming language (cross) or in the source language (same, ablation)")
-    p.add_argument("--first-order", action="store_true", help="first-order meta-gradient (drops the Hessian term)")
+    p.add_argument("--first-order", action="store_true",
+                   help="first-order meta-gradient (drops the Hessian term; with --inner-loop implicit: only "
+                        "dL_Q/dtheta at phi_hat, no CG)")
+    p.add_argument("--inner-loop", choices=["unrolled", "implicit"], default="unrolled",
+                   help="unrolled: --inner-steps SGD steps differentiated through (maml.py); implicit: a "
+                        "near-converged fine-tuning differentiated by the implicit function theorem (implicit.py)")
     p.add_argument("--inner-steps", type=int, default=INNER_STEPS, help="SGD steps of the inner loop")
     p.add_argument("--inner-lr", type=float, default=INNER_LR, help="inner-loop SGD learning rate")
     p.add_argument("--inner-clip", type=float, default=None, help="clip the inner gradient to this global norm")
@@ -86,6 +97,7 @@ def build_parser():
                    help="Meta-SGD (Li et al. 2017): one learned inner learning rate per fast tensor, starting at "
                         "--inner-lr, updated by the outer optimizer")
     p.add_argument("--meta-sgd-lr", type=float, default=META_SGD_LR, help="outer AdamW learning rate of those rates")
+    implicit_priming.add_flags(p)
     p.add_argument("--outer-lr", type=float, default=OUTER_LR, help="AdamW learning rate of the outer loop")
     p.add_argument("--tasks-per-step", type=int, default=TASKS_PER_STEP,
                    help="tasks averaged per meta-step; under torchrun the global count, split evenly across processes")
@@ -132,6 +144,8 @@ def check_args(args):
                           ("--inner-params all", args.inner_params == "all"), ("--meta-sgd", args.meta_sgd)]:
             if bad:
                 raise ValueError(f"{flag} is a MAML option; it has no meaning with --method mtl")
+    implicit_priming.check_flags(args, distributed.torchrun_world()[0],
+                                 {"inner_steps": INNER_STEPS, "inner_lr": INNER_LR})
     check_at_least(args, 1, "steps", "tasks_per_step", "batch_size", "max_len", "inner_steps", "max_sentences",
                    "save_every", "eval_sentences", "max_tokens", "log_adaptation_every")
     check_at_least(args, 0, "eval_every")
@@ -187,7 +201,7 @@ def set_trainable(model, method, outer_peft, inner_params, freeze_embeddings):
 
 
 def phi_start(model, outer_peft, inner_params, generator):
-    """Where phi starts and which tensors are fast (PAPER.md, "Where phi starts"): a function of
+    """Where phi starts and which tensors are fast (METHOD.md, "One priming episode"): a function of
     the task index giving phi_0. Default: fresh PEFT tensors and head drawn as downstream PEFT
     draws them, so the inner loop simulates a fresh fine-tuning; --outer-peft: the model's own
     meta-learned ones (plain MAML). --inner-params all: the body's trainable Parameters are
@@ -226,12 +240,14 @@ def mtl_gradient(model, tasks):
     return {"train_loss": sum(losses) / len(losses)}
 
 
-def check_losses(metrics, step):
+def check_losses(metrics, step, inner_loop="unrolled"):
     """Every logged loss finite, before the optimizer step it would poison."""
+    rates = "--implicit-lr / --outer-lr" if inner_loop == "implicit" else "--inner-lr / --outer-lr or set --inner-clip"
     for name, value in metrics.items():
         if "loss" in name:
-            check_finite(value, f"{name} at meta-step {step}",
-                         "lower --inner-lr / --outer-lr or set --inner-clip, and start again with --overwrite")
+            check_finite(value, f"{name} at meta-step {step}",  # not --overwrite: it would delete resume.pt
+                         f"lower {rates} and start again with a new --out (this folder's resume.pt, "
+                         f"saved before the failure, is kept)")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -252,7 +268,7 @@ def main(argv=None):
     query_langs = episodes.query_languages(args.source_lang, priming_langs, args.query)
     source = episodes.EpisodeSource(tokenizer, args.source_lang, query_langs,  # bad data: an error before any write
                                     args.data_dir, args.max_sentences, args.batch_size, args.max_len, args.seed, device,
-                                    args.max_tokens, fmt)
+                                    args.max_tokens, fmt, fine_tune_batch_size=args.implicit_batch_size)
     held_out = episodes.held_out_episode(tokenizer, args.source_lang, priming_langs, args.data_dir,
                                          args.eval_sentences, args.batch_size, args.max_len, device, fmt)
     data = data_provenance(args.data_dir, [(args.source_lang, "train"), *[(q, "train") for q in query_langs],
@@ -262,7 +278,7 @@ def main(argv=None):
     adapters.add_peft(model, config, seed=derive_seed(args.seed, "initial phi"))  # does not load: before any write
     out, lock = Path(args.out), None
     if rank == 0:  # only rank 0 writes the run folder; it owns it for the run's whole life
-        lock = claim_run_folder(out, "meta_pretrain", args, shaping=sorted(set(vars(args)) - NOT_SHAPING),
+        lock = claim_run_folder(out, "meta_pretrain", args, shaping=shaping_flags(args),
                                 resume=args.resume, overwrite=args.overwrite, data=data,
                                 defaults=vars(build_parser().parse_args([])))  # for records older than a flag
     try:
@@ -272,6 +288,14 @@ def main(argv=None):
             lock.close()
     if world > 1:
         distributed.leave_process_group()
+
+
+def shaping_flags(args):
+    """The flags a --resume must repeat. Runs recorded before --inner-loop existed are unrolled runs
+    (their record lacks it), so an unrolled run does not compare it; an implicit run does, and the
+    --implicit-* flags (None in an unrolled run) tell the two loops apart either way."""
+    shaping = set(vars(args)) - NOT_SHAPING
+    return sorted(shaping - {"inner_loop"} if args.inner_loop == "unrolled" else shaping)
 
 
 def prime(args, model, tokenizer, source, held_out, out, device, world, rank, data):
@@ -294,10 +318,14 @@ def prime(args, model, tokenizer, source, held_out, out, device, world, rank, da
     loss_fn = maml.functional_loss(model)
     reference_loss = (episodes.reference_query_loss(model, args.reference_ft, held_out, loss_fn)
                       if args.reference_ft else None)
-    start = resume_state.load(out, model, optimizer, source, rngs, rank, rates) if args.resume else 0
+    carried = {} if args.inner_loop == "implicit" else None  # the implicit loop's warm start (implicit_priming)
+    start = resume_state.load(out, model, optimizer, source, rngs, rank, rates, carried) if args.resume else 0
     if start > args.steps:  # the folder would hold `start` steps of training recorded as --steps
         raise ValueError(f"--resume --steps {args.steps}: the run in {out} has done {start} meta-steps already; "
                          f"give --steps {start} or more (nothing was changed)")
+    for key in ("phi_0", "phi"):  # resume_state loads onto the CPU
+        if carried and key in carried:
+            carried[key] = {n: t.to(device) for n, t in carried[key].items()}
     if rank == 0:
         for finished_only in ("config.json", model_card.CARD):  # a run being extended is no finished model
             (out / finished_only).unlink(missing_ok=True)        # until it ends
@@ -314,19 +342,23 @@ def prime(args, model, tokenizer, source, held_out, out, device, world, rank, da
         optimizer.zero_grad(set_to_none=True)
         tasks = source.sample(args.tasks_per_step, rngs["task_rng"])  # 1. episodes: the global meta-batch
         with precision_context(device, args.precision):
-            if args.method == "maml":                                   # 2.-4. phi_0, inner loop, meta-gradient
+            if args.method == "maml" and args.inner_loop == "implicit":  # 2.-4. implicit.py
+                metrics = implicit_priming.meta_gradient(model, loss_fn, tasks, source, carried, rngs["phi_rng"], args)
+            elif args.method == "maml":                                 # 2.-4. phi_0, inner loop, meta-gradient
                 mine, init_mine = distributed.task_share(tasks, world, rank, init_fast)
                 metrics = meta_gradient(loss_fn, mine, init_mine, args.inner_steps, args.inner_lr, args.first_order,
                                         args.inner_clip, rates, (step + 1) % args.log_adaptation_every == 0)
             else:
                 metrics = mtl_gradient(model, distributed.task_share(tasks, world, rank)[0])
         distributed.average_across_processes(model, metrics, world)
-        check_losses(metrics, step + 1)
+        check_losses(metrics, step + 1, args.inner_loop)
         optimizer.step()                                                # the outer update of theta
         metrics.update(step=step + 1, seconds=round(time.perf_counter() - t0, 3), **rate_summary(rates))
         if rank == 0 and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             with precision_context(device, args.precision):  # no collective
-                metrics.update(episodes.held_out_losses(model, held_out, loss_fn, args.inner_steps, args.inner_lr,
+                metrics.update(implicit_priming.held_out_losses(model, held_out, loss_fn, carried, reference_loss)
+                               if args.inner_loop == "implicit" else
+                               episodes.held_out_losses(model, held_out, loss_fn, args.inner_steps, args.inner_lr,
                                                         args.inner_clip, reference_loss))
             metrics["body_change"] = peft_state.body_change(model, origin)
         if rank == 0:
@@ -335,7 +367,8 @@ def prime(args, model, tokenizer, source, held_out, out, device, world, rank, da
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             processes = distributed.rng_states(world)  # every process calls it (a collective); rank 0 saves
             if rank == 0:
-                resume_state.save(out, step + 1, model, optimizer, source, {**rngs, "processes": processes}, rates)
+                resume_state.save(out, step + 1, model, optimizer, source, {**rngs, "processes": processes}, rates,
+                                  carried)
             distributed.wait_for_all(world)
     if rank == 0:
         finish(out, args, model, tokenizer, rates, peft_state.body_change(model, origin), data)

@@ -1,4 +1,4 @@
-"""Which tensors are phi and which are theta, and phi on disk (PAPER.md's notation).
+"""Which tensors are phi and which are theta, and phi on disk (METHOD.md's notation).
 
     from peft_state import peft_parameters, body_parameters, freeze_body, fresh_peft_tensors, save_peft, load_peft
     freeze_body(model)                            # theta frozen, phi = PEFT + head trainable

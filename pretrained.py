@@ -175,7 +175,7 @@ def load_tokenizer(name_or_path=DEFAULT_MODEL):
 
 def load_token_classifier(name_or_path=DEFAULT_MODEL, num_labels=7, id2label=None, device="cpu",
                           attn_implementation=None):
-    """An encoder with a fresh token-classification head (the NER head of PAPER.md's phi).
+    """An encoder with a fresh token-classification head (the NER head of METHOD.md's phi).
 
     from_pretrained returns eval mode; the caller chooses train() or eval()."""
     from transformers import AutoModelForTokenClassification

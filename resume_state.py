@@ -7,8 +7,9 @@ Saved into <out>/resume.pt: the meta-step; what priming changes in the model (th
 body and the PEFT tensors and head; the frozen word embeddings are the input model's and need
 no copy); the outer optimizer's state (AdamW moments, and Meta-SGD's learned inner rates when
 they are in it); the position of every batch stream (support and query, per language); the
-task-sampling and fresh-phi generators; and each process's torch RNG (dropout). A resumed run
-therefore draws the same batches, tasks, phi and dropout masks as an uninterrupted one.
+task-sampling and fresh-phi generators; each process's torch RNG (dropout); and, for the implicit
+inner loop with a warm start, the carried fine-tuning (its phi_0, phi and optimizer state). A resumed
+run therefore draws the same batches, tasks, phi and dropout masks as an uninterrupted one.
 """
 
 from pathlib import Path
@@ -27,17 +28,20 @@ def trained_state(model):
     return {n: t for n, t in model.state_dict().items() if n in keep}
 
 
-def save(out, step, model, optimizer, source, rngs, extra=None):
+def save(out, step, model, optimizer, source, rngs, extra=None, carried=None):
     """rngs: {"task_rng": Generator, "phi_rng": Generator, "processes": distributed.rng_states()};
-    extra: more tensors to keep (a dict of name -> tensor)."""
+    extra: more tensors to keep (a dict of name -> tensor); carried: a dict of anything torch.save
+    takes (the implicit inner loop's warm start)."""
     torch_save(Path(out) / FILE, {
         "step": step, "model": trained_state(model), "optimizer": optimizer.state_dict(),
         "streams": source.state(), "task_rng": rngs["task_rng"].get_state(), "phi_rng": rngs["phi_rng"].get_state(),
-        "rank_rngs": rngs["processes"], "extra": {k: v.detach().cpu() for k, v in (extra or {}).items()}})
+        "rank_rngs": rngs["processes"], "extra": {k: v.detach().cpu() for k, v in (extra or {}).items()},
+        **({"carried": carried} if carried is not None else {})})
 
 
-def load(out, model, optimizer, source, rngs, rank=0, extra=None):
-    """Restore what `save` wrote (extra: the same dict of tensors, filled in place); returns the step."""
+def load(out, model, optimizer, source, rngs, rank=0, extra=None, carried=None):
+    """Restore what `save` wrote (extra: the same dict of tensors, filled in place; carried: a dict,
+    updated with the saved one, on the CPU); returns the step."""
     path = Path(out) / FILE
     if not path.is_file():
         raise FileNotFoundError(f"--resume: {path} does not exist (no checkpoint saved yet, or removed by "
@@ -56,6 +60,8 @@ def load(out, model, optimizer, source, rngs, rank=0, extra=None):
     with torch.no_grad():
         for name, tensor in (extra or {}).items():
             tensor.copy_(state["extra"][name])
+    if carried is not None:
+        carried.update(state.get("carried", {}))
     saved = state["rank_rngs"]
     if rank < len(saved):  # else a process new to the run keeps its own seed (resumed on more processes)
         torch.set_rng_state(saved[rank]["torch_rng"])

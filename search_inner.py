@@ -1,5 +1,5 @@
 """Pick the inner loop: how far do k SGD steps at learning rate alpha take fresh PEFT tensors,
-and what does a meta-step cost? (PAPER.md: the inner loop should simulate downstream PEFT.)
+and what does a meta-step cost? (METHOD.md: the inner loop should simulate downstream PEFT.)
 
     python search_inner.py --data-dir ../shared/data/wikiann                        # the default grid
     python search_inner.py --lrs 0.1,0.3,1.0 --steps 5,10 --batch-sizes 8,16 --clip 1.0

@@ -11,9 +11,8 @@ d_s = F1(condition, s) - F1(baseline, s). The CI is mean(d) +- t(0.975, n-1) * s
 
 That interval holds fine-tuning variance only: every fine-tuning seed of a primed row sits on
 the same primed body, so the luck of that one priming run is in every d_s and cancels out of
-sd(d). With several priming runs per condition, two_level_difference tests over priming runs
-(PAPER.md's protocol replicates the priming), and priming_sd measures how far priming runs of
-one condition differ (sigma_p).
+sd(d). With several priming runs per condition, two_level_difference tests over priming runs,
+and priming_sd measures how far priming runs of one condition differ (sigma_p).
 """
 
 import functools

@@ -6,7 +6,7 @@
     python benchmarks/bench_maml.py --no-higher --no-memory                  # timings only
     python benchmarks/bench_maml.py --gpu 0 --model random-xlmr-base --precision bf16   # XLM-R-base size, bf16
 
-Setting (PAPER.md, meta_pretrain.py defaults): the default model (pretrained.py) with Houlsby
+Setting (METHOD.md, meta_pretrain.py defaults): the default model (pretrained.py) with Houlsby
 adapters, support batches of --batch-size English WikiANN sentences, query batches of German
 ones (--support-lang, --query-lang). Configurations:
   peft step     body frozen (peft_state.freeze_body): forward + backward + AdamW on PEFT + head;

@@ -417,3 +417,41 @@ def test_resume_refuses_data_files_that_changed_in_place(tmp_path, data_dir):
     with pytest.raises(ValueError, match="the data files in .* changed since the run"):
         runs.claim_run_folder(out, "meta_pretrain", args, resume=True, data=now)
     runs.claim_run_folder(out, "meta_pretrain", args, resume=True, data=then).close()  # unchanged data: accepted
+
+
+# ----------------------------------------------------------------------------- the last cases
+
+def test_predictions_never_replace_existing_files_without_overwrite(tuned, data_dir, tmp_path, capsys):
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    (preds / "fr.conll").write_text("my annotation")
+    message = error_of(evaluate_ner.main, evaluate_argv(tuned, data_dir, "--out", str(tmp_path / "s.json"),
+                                                        "--predictions", str(preds)), capsys)
+    assert "fr.conll exists already" in message and (preds / "fr.conll").read_text() == "my annotation"
+    assert not (tmp_path / "s.json").exists()                          # refused before anything was scored
+    evaluate_ner.main(evaluate_argv(tuned, data_dir, "--out", str(tmp_path / "s.json"), "--predictions", str(preds),
+                                    "--overwrite"))
+    assert (preds / "fr.conll").read_text() != "my annotation"
+
+
+def test_a_diverged_priming_run_is_not_advised_to_be_overwritten():
+    for loop in ("unrolled", "implicit"):
+        with pytest.raises(ValueError) as error:
+            meta_pretrain.check_losses({"query_loss": float("nan")}, 7, loop)
+        assert "--overwrite" not in str(error.value) and "new --out" in str(error.value)  # resume.pt is kept
+
+
+@pytest.mark.parametrize("where", ["root", "project", "data"])
+def test_a_refused_system_project_or_data_folder_is_left_as_it_was(tiny_model_dir, data_dir, tmp_path, capsys, where):
+    out = Path("/") if where == "root" else tmp_path / where   # copies: a regression must not touch the real ones
+    if where == "project":
+        out.mkdir()
+        for name in ("README.md", "meta_pretrain.py", "runs.py"):
+            shutil.copy(Path(evaluate_ner.__file__).resolve().parent / name, out / name)
+    elif where == "data":
+        shutil.copytree(Path(data_dir) / "fr", out / "fr")
+    had_lock = (out / runs.LOCK).exists()
+    names = sorted(p.name for p in out.iterdir())
+    message = error_of(finetune_peft.main, tune_argv(tiny_model_dir, data_dir, out), capsys)
+    assert "holds files that no run of this project wrote" in message
+    assert sorted(p.name for p in out.iterdir()) == names and (out / runs.LOCK).exists() == had_lock
