@@ -51,7 +51,7 @@ def build_parser():
     p = argparse.ArgumentParser(description="Fine-tune PEFT tensors (or the full model) for NER on one language.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--init", default=DEFAULT_MODEL, help="the body: a primed folder, e5-small, a model folder or hub id")
-    p.add_argument("--peft", choices=["adapter", "prefix", "lora", "full"], default="adapter",
+    p.add_argument("--peft", choices=[*peft_config.METHODS, "full"], default="adapter",
                    help="what trains: a PEFT method (body frozen) or full fine-tuning (reference)")
     peft_config.add_peft_flags(p)
     p.add_argument("--lang", default="en", help="training language (the source language; its dev set selects the step)")

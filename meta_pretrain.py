@@ -75,7 +75,7 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--method", choices=["maml", "mtl"], default="maml",
                    help="maml: meta-learning priming; mtl: plain multi-task training on the same data")
-    p.add_argument("--peft", choices=["adapter", "prefix", "lora"], default="adapter",
+    p.add_argument("--peft", choices=peft_config.METHODS, default="adapter",
                    help="the PEFT method that priming prepares for (simulated in the inner loop)")
     peft_config.add_peft_flags(p)
     p.add_argument("--inner-params", choices=["peft", "all"], default="peft",

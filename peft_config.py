@@ -9,7 +9,7 @@ Every bad value is a ValueError that names the command-line flag.
 
 from dataclasses import asdict, dataclass, fields
 
-METHODS = ("adapter", "prefix", "lora")
+METHODS = ("adapter", "prefix", "lora")  # the registry: the stages take their --peft choices from it
 PLACEMENTS = ("houlsby", "pfeiffer")
 NON_LINEARITY_NAMES = ("swish", "relu", "gelu")
 DEFAULT_NON_LINEARITY = {"houlsby": "swish", "pfeiffer": "relu"}  # AdapterHub's DoubleSeqBn / SeqBn defaults

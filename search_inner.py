@@ -29,6 +29,7 @@ from tqdm import tqdm
 import adapters
 import episodes
 import maml
+import peft_config
 import peft_state
 from ner_data import LABELS, parse_languages
 from pretrained import DEFAULT_MODEL, load_token_classifier, load_tokenizer, pick_device
@@ -39,7 +40,7 @@ def build_parser():
     p = argparse.ArgumentParser(description="Grid over the inner loop's lr, steps and support batch size.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="the input model of priming")
-    p.add_argument("--peft", choices=["adapter", "prefix", "lora"], default="adapter", help="the PEFT method simulated")
+    p.add_argument("--peft", choices=peft_config.METHODS, default="adapter", help="the PEFT method simulated")
     p.add_argument("--lrs", default="0.01,0.03,0.1,0.3,1.0", help="inner learning rates (a log grid)")
     p.add_argument("--steps", default="3,5,10", help="inner step counts")
     p.add_argument("--batch-sizes", default="8,16", help="support (and query) batch sizes")

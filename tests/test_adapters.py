@@ -540,3 +540,13 @@ def test_checkpoints_saved_before_these_choices_load_as_they_were_trained(tmp_pa
     assert peft_config_of(fresh).adapter_non_linearity == "gelu"
     assert torch.equal(fresh.bert.encoder.layer[1].output.dropout.adapter.up.weight,
                        model.bert.encoder.layer[1].output.dropout.adapter.up.weight)
+
+
+def test_the_stages_take_their_peft_choices_from_the_registry(monkeypatch):
+    import finetune_peft
+    import meta_pretrain
+    import peft_config
+    import search_inner
+    monkeypatch.setattr(peft_config, "METHODS", (*peft_config.METHODS, "bitfit"))  # a new method: one place
+    for build in (meta_pretrain.build_parser, finetune_peft.build_parser, search_inner.build_parser):
+        assert build().parse_args(["--peft", "bitfit"]).peft == "bitfit"

@@ -9,27 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from test_robustness import error_of, interrupt, prime_argv, tune_argv
+from test_robustness import error_of, interrupt, prime_argv, primed, tune_argv, tuned  # noqa: F401 (fixtures)
 
 import evaluate_ner
 import finetune_peft
 import maml
 import meta_pretrain
 import runs
-
-
-@pytest.fixture(scope="module")
-def primed(tiny_model_dir, data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("primed") / "p"
-    meta_pretrain.main(prime_argv(tiny_model_dir, data_dir, out))
-    return out
-
-
-@pytest.fixture(scope="module")
-def tuned(tiny_model_dir, data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tuned") / "ft"
-    finetune_peft.main(tune_argv(tiny_model_dir, data_dir, out))
-    return out
 
 
 def evaluate_argv(ckpt, data_dir, *extra):
