@@ -120,7 +120,7 @@ def _as_differentiable(fast: dict) -> "OrderedDict[str, Tensor]":
 
 
 def inner_loop(loss_fn, fast: dict, support_batch: dict, steps: int, lr: float,
-               first_order: bool = False, clip: float | None = None, lrs: dict | None = None,
+               first_order: bool = False, clip: float | None = None, rates: dict | None = None,
                losses: list | None = None) -> "OrderedDict[str, Tensor]":
     """Return phi' = phi_k after `steps` SGD steps on the support loss, updating `fast` only.
 
@@ -128,7 +128,7 @@ def inner_loop(loss_fn, fast: dict, support_batch: dict, steps: int, lr: float,
     phi' is a differentiable function of theta and of the initial `fast`. first_order:
     the inner gradients are detached (term (2) of the module docstring is dropped).
     clip: clip the inner gradient by global norm before the step (differentiably).
-    lrs: Meta-SGD (Li et al. 2017) learned inner learning rates, name -> tensor (a scalar
+    rates: Meta-SGD (Li et al. 2017) learned inner learning rates, name -> tensor (a scalar
     or broadcastable to the tensor); names it lacks use `lr`. Gradients reach them.
     losses: if a list is given, the detached support loss at phi_0 .. phi_{k-1} is
     appended to it (as tensors, to avoid a device sync per step).
@@ -147,7 +147,7 @@ def inner_loop(loss_fn, fast: dict, support_batch: dict, steps: int, lr: float,
             if clip is not None:
                 grads = _clip_by_global_norm(grads, clip)
             fast = OrderedDict(
-                (name, t if g is None else t - (lrs.get(name, lr) if lrs else lr) * g)
+                (name, t if g is None else t - (rates.get(name, lr) if rates else lr) * g)
                 for (name, t), g in zip(fast.items(), grads)
             )
     return fast
@@ -155,7 +155,7 @@ def inner_loop(loss_fn, fast: dict, support_batch: dict, steps: int, lr: float,
 
 def meta_step(loss_fn, tasks: list, init_fast: Callable[[int], dict], steps: int, lr: float,
               first_order: bool = False, clip: float | None = None,
-              lrs: dict | None = None, measure_after: bool = True) -> dict:
+              rates: dict | None = None, measure_after: bool = True) -> dict:
     """Accumulate the average meta-gradient of a meta-batch of tasks into .grad.
 
     tasks: list of (support_batch, query_batch). For task i, phi_0 = init_fast(i): fresh
@@ -163,7 +163,7 @@ def meta_step(loss_fn, tasks: list, init_fast: Callable[[int], dict], steps: int
     PEFT Parameters (outer update of the initial phi, plain MAML). Each task's query loss
     at phi' is divided by n_tasks and back-propagated right away, so memory holds one task's
     graph at a time; the body's Parameters (and phi_0 if it is a leaf that requires grad,
-    and Meta-SGD `lrs`) accumulate .grad. Zeroing .grad before and calling
+    and Meta-SGD `rates`) accumulate .grad. Zeroing .grad before and calling
     optimizer.step() after are the caller's job.
     Returns the mean support loss before and after adaptation (the latter costs one extra
     no-grad forward per task, about 11% of a step: measure_after=False skips it and reports
@@ -174,7 +174,7 @@ def meta_step(loss_fn, tasks: list, init_fast: Callable[[int], dict], steps: int
     for i, (support_batch, query_batch) in enumerate(tasks):
         support_losses = []
         adapted = inner_loop(loss_fn, init_fast(i), support_batch, steps, lr,
-                             first_order=first_order, clip=clip, lrs=lrs, losses=support_losses)
+                             first_order=first_order, clip=clip, rates=rates, losses=support_losses)
         query_loss = loss_fn(adapted, query_batch)
         (query_loss / n_tasks).backward()  # frees this task's graph before the next task
         if measure_after or not support_losses:  # (with no inner step, "before" is this loss too)

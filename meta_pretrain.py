@@ -227,7 +227,7 @@ def meta_gradient(loss_fn, tasks, init_fast, inner_steps, inner_lr, first_order,
     loss at phi' back-propagated into theta (second order unless first_order), averaged over
     tasks into .grad. Returns the logged losses (maml.meta_step)."""
     return maml.meta_step(loss_fn, tasks, init_fast, inner_steps, inner_lr, first_order=first_order, clip=clip,
-                          lrs=rates or None, measure_after=measure_after)
+                          rates=rates or None, measure_after=measure_after)
 
 
 def mtl_gradient(model, tasks):

@@ -188,15 +188,15 @@ def test_clip_bounds_the_inner_step():
 def test_meta_sgd_learning_rates_receive_gradients(first_order):
     model = tiny_model()
     loss_fn = maml.functional_loss(model)
-    lrs = {n: torch.tensor(0.3, requires_grad=True) for n in FAST_NAMES}
+    rates = {n: torch.tensor(0.3, requires_grad=True) for n in FAST_NAMES}
     tasks = [(random_batch(1), random_batch(2))]
     maml.meta_step(loss_fn, tasks, lambda i: fresh_fast(model, i), steps=2, lr=99.0,
-                   first_order=first_order, lrs=lrs)
+                   first_order=first_order, rates=rates)
     for n in FAST_NAMES:
-        assert lrs[n].grad is not None and lrs[n].grad.abs().item() > 0, n
-    # lrs replaced lr: a step with lr=99 would have blown the loss up.
+        assert rates[n].grad is not None and rates[n].grad.abs().item() > 0, n
+    # rates replaced lr: a step with lr=99 would have blown the loss up.
     same = maml.inner_loop(loss_fn, fresh_fast(model, 0), tasks[0][0], 1, 0.3)
-    other = maml.inner_loop(loss_fn, fresh_fast(model, 0), tasks[0][0], 1, 99.0, lrs=lrs)
+    other = maml.inner_loop(loss_fn, fresh_fast(model, 0), tasks[0][0], 1, 99.0, rates=rates)
     torch.testing.assert_close(same["classifier.weight"], other["classifier.weight"])
 
 
