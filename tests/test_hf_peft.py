@@ -132,3 +132,27 @@ def test_non_lora_runs_and_occupied_folders_are_one_line_errors(tiny_model_dir, 
     with pytest.raises(ValueError, match="--overwrite"):
         hf_peft.main(["--ckpt", str(lora_ft), "--out", str(tmp_path / "taken")])
     assert (tmp_path / "taken" / hf_peft.HF_WEIGHTS_FILE).read_bytes() == before  # nothing lost
+
+
+def test_trainer_script_pairs_seeds_and_prints_the_paired_difference(tiny_model_dir, data_dir, tmp_path, capsys):
+    """benchmarks/hf_peft_trainer.py on a tiny budget, with the same body as "unprimed" and
+    "primed": a seed gives the same run on both (the pairing), another seed another run."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "hf_peft_trainer.py"
+    spec = importlib.util.spec_from_file_location("hf_peft_trainer", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    results, diff = script.main(["--primed", str(tiny_model_dir), "--base", str(tiny_model_dir), "--seeds", "0,1",
+                                 "--steps", "3", "--batch-size", "4", "--max-sentences", "16", "--langs", "fr,nl",
+                                 "--eval-sentences", "6", "--max-len", "32", "--data-dir", data_dir,
+                                 "--out", str(tmp_path / "hf.json")])
+    for seed in (0, 1):
+        assert results["primed"][seed] == results["unprimed"][seed]
+    assert results["unprimed"][0]["train_loss"] != results["unprimed"][1]["train_loss"]
+    assert diff["n"] == 2 and diff["mean"] == 0.0
+    printed = capsys.readouterr().out
+    assert "| 1 |" in printed and "paired difference primed - unprimed: +0.00" in printed
+    assert json.loads((tmp_path / "hf.json").read_text())["paired"]["n"] == 2
+    with pytest.raises(ValueError, match="--seeds"):
+        script.main(["--primed", str(tiny_model_dir), "--seeds", "0,x"])
