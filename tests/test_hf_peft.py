@@ -137,12 +137,7 @@ def test_non_lora_runs_and_occupied_folders_are_one_line_errors(tiny_model_dir, 
 def test_trainer_script_pairs_seeds_and_prints_the_paired_difference(tiny_model_dir, data_dir, tmp_path, capsys):
     """benchmarks/hf_peft_trainer.py on a tiny budget, with the same body as "unprimed" and
     "primed": a seed gives the same run on both (the pairing), another seed another run."""
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "hf_peft_trainer.py"
-    spec = importlib.util.spec_from_file_location("hf_peft_trainer", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("hf_peft_trainer")
     results, diff = script.main(["--primed", str(tiny_model_dir), "--base", str(tiny_model_dir), "--seeds", "0,1",
                                  "--steps", "3", "--batch-size", "4", "--max-sentences", "16", "--langs", "fr,nl",
                                  "--eval-sentences", "6", "--max-len", "32", "--data-dir", data_dir,
@@ -156,3 +151,53 @@ def test_trainer_script_pairs_seeds_and_prints_the_paired_difference(tiny_model_
     assert json.loads((tmp_path / "hf.json").read_text())["paired"]["n"] == 2
     with pytest.raises(ValueError, match="--seeds"):
         script.main(["--primed", str(tiny_model_dir), "--seeds", "0,x"])
+
+
+def load_benchmark(name):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pipeline_groups_become_one_tag_per_word():
+    """bench_vs_hf maps the pipeline's entity groups (character spans of the words joined by
+    spaces) back to words: a two-word PER, an O group, a one-word LOC."""
+    bench = load_benchmark("bench_vs_hf")
+    words = ["Angela", "Merkel", "visited", "Paris", "."]
+    groups = [{"entity_group": "PER", "start": 0, "end": 13}, {"entity_group": "O", "start": 14, "end": 21},
+              {"entity_group": "LOC", "start": 22, "end": 27}, {"entity_group": "O", "start": 28, "end": 29}]
+    assert bench.word_tags(groups, words) == ["B-PER", "I-PER", "O", "B-LOC", "O"]
+
+
+def test_trainer_reads_the_batches_of_our_fine_tuning(tiny_model_dir, data_dir, tmp_path):
+    """bench_vs_hf's Trainer gets finetune_peft's batches: same sentences, same padded shapes."""
+    from ner_data import BatchStream, encode_sentences, load_wikiann
+    from pretrained import load_tokenizer
+    from runs import derive_seed
+    bench, trainer_script = load_benchmark("bench_vs_hf"), load_benchmark("hf_peft_trainer")
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    examples = encode_sentences(load_wikiann("en", "train", data_dir, 200), tokenizer, 32)
+    order = bench.batch_order(examples, 8, 3, 6, tokenizer.pad_token_id)
+    trainer = trainer_script.hf_trainer(trainer_script.hf_lora_model(str(tiny_model_dir), 8, 0), tokenizer,
+                                        trainer_script.trainer_dataset([examples[i] for i in order]), 6, 8, 0,
+                                        tmp_path, sampling="sequential")
+    stream = BatchStream(examples, 8, seed=derive_seed(3, "train stream"), pad_id=tokenizer.pad_token_id)
+    for theirs in list(trainer.get_train_dataloader())[:6]:
+        ours = stream.next_batch()
+        assert torch.equal(theirs["input_ids"].cpu(), ours["input_ids"])
+        assert torch.equal(theirs["labels"].cpu(), ours["labels"])
+
+
+def test_speed_benchmark_prints_both_ratios(tiny_model_dir, data_dir, capsys):
+    bench = load_benchmark("bench_vs_hf")
+    rates = bench.main(["--model", str(tiny_model_dir), "--steps", "5", "--warmup", "1", "--repeats", "1",
+                        "--train-sentences", "160", "--eval-sentences", "8", "--max-len", "32",
+                        "--data-dir", data_dir])
+    assert all(len(v) == 1 and v[0] > 0 for v in rates.values())
+    printed = capsys.readouterr().out
+    assert "x (target >= 1.0x)" in printed and "x (target >= 2x)" in printed
+    with pytest.raises(ValueError, match="--warmup"):
+        bench.main(["--model", str(tiny_model_dir), "--steps", "5", "--warmup", "4"])
