@@ -18,8 +18,9 @@ mapping is exact, not an approximation (adapters.py's LoRA, Hu et al. 2021):
   no bias terms in A, B                          bias="none"
   A (r x d_in), B (d_out x r)                    lora_A.weight (r x d_in), lora_B.weight (d_out x r)
   the NER head `classifier` (phi)                modules_to_save=["classifier"], saved with the LoRA
-Only LoRA maps: HF peft has no Houlsby / Pfeiffer adapters in this form and its prefix tuning
-is a decoder-style past-key-value cache, so --peft adapter and prefix runs are refused.
+Only LoRA maps one to one: HF peft has no Houlsby / Pfeiffer bottleneck adapters, and its prefix
+tuning keeps its prefixes in a prefix encoder and a key/value cache of its own, so --peft adapter
+and prefix runs are refused with a one-line error.
 """
 
 import argparse
@@ -42,8 +43,8 @@ def hf_lora_config(config: PeftConfig, base_model_name_or_path=None) -> dict:
     """adapter_config.json of the project's LoRA: the fields that decide the function, spelled
     out; HF peft gives every other LoraConfig field its default."""
     if config.method != "lora":
-        raise ValueError(f"HF peft export covers --peft lora only, this run is --peft {config.method} "
-                         f"(HF peft has no equivalent of this project's {config.method}s)")
+        raise ValueError(f"HF peft export covers --peft lora only; this run is --peft {config.method}, "
+                         f"which HF peft does not represent in the same form")
     return {"peft_type": "LORA", "task_type": "TOKEN_CLS", "base_model_name_or_path": base_model_name_or_path,
             "r": config.lora_rank, "lora_alpha": config.lora_alpha, "use_rslora": False,
             "target_modules": TARGETS, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
