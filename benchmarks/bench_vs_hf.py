@@ -4,7 +4,8 @@ token-classification pipeline. Printed as ratios (ours / theirs).
 
     pip install --no-deps -r requirements-optional.txt           # peft, accelerate
     OMP_NUM_THREADS=1 python benchmarks/bench_vs_hf.py --data-dir ../shared/data/wikiann
-    OMP_NUM_THREADS=1 python benchmarks/bench_vs_hf.py --steps 80 --repeats 3 --eval-sentences 1000
+    OMP_NUM_THREADS=1 python benchmarks/bench_vs_hf.py --steps 40 --warmup 5 --repeats 3 --eval-sentences 500
+    python benchmarks/bench_vs_hf.py --steps 20 --warmup 3 --repeats 1 --profile   # where the time goes (cProfile)
 
 Fine-tuning: the same model (default e5-small), LoRA of the same shape (hf_peft.hf_lora_config),
 batch size, AdamW, and the very same batches: finetune_peft.fine_tune draws its length-bucketed
@@ -18,7 +19,8 @@ Evaluation: the same model object, sentences and batch size; ours is evaluate_ne
 aggregation_strategy="first", its entity groups mapped back to one tag per word.
 Both sides run in one process, interleaved within each repeat, so load from other processes
 hits both alike; on a shared machine the steadier fine-tuning figure is the median over steps of
-the paired ratio (the same batch's time on both sides), which a burst of load moves little. Targets: fine-tuning >= 1.0x the Trainer, evaluation >= 2x the pipeline.
+the paired ratio (the same batch's time on both sides), which a burst of load moves little.
+Targets: fine-tuning >= 1.0x the Trainer, evaluation >= 2x the pipeline.
 """
 
 import argparse
@@ -37,7 +39,7 @@ import finetune_peft  # noqa: E402
 from hf_peft_trainer import hf_lora_model, hf_trainer, trainer_dataset  # noqa: E402
 from ner_data import LABELS, BatchStream, encode_sentences, load_wikiann  # noqa: E402
 from pretrained import load_token_classifier, load_tokenizer  # noqa: E402
-from runs import derive_seed  # noqa: E402
+from runs import check_at_least, derive_seed, run_cli  # noqa: E402
 from scoring import predict_words  # noqa: E402
 
 STEPS = 60            # fine-tuning steps per side and repeat (the first WARMUP are not timed)
@@ -189,6 +191,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_at_least(args, 1, "steps", "batch_size", "train_sentences", "eval_sentences", "max_len", "repeats")
     if not 1 <= args.warmup < args.steps - 1:
         raise ValueError(f"--warmup must be at least 1 and below --steps - 1 ({args.steps - 1}), got {args.warmup}")
     tokenizer = load_tokenizer(args.model)
@@ -230,5 +233,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from runs import run_cli
     run_cli(main)

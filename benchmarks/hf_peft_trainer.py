@@ -30,7 +30,7 @@ from hf_peft import hf_lora_config  # noqa: E402
 from ner_data import LABELS, encode_sentences, load_wikiann, parse_languages  # noqa: E402
 from peft_config import PeftConfig  # noqa: E402
 from pretrained import load_tokenizer, resolve_model  # noqa: E402
-from runs import read_record, run_cli, write_json  # noqa: E402
+from runs import check_at_least, read_record, run_cli, write_json  # noqa: E402
 from scoring import entity_scores, predict_words  # noqa: E402
 from stats import mean_std, paired_difference  # noqa: E402
 
@@ -139,10 +139,7 @@ def build_parser():
 
 def check_args(args):
     """Flag values that would fail later: one line each, before anything trains."""
-    for flag in ("steps", "batch_size", "lora_rank", "max_sentences", "eval_sentences", "max_len"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
+    check_at_least(args, 1, "steps", "batch_size", "lora_rank", "max_sentences", "eval_sentences", "max_len")
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:

@@ -15,7 +15,7 @@ import hf_peft
 import peft_state
 from ner_data import LABELS
 
-peft = pytest.importorskip("peft", reason="HF peft is an optional requirement (pip install -r requirements-optional.txt)")
+peft = pytest.importorskip("peft", reason="HF peft is optional: pip install --no-deps -r requirements-optional.txt")
 
 TOLERANCE = 1e-5
 
@@ -156,7 +156,8 @@ def test_trainer_script_pairs_seeds_and_prints_the_paired_difference(tiny_model_
 def load_benchmark(name):
     import importlib.util
     from pathlib import Path
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
