@@ -9,7 +9,8 @@ The body (--init: a primed folder of meta_pretrain.py or any model name) stays f
 the PEFT tensors and the head train (with --peft full, everything trains). The step with the
 best source-language dev F1 is kept. The output folder holds the PEFT tensors and head only
 (megabytes; a full model with --peft full), run.json (whose "init" points to the body) and
-metrics.jsonl. evaluate_ner.py --ckpt takes that folder.
+metrics.jsonl. evaluate_ner.py --ckpt takes that folder; a --peft lora folder also exports to an
+HF peft adapter (python hf_peft.py --ckpt <folder> --out <adapter folder>).
 """
 
 import argparse
