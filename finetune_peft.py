@@ -12,7 +12,8 @@ best source-language dev F1 is kept. --extra-langs adds other languages' train s
 source language's (the multi-source baseline: no priming, the same labelled languages priming
 sees); model selection stays on the source language's dev set. The output folder holds the PEFT tensors and head only
 (megabytes; a full model with --peft full), run.json (whose "init" points to the body) and
-metrics.jsonl. evaluate_ner.py --ckpt takes that folder.
+metrics.jsonl. evaluate_ner.py --ckpt takes that folder; a --peft lora folder also exports to an
+HF peft adapter (python hf_peft.py --ckpt <folder> --out <adapter folder>).
 """
 
 import argparse
