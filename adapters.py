@@ -3,7 +3,7 @@
     import torch
     from transformers import BertConfig, BertForTokenClassification
     from adapters import PeftConfig, add_peft
-    from peft_state import freeze_body, peft_parameters, save_peft, load_peft
+    from plumbing.peft_state import freeze_body, peft_parameters, save_peft, load_peft
 
     model = BertForTokenClassification(BertConfig(num_labels=7)).eval()
     add_peft(model, PeftConfig("adapter", placement="houlsby"), seed=0)

@@ -4,7 +4,7 @@ from, and the held-out episode that meta-validation scores.
     source = EpisodeSource(tokenizer, "en", query_languages("en", ["de", "es"], "cross"), data_dir, ...)
     support, query = source.sample(n_tasks=2, generator=task_rng)[0]
     held_out = held_out_episode(tokenizer, "en", ["de", "es"], data_dir, ...)
-    held_out_losses(model, held_out, loss_fn, inner_steps=3, inner_lr=0.1, inner_clip=None)
+    held_out_losses(model, held_out, loss_fn, maml.InnerLoop(steps=3, lr=0.1))
     adapted_losses(held_out, loss_fn, fresh, adapted, reference_loss)   # score a given phi (the implicit loop's)
 
   support batch  source-language train sentences: what downstream PEFT fine-tuning will see.
@@ -20,9 +20,9 @@ included), so their curves compare.
 import torch
 
 import maml
-import peft_state
-from ner_data import BatchStream, encode_sentences, load_wikiann
-from runs import derive_seed
+from plumbing import peft_state
+from plumbing.ner_data import BatchStream, encode_sentences, load_wikiann
+from plumbing.runs import derive_seed
 
 
 def query_languages(source_lang, priming_langs, query):
@@ -99,9 +99,9 @@ def query_loss(loss_fn, fast, batches):
         return sum(loss_fn(detached, b).item() for b in batches) / len(batches)
 
 
-def held_out_losses(model, held_out, loss_fn, inner_steps, inner_lr, inner_clip, reference_loss=None):
+def held_out_losses(model, held_out, loss_fn, inner, reference_loss=None):
     """Meta-validation (dropout off, nothing kept). A fixed fresh phi is adapted by the inner
-    loop (first order) on the held-out support batch; the held-out query batches are scored
+    loop `inner` (maml.InnerLoop, run first order) on the held-out support batch; the held-out query batches are scored
     before and after:
       held_out_query_loss        after adaptation (what priming minimises)
       held_out_query_loss_fresh  before adaptation (fresh PEFT tensors and head)
@@ -112,8 +112,7 @@ def held_out_losses(model, held_out, loss_fn, inner_steps, inner_lr, inner_clip,
     was_training = model.training
     model.eval()
     fresh = held_out_phi(model)
-    adapted = maml.inner_loop(loss_fn, fresh, held_out["support"], inner_steps, inner_lr,
-                              first_order=True, clip=inner_clip)
+    adapted = inner.first_order_copy().adapt(loss_fn, fresh, held_out["support"])
     losses = adapted_losses(held_out, loss_fn, fresh, adapted, reference_loss)
     model.train(was_training)
     return losses

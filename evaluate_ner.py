@@ -22,13 +22,15 @@ import time
 import warnings
 from pathlib import Path
 
-import peft_state
-from ner_data import (LABELS, SPLITS, add_data_flags, data_description, data_format_from_flags, data_provenance,
-                      encode_sentences, load_wikiann, parse_languages)
-from pretrained import PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, pick_device, precision_context
-from runs import (LOCK, RECORD, check_at_least, code_version, is_finished, lock_briefly, parser_taking_negative_numbers,
-                  read_json_object, read_record, run_cli, weights_sha256, write_json)
-from scoring import entity_scores, predict_words, write_conll
+from plumbing import peft_state
+from plumbing.ner_data import (LABELS, SPLITS, add_data_flags, data_description, data_format_from_flags,
+                               data_provenance, encode_sentences, load_wikiann, parse_languages)
+from plumbing.pretrained import (PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, pick_device,
+                                 precision_context)
+from plumbing.runs import (LOCK, RECORD, check_at_least, code_version, is_finished, lock_briefly,
+                           parser_taking_negative_numbers, read_json_object, read_record, run_cli, weights_sha256,
+                           write_json)
+from plumbing.scoring import entity_scores, predict_words, write_conll
 
 LANGS = "fr,nl,pt"  # target languages: never used in the default priming (de,es) or training (en)
 LOCK_WAIT = 10.0  # seconds to wait for the checkpoint's lock: another evaluation holds it for a moment, a run for hours

@@ -13,7 +13,7 @@ source language's (the multi-source baseline: no priming, the same labelled lang
 sees); model selection stays on the source language's dev set. The output folder holds the PEFT tensors and head only
 (megabytes; a full model with --peft full), run.json (whose "init" points to the body) and
 metrics.jsonl. evaluate_ner.py --ckpt takes that folder; a --peft lora folder also exports to an
-HF peft adapter (python hf_peft.py --ckpt <folder> --out <adapter folder>).
+HF peft adapter (python -m plumbing.hf_peft --ckpt <folder> --out <adapter folder>).
 """
 
 import argparse
@@ -26,15 +26,15 @@ from tqdm import tqdm
 
 import adapters
 import peft_config
-import peft_state
-from ner_data import (LABELS, BatchStream, add_data_flags, check_language, data_format_from_flags, data_provenance,
-                      encode_sentences, load_wikiann, parse_languages)
-from pretrained import (DEFAULT_MODEL, PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, model_config,
-                        pick_device, precision_context, resolve_model)
-from runs import (MetricsLog, check_at_least, check_finite, check_positive, check_seed, claim_run_folder, derive_seed,
-                  is_finished, parser_taking_negative_numbers, read_record, run_cli, save_model_atomic, set_seed,
-                  weights_sha256, write_record)
-from scoring import score_model
+from plumbing import peft_state
+from plumbing.ner_data import (LABELS, BatchStream, add_data_flags, check_language, data_format_from_flags,
+                               data_provenance, encode_sentences, load_wikiann, parse_languages)
+from plumbing.pretrained import (DEFAULT_MODEL, PRECISIONS, check_max_len, load_token_classifier, load_tokenizer,
+                                 model_config, pick_device, precision_context, resolve_model)
+from plumbing.runs import (MetricsLog, check_at_least, check_finite, check_positive, check_seed, claim_run_folder,
+                           derive_seed, is_finished, parser_taking_negative_numbers, read_record, run_cli,
+                           save_model_atomic, set_seed, weights_sha256, write_record)
+from plumbing.scoring import score_model
 
 # --------------------------------------------------------------------- defaults -----
 STEPS = 1000           # optimizer steps: en dev F1 of adapters on e5-small is flat from step 800 (README curve)

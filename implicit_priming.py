@@ -26,8 +26,8 @@ import torch
 
 import episodes
 import implicit
-import peft_state
-from runs import check_at_least, check_positive
+from plumbing import peft_state
+from plumbing.runs import check_at_least, check_positive
 
 # --------------------------------------------------------------------- defaults -----
 # (strength: of phi_hat at the first meta-step, held-out de/es dev, the default fine-tuning as reference; README)

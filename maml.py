@@ -58,6 +58,7 @@ order, so a model loaded with attn_implementation="sdpa" or "eager" works alike.
 
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -151,6 +152,33 @@ def inner_loop(loss_fn, fast: dict, support_batch: dict, steps: int, lr: float,
                 for (name, t), g in zip(fast.items(), grads)
             )
     return fast
+
+
+@dataclass(frozen=True)
+class InnerLoop:
+    """The inner loop's settings, one object for the meta-step, meta-validation and the search:
+    `steps` SGD steps at `lr` (Meta-SGD: `rates`, name -> learned rate), each gradient clipped to
+    the global norm `clip`, second order unless `first_order`."""
+
+    steps: int
+    lr: float
+    first_order: bool = False
+    clip: float | None = None
+    rates: dict | None = None
+
+    def adapt(self, loss_fn, fast: dict, support_batch: dict, losses: list | None = None):
+        """phi' of `fast` after this inner loop on one support batch (inner_loop)."""
+        return inner_loop(loss_fn, fast, support_batch, self.steps, self.lr, first_order=self.first_order,
+                          clip=self.clip, rates=self.rates, losses=losses)
+
+    def meta_step(self, loss_fn, tasks: list, init_fast: Callable[[int], dict], measure_after: bool = True) -> dict:
+        """The averaged meta-gradient of `tasks` into .grad with this inner loop (meta_step)."""
+        return meta_step(loss_fn, tasks, init_fast, self.steps, self.lr, first_order=self.first_order,
+                         clip=self.clip, rates=self.rates, measure_after=measure_after)
+
+    def first_order_copy(self) -> "InnerLoop":
+        """The same loop without the second-order graph (for scoring: no meta-gradient is taken)."""
+        return replace(self, first_order=True)
 
 
 def meta_step(loss_fn, tasks: list, init_fast: Callable[[int], dict], steps: int, lr: float,

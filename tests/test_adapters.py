@@ -23,8 +23,9 @@ from conftest import tiny_classifier  # noqa: E402
 
 import adapters  # noqa: E402
 from adapters import PeftConfig, add_peft, fold_prefix_mlp, peft_config_of  # noqa: E402
-from peft_state import (body_parameters, count_peft_parameters, freeze_body, fresh_peft_tensors,  # noqa: E402
-                        load_peft, peft_parameters, reset_peft, save_peft)
+from plumbing.peft_state import (body_parameters, count_peft_parameters, freeze_body, fresh_peft_tensors,
+                                 # noqa: E402                         load_peft, peft_parameters, reset_peft,
+                                 save_peft)
 
 FAMILIES = ["bert", "xlmr"]
 ATTNS = ["eager", "sdpa"]
@@ -546,7 +547,7 @@ def test_the_stages_take_their_peft_choices_from_the_registry(monkeypatch):
     import finetune_peft
     import meta_pretrain
     import peft_config
-    import search_inner
+    from experiments import search_inner
     monkeypatch.setattr(peft_config, "METHODS", (*peft_config.METHODS, "bitfit"))  # a new method: one place
     for build in (meta_pretrain.build_parser, finetune_peft.build_parser, search_inner.build_parser):
         assert build().parse_args(["--peft", "bitfit"]).peft == "bitfit"

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import compare
-import compare_report
-import stats
-
+from experiments import compare
+from experiments import compare_report
+from experiments import stats
 SEED_EFFECT = {0: 0.0, 1: -3.0, 2: 2.0, 3: -1.0, 4: 1.5}        # shared by every row: the pairing cancels it
 CONDITION_EFFECT = {"none": 0.0, "MTL_priming": 0.5, "MAML_priming": 1.0}
 
@@ -65,7 +64,7 @@ def fake(monkeypatch):
     stages = FakeStages()
     monkeypatch.setattr(compare.subprocess, "run", stages)
     for name in ("plot_f1", "plot_paired", "plot_curves"):
-        monkeypatch.setattr(f"compare_plots.{name}", lambda *a: None)
+        monkeypatch.setattr(f"experiments.compare_plots.{name}", lambda *a: None)
     monkeypatch.setattr(compare, "add_body_change", lambda *a: None)
     return stages
 
@@ -197,7 +196,7 @@ def test_rows_from_different_commits_are_flagged(tmp_path, fake):
 
 
 def test_a_run_locked_by_another_process_is_left_to_it(tmp_path, fake):
-    from runs import try_lock
+    from plumbing.runs import try_lock
     compare.main(base_argv(tmp_path, "--conditions", "no priming"))
     first = len(fake.commands)
     tuned = next((tmp_path / "runs").glob("ft-adapter-no_priming-f0-*"))
@@ -371,7 +370,7 @@ def test_the_dose_row_primes_a_quarter_of_the_steps_with_the_main_rows_seeds(tmp
 
 
 def test_priming_curve_averages_adaptation_between_its_rows(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"))
     import priming_curve
     lines = [{"step": s, "support_loss_before": 2.0, "support_loss_after": a} for s, a in [(1, 1.0), (2, 0.6), (3, 0.2), (4, 0.4)]]
     lines[1] |= {"held_out_query_loss": 1.5, "body_change": 0.01}

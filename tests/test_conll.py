@@ -8,12 +8,12 @@ import pytest
 
 from conftest import prime_argv, tune_argv
 
-import compare
+from experiments import compare
 import evaluate_ner
 import finetune_peft
 import meta_pretrain
-from ner_data import LABELS, ConllFormat, load_wikiann, read_conll_file, read_panx_file
-from runs import claim_run_folder, run_cli, write_json
+from plumbing.ner_data import LABELS, ConllFormat, load_wikiann, read_conll_file, read_panx_file
+from plumbing.runs import claim_run_folder, run_cli, write_json
 
 AUTO = ConllFormat()
 

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from conftest import prime_argv, save_tiny_body
 
-import distributed
+from plumbing import distributed
 import meta_pretrain
-from runs import run_cli
+from plumbing.runs import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5

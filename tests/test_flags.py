@@ -8,9 +8,9 @@ from conftest import prime_argv
 
 import maml
 import meta_pretrain
-import peft_state
-from ner_data import encode_sentences, load_wikiann
-from pretrained import load_tokenizer
+from plumbing import peft_state
+from plumbing.ner_data import encode_sentences, load_wikiann
+from plumbing.pretrained import load_tokenizer
 
 
 def prime(model_dir, data_dir, out, *flags):
@@ -164,7 +164,7 @@ def test_fp32_is_the_default_precision(tiny_model_dir, data_dir, tmp_path, recor
 
 def test_max_tokens_and_precision_reach_fine_tuning(tiny_model_dir, data_dir, tmp_path, monkeypatch):
     import finetune_peft
-    from ner_data import BatchStream
+    from plumbing.ner_data import BatchStream
     seen = []
     real = BatchStream.next_batch
 

@@ -1,4 +1,4 @@
-"""The GPU path (pytest -m gpu; benchmarks/gpu_check.sh runs them): skipped, with the reason,
+"""The GPU path (pytest -m gpu; experiments/benchmarks/gpu_check.sh runs them): skipped, with the reason,
 where no CUDA device is visible. The same code as on the CPU, only the device differs."""
 import json
 import os
@@ -35,8 +35,8 @@ def test_three_stages_end_to_end_on_cuda(tiny_model_dir, data_dir, tmp_path):
 
 def test_meta_gradient_on_cuda_equals_the_cpu_one(tiny_model_dir):
     import adapters
-    import peft_state
-    from pretrained import load_token_classifier, load_tokenizer
+    from plumbing import peft_state
+    from plumbing.pretrained import load_token_classifier, load_tokenizer
     tokenizer = load_tokenizer(tiny_model_dir)
     grads = {}
     for device in ("cpu", "cuda:0"):

@@ -11,9 +11,9 @@ from conftest import tiny_classifier, tune_argv
 
 import adapters
 import finetune_peft
-import hf_peft
-import peft_state
-from ner_data import LABELS
+from plumbing import hf_peft
+from plumbing import peft_state
+from plumbing.ner_data import LABELS
 
 peft = pytest.importorskip("peft", reason="HF peft is optional: pip install --no-deps -r requirements-optional.txt")
 
@@ -135,7 +135,7 @@ def test_non_lora_runs_and_occupied_folders_are_one_line_errors(tiny_model_dir, 
 
 
 def test_trainer_script_pairs_seeds_and_prints_the_paired_difference(tiny_model_dir, data_dir, tmp_path, capsys):
-    """benchmarks/hf_peft_trainer.py on a tiny budget, with the same body as "unprimed" and
+    """experiments/benchmarks/hf_peft_trainer.py on a tiny budget, with the same body as "unprimed" and
     "primed": a seed gives the same run on both (the pairing), another seed another run."""
     script = load_benchmark("hf_peft_trainer")
     results, diff = script.main(["--primed", str(tiny_model_dir), "--base", str(tiny_model_dir), "--seeds", "0,1",
@@ -156,7 +156,7 @@ def test_trainer_script_pairs_seeds_and_prints_the_paired_difference(tiny_model_
 def load_benchmark(name):
     import importlib.util
     from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    path = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -175,9 +175,9 @@ def test_pipeline_groups_become_one_tag_per_word():
 
 def test_trainer_reads_the_batches_of_our_fine_tuning(tiny_model_dir, data_dir, tmp_path):
     """bench_vs_hf's Trainer gets finetune_peft's batches: same sentences, same padded shapes."""
-    from ner_data import BatchStream, encode_sentences, load_wikiann
-    from pretrained import load_tokenizer
-    from runs import derive_seed
+    from plumbing.ner_data import BatchStream, encode_sentences, load_wikiann
+    from plumbing.pretrained import load_tokenizer
+    from plumbing.runs import derive_seed
     bench, trainer_script = load_benchmark("bench_vs_hf"), load_benchmark("hf_peft_trainer")
     tokenizer = load_tokenizer(str(tiny_model_dir))
     examples = encode_sentences(load_wikiann("en", "train", data_dir, 200), tokenizer, 32)

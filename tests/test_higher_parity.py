@@ -1,5 +1,5 @@
 """Our meta-gradient against the `higher` library's (Grefenstette et al. 2019), the check that
-benchmarks/bench_maml.py times. Skipped where higher is not installed (pip install higher==0.2.1;
+experiments/benchmarks/bench_maml.py times. Skipped where higher is not installed (pip install higher==0.2.1;
 a benchmark-only dependency, not in requirements.txt)."""
 import pytest
 import torch
@@ -7,8 +7,7 @@ from conftest import tiny_classifier
 
 import adapters
 import maml
-import peft_state
-
+from plumbing import peft_state
 higher = pytest.importorskip("higher", reason="higher is not installed (pip install higher==0.2.1)")
 
 

@@ -11,10 +11,10 @@ import episodes
 import finetune_peft
 import maml
 import meta_pretrain
-import peft_state
-import search_inner
-from ner_data import LABELS
-from pretrained import load_token_classifier, load_tokenizer
+from plumbing import peft_state
+from experiments import search_inner
+from plumbing.ner_data import LABELS
+from plumbing.pretrained import load_token_classifier, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -222,7 +222,7 @@ def test_outer_update_of_initial_phi():
 
 def test_bf16_autocast_meta_gradient_is_close_to_fp32():
     """--precision bf16: the second-order meta-gradient of every body tensor, under CPU autocast."""
-    from pretrained import precision_context
+    from plumbing.pretrained import precision_context
     model = tiny_model(hidden=32)
     support, query = random_batch(1, batch=4, length=12), random_batch(2, batch=4, length=12)
     body_params = [p for n, p in model.named_parameters() if n not in FAST_NAMES]

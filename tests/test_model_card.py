@@ -7,8 +7,8 @@ from conftest import prime_argv
 
 import maml
 import meta_pretrain
-import model_card
-from runs import run_cli
+from plumbing import model_card
+from plumbing.runs import run_cli
 
 
 def front_matter(text):

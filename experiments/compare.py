@@ -1,9 +1,9 @@
 """The paper's comparison: does priming help PEFT, and which MAML modification matters?
 
-    python compare.py --data-dir ../shared/data/wikiann                     # the CPU budget (README table)
-    python compare.py --pefts adapter --conditions "no priming,MAML priming" --finetune-seeds 8
-    python compare.py --gpu 0 --budget gpu --model xlm-roberta-base         # a larger budget on a GPU
-    python compare.py --langs es,nl --eval-data-dir conll2002 --eval-data-format conll --eval-tag-map MISC=O
+    python experiments/compare.py --data-dir ../shared/data/wikiann                     # the CPU budget (README table)
+    python experiments/compare.py --pefts adapter --conditions "no priming,MAML priming" --finetune-seeds 8
+    python experiments/compare.py --gpu 0 --budget gpu --model xlm-roberta-base         # a larger budget on a GPU
+    python experiments/compare.py --langs es,nl --eval-data-dir conll2002 --eval-data-format conll --eval-tag-map MISC=O
 
 Runs the three stages for every condition and seed, then writes into --out:
   table.md / results.json   target-language F1 (fr, nl, pt test, seqeval default mode) per condition,
@@ -33,12 +33,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from compare_report import add_body_change, collect, paired_rows, read_run, write_results
-from ner_data import DATA_FORMATS, parse_languages, parse_tag_map, resolve_data_dir
-from runs import is_finished, read_record, run_cli, try_lock
-from stats import seeds_for_half_width
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for python experiments/compare.py
+from experiments.compare_report import add_body_change, collect, paired_rows, read_run, write_results  # noqa: E402
+from experiments.stats import seeds_for_half_width  # noqa: E402
+from plumbing.ner_data import DATA_FORMATS, parse_languages, parse_tag_map, resolve_data_dir  # noqa: E402
+from plumbing.runs import is_finished, read_record, run_cli, try_lock  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # where the stage scripts are
 
 # Budgets: the stage flags of each run. They spell out every flag that shapes a run (not the
 # stages' defaults), so a changed default in a stage cannot silently change a comparison.
@@ -139,7 +140,7 @@ def build_parser():
     p.add_argument("--eval-tag-map", default=None,
                    help="with --eval-data-format conll: entity types to rename, e.g. MISC=O (evaluate_ner.py --tag-map)")
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
-    p.add_argument("--out", default=None, help="results folder (default: results/<budget>)")
+    p.add_argument("--out", default=None, help="results folder (default: experiments/results/<budget>)")
     p.add_argument("--runs", default=None, help="where the stage checkpoints go (default: <out>/runs)")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: write the table and plots from the runs finished so far (safe beside running "
@@ -226,7 +227,7 @@ def run_stage(script, flags, done_marker, extra=(), records=None, weights=False)
             if not finished(done_marker):  # else: finished while we waited for the lock
                 restart = [] if script == "evaluate_ner.py" or not folder.exists() else \
                     ["--resume"] if (folder / "resume.pt").is_file() else ["--overwrite"]  # an interrupted run
-                command = [sys.executable, str(HERE / script), *flags, *extra, *restart]
+                command = [sys.executable, str(ROOT / script), *flags, *extra, *restart]
                 print("+", " ".join(command), flush=True)
                 if subprocess.run(command).returncode != 0:
                     raise ValueError(f"{script} failed (its message is above); fix that and re-run compare.py: "
@@ -420,7 +421,7 @@ def row_plan(args, peft, condition):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     langs, conditions = check_args(args)
-    out = Path(args.out or f"results/{args.budget}")
+    out = Path(args.out or ROOT / "experiments" / "results" / args.budget)
     runs = Path(args.runs) if args.runs else out / "runs"
     out.mkdir(parents=True, exist_ok=True)
     runs.mkdir(parents=True, exist_ok=True)
@@ -447,7 +448,7 @@ def main(argv=None):
     add_body_change(table, row_runs, args.model)
     paired = paired_rows(table, baselines_of)
     write_results(table, paired, langs, args, out, dose_ladder(args))
-    import compare_plots
+    from experiments import compare_plots
     compare_plots.plot_f1(table, out / "f1.png")
     compare_plots.plot_paired(paired, out / "paired.png")
     compare_plots.plot_curves(row_runs, CONDITIONS, out / "curves.png")

@@ -1,10 +1,10 @@
 """Cost of one MAML priming meta-step against a plain PEFT step and a full fine-tuning step.
 
-    python benchmarks/bench_maml.py --data-dir ../shared/data/wikiann        # defaults: e5-small, CPU, ~4-8 min
-    python benchmarks/bench_maml.py --repeats 7 --warmup 2                   # steadier figures, longer
-    python benchmarks/bench_maml.py --gpu 0 --repeats 10 --inner-steps 3     # on a GPU (same code path)
-    python benchmarks/bench_maml.py --no-higher --no-memory                  # timings only
-    python benchmarks/bench_maml.py --gpu 0 --model random-xlmr-base --precision bf16   # XLM-R-base size, bf16
+    python experiments/benchmarks/bench_maml.py --data-dir ../shared/data/wikiann        # defaults: e5-small, CPU, ~4-8 min
+    python experiments/benchmarks/bench_maml.py --repeats 7 --warmup 2                   # steadier figures, longer
+    python experiments/benchmarks/bench_maml.py --gpu 0 --repeats 10 --inner-steps 3     # on a GPU (same code path)
+    python experiments/benchmarks/bench_maml.py --no-higher --no-memory                  # timings only
+    python experiments/benchmarks/bench_maml.py --gpu 0 --model random-xlmr-base --precision bf16   # XLM-R-base size, bf16
 
 Setting (METHOD.md, meta_pretrain.py defaults): the default model (pretrained.py) with Houlsby
 adapters, support batches of --batch-size English WikiANN sentences, query batches of German
@@ -37,7 +37,7 @@ is printed as the process peak. Where clear_refs cannot be written, ru_maxrss is
 With --gpu: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus
 memory_allocated before the step. glibc's malloc keeps freed blocks below its (self-raising)
 mmap threshold in the heap, which is part of the CPU figures; `MALLOC_MMAP_THRESHOLD_=131072
-python benchmarks/bench_maml.py ...` (inherited by the workers) shows the figures without it.
+python experiments/benchmarks/bench_maml.py ...` (inherited by the workers) shows the figures without it.
 The meta-batch test runs 1 task, then --tasks tasks, in one worker; task 0 is the heaviest of
 the --tasks tasks (most padded sub-words), so the 1-task figure is the largest single task and
 the comparison isolates what grows with the number of tasks.
@@ -73,14 +73,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root
 import adapters  # noqa: E402
 import maml  # noqa: E402
 import meta_pretrain  # noqa: E402
 import peft_state  # noqa: E402
-from ner_data import bucketed_batches, collate, encode_sentences, load_wikiann  # noqa: E402
-from pretrained import PRECISIONS, load_token_classifier, load_tokenizer, pick_device, precision_context  # noqa: E402
-from runs import derive_seed  # noqa: E402
+from plumbing.ner_data import bucketed_batches, collate, encode_sentences, load_wikiann  # noqa: E402
+from plumbing.pretrained import PRECISIONS, load_token_classifier, load_tokenizer, pick_device, precision_context  # noqa: E402
+from plumbing.runs import derive_seed  # noqa: E402
 
 MB = 2 ** 20
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

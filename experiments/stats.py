@@ -1,7 +1,7 @@
 """The statistics of the comparison: mean and spread over seeds, and paired differences with
 a 95% confidence interval (Student's t), written out so that a reader can check them by hand.
 
-    from stats import paired_difference
+    from experiments.stats import paired_difference
     paired_difference({0: 71.2, 1: 69.8, 2: 70.5}, {0: 70.1, 1: 70.0, 2: 69.2})
     # {'n': 3, 'mean': 0.733, 'sd': 0.814, 'ci95': (-1.290, 2.757), 'half_width': 2.023, 'favour': 2, ...}
 

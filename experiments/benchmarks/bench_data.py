@@ -1,6 +1,6 @@
 """Foundation figures: padding efficiency of length bucketing, first-use conversion time.
 
-    python benchmarks/bench_data.py --data-dir ../shared/data/wikiann
+    python experiments/benchmarks/bench_data.py --data-dir ../shared/data/wikiann
 
 Prints padding efficiency (real tokens / padded tokens) over the English train split at
 batch 32, with and without bucketing (target: at least 0.90 with it), and the time of the
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ner_data import bucketed_batches, encode_sentences, load_wikiann, padding_efficiency  # noqa: E402
-from pretrained import load_token_classifier, load_tokenizer  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root
+from plumbing.ner_data import bucketed_batches, encode_sentences, load_wikiann, padding_efficiency  # noqa: E402
+from plumbing.pretrained import load_token_classifier, load_tokenizer  # noqa: E402
 
 
 def main():

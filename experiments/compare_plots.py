@@ -1,6 +1,6 @@
 """The comparison's figures (compare.py): F1 by condition, paired differences, learning curves.
 
-    python compare.py ...   # writes f1.png, paired.png and curves.png next to table.md
+    python experiments/compare.py ...   # writes f1.png, paired.png and curves.png next to table.md
 
 matplotlib is imported inside each function: nothing else in the project needs it.
 """

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-import peft_state
-from runs import torch_save
+from plumbing import peft_state
+from plumbing.runs import torch_save
 
 FILE = "resume.pt"
 

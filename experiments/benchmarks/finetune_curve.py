@@ -1,7 +1,7 @@
 """The fine-tuning length: en dev F1 against the step for runs of different --steps.
 
-    python benchmarks/finetune_curve.py --data-dir ../shared/data/wikiann --steps 1000,2000 --out results/finetune-curve
-    python benchmarks/finetune_curve.py --peft prefix --steps 2000 --out results/finetune-curve
+    python experiments/benchmarks/finetune_curve.py --data-dir ../shared/data/wikiann --steps 1000,2000 --out experiments/results/finetune-curve
+    python experiments/benchmarks/finetune_curve.py --peft prefix --steps 2000 --out experiments/results/finetune-curve
 
 Runs finetune_peft.py on the unprimed default model once per --steps value (dev F1 every
 --eval-every steps; a run whose folder already holds run.json is kept), then plots every run
@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def curve(folder):
@@ -31,7 +31,7 @@ def main():
     p.add_argument("--peft", default="adapter", help="PEFT method")
     p.add_argument("--eval-every", type=int, default=100, help="dev F1 every N steps")
     p.add_argument("--data-dir", default=None, help="PAN-X folder (default: $WIKIANN_DIR)")
-    p.add_argument("--out", default="results/finetune-curve", help="folder of the runs and the plot")
+    p.add_argument("--out", default="experiments/results/finetune-curve", help="folder of the runs and the plot")
     args = p.parse_args()
     out = Path(args.out)
     for steps in args.steps.split(","):

@@ -1,9 +1,9 @@
 """WikiANN NER data for all three stages: loading, sub-word label alignment, batching.
 
-    WIKIANN_DIR=../shared/data/wikiann python ner_data.py --lang en --split train   # summary of a split
-    python ner_data.py --data-format conll --data-dir conll2002 --lang es --split test --tag-map MISC=O
+    WIKIANN_DIR=../shared/data/wikiann python -m plumbing.ner_data --lang en --split train   # summary of a split
+    python -m plumbing.ner_data --data-format conll --data-dir conll2002 --lang es --split test --tag-map MISC=O
 
-    from ner_data import load_wikiann, encode_sentences, BatchStream
+    from plumbing.ner_data import load_wikiann, encode_sentences, BatchStream
     train = load_wikiann("en", "train", data_dir="../shared/data/wikiann", max_sentences=2000)
     examples = encode_sentences(train, tokenizer, max_len=128)
     stream = BatchStream(examples, batch_size=16, seed=0, pad_id=tokenizer.pad_token_id)
@@ -70,7 +70,7 @@ def data_provenance(data_dir, files, fmt=None):
         names = sorted({f"{lang}/{split}" for lang, split in files})
         return {"dir": None, "hub": HUB_DATASET, "files": names, "sha256": None}
     names = sorted({split_file(folder, lang, split, fmt).relative_to(folder).as_posix() for lang, split in files})
-    from runs import file_sha256
+    from plumbing.runs import file_sha256
     digest = hashlib.sha256()
     for name in names:
         digest.update(f"{name}\0{file_sha256(folder / name)}\0".encode())
@@ -204,7 +204,7 @@ def split_file(folder, lang, split, fmt=None):
 def _load_from_hub(lang, split, max_sentences):
     from datasets import load_dataset
 
-    from pretrained import hub_reachable
+    from plumbing.pretrained import hub_reachable
     if not hub_reachable():  # fail at once, not after the datasets library's retries
         raise ValueError(f"could not load {HUB_DATASET} ({lang}, {split}): the hub is unreachable from here; "
                          f"pass --data-dir or set WIKIANN_DIR to a PAN-X folder")

@@ -9,8 +9,8 @@ and the table that says where every number comes from.
 import json
 from pathlib import Path
 
-from runs import read_record
-from stats import mean_std, priming_sd, two_level_difference
+from plumbing.runs import read_record
+from experiments.stats import mean_std, priming_sd, two_level_difference
 
 
 def read_run(result):
@@ -168,7 +168,7 @@ def body_change(primed, model):
     weights are not a local safetensors file (a hub id)."""
     from safetensors.torch import load_file
 
-    import pretrained
+    from plumbing import pretrained
     original = Path(pretrained.resolve_model(model)) / "model.safetensors"
     if not original.is_file():
         return None

@@ -1,6 +1,7 @@
 """Which tensors are phi and which are theta, and phi on disk (METHOD.md's notation).
 
-    from peft_state import peft_parameters, body_parameters, freeze_body, fresh_peft_tensors, save_peft, load_peft
+    from plumbing.peft_state import (peft_parameters, body_parameters, freeze_body, fresh_peft_tensors, save_peft,
+                                      load_peft)
     freeze_body(model)                            # theta frozen, phi = PEFT + head trainable
     phi = peft_parameters(model)                  # name -> Parameter, in model order
     fast = fresh_peft_tensors(model, generator)   # a new phi for an inner loop; the model untouched
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adapters import CONFIG_FILE, HEAD, WEIGHTS_FILE, PeftConfig, PeftModule, add_peft, draw_phi, peft_config_of
-from runs import check_finite_tensors, read_json_object, write_atomic  # write_atomic: temporary file + rename, never half a file
+from plumbing.runs import check_finite_tensors, read_json_object, write_atomic  # write_atomic: temporary file + rename, never half a file
 
 
 def _peft_names(model, include_head):

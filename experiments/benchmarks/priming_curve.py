@@ -1,7 +1,7 @@
 """The course of priming runs, from their metrics.jsonl: held-out query loss, adaptation, body change.
 
-    python benchmarks/priming_curve.py checkpoints/primed-a checkpoints/primed-b --labels "lr 5e-5,lr 2e-5"
-    python benchmarks/priming_curve.py results/outer-lr-pilot/* --every 20 --out results/outer-lr-pilot
+    python experiments/benchmarks/priming_curve.py checkpoints/primed-a checkpoints/primed-b --labels "lr 5e-5,lr 2e-5"
+    python experiments/benchmarks/priming_curve.py experiments/results/outer-lr-pilot/* --every 20 --out experiments/results/outer-lr-pilot
 
 For every run and every --every-th meta-step with a held-out evaluation: the held-out query loss
 after the inner loop (priming languages' dev split), the mean support loss after / before the

@@ -1,6 +1,6 @@
 """Entity-level scoring of NER predictions (seqeval), and CoNLL prediction files to re-score.
 
-    from scoring import score_model, write_conll
+    from plumbing.scoring import score_model, write_conll
     scores = score_model(model, dataset, examples)   # {"f1_default": .., "f1_strict": .., ...} in percent
     write_conll("preds/fr.conll", dataset, predict_words(model, examples))
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ner_data import LABELS, bucketed_batches, collate, word_predictions
-from runs import write_atomic
+from plumbing.ner_data import LABELS, bucketed_batches, collate, word_predictions
+from plumbing.runs import write_atomic
 
 MODES = ("default", "strict")
 SPACES = re.compile(r"\s+")

@@ -1,9 +1,9 @@
 """Pick the inner loop: how far do k SGD steps at learning rate alpha take fresh PEFT tensors,
 and what does a meta-step cost? (METHOD.md: the inner loop should simulate downstream PEFT.)
 
-    python search_inner.py --data-dir ../shared/data/wikiann                        # the default grid
-    python search_inner.py --lrs 0.1,0.3,1.0 --steps 5,10 --batch-sizes 8,16 --clip 1.0
-    python search_inner.py --reference-ft checkpoints/ft-e5-small-adapter-en-s0     # + inner-loop strength
+    python experiments/search_inner.py --data-dir ../shared/data/wikiann                        # the default grid
+    python experiments/search_inner.py --lrs 0.1,0.3,1.0 --steps 5,10 --batch-sizes 8,16 --clip 1.0
+    python experiments/search_inner.py --reference-ft checkpoints/ft-e5-small-adapter-en-s0     # + inner-loop strength
 
 On the input model (no priming, dropout off), for each inner lr x inner steps x support batch
 size, over --episodes episodes (a source-language train batch and a fresh phi each, the same
@@ -20,20 +20,22 @@ loss among those with ratio <= --max-ratio and meta-step cost <= --max-seconds.
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-import adapters
-import episodes
-import maml
-import peft_config
-import peft_state
-from ner_data import LABELS, parse_languages
-from pretrained import DEFAULT_MODEL, load_token_classifier, load_tokenizer, pick_device
-from runs import code_version, derive_seed, run_cli, set_seed, write_json
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for python experiments/search_inner.py
+import adapters  # noqa: E402
+import episodes  # noqa: E402
+import maml  # noqa: E402
+import peft_config  # noqa: E402
+from plumbing import peft_state  # noqa: E402
+from plumbing.ner_data import LABELS, parse_languages  # noqa: E402
+from plumbing.pretrained import DEFAULT_MODEL, load_token_classifier, load_tokenizer, pick_device  # noqa: E402
+from plumbing.runs import code_version, derive_seed, run_cli, set_seed, write_json  # noqa: E402
 
 
 def build_parser():
@@ -58,7 +60,7 @@ def build_parser():
     p.add_argument("--data-dir", default=None, help="PAN-X folder (default: $WIKIANN_DIR, else the hub)")
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of the episodes and fresh phi draws")
-    p.add_argument("--out", default="results/inner-search", help="folder for search.md and search.json")
+    p.add_argument("--out", default="experiments/results/inner-search", help="folder for search.md and search.json")
     return p
 
 
@@ -81,7 +83,7 @@ def adaptation(model, loss_fn, supports, held_out_query, phis, steps, lr, clip):
     model.eval()
     rows = []
     for support, phi in zip(supports, phis):
-        adapted = maml.inner_loop(loss_fn, phi, support, steps, lr, first_order=True, clip=clip)
+        adapted = maml.InnerLoop(steps, lr, first_order=True, clip=clip).adapt(loss_fn, phi, support)
         rows.append({"support_before": episodes.query_loss(loss_fn, phi, [support]),
                      "support_after": episodes.query_loss(loss_fn, adapted, [support]),
                      "query_fresh": episodes.query_loss(loss_fn, phi, held_out_query),
@@ -96,7 +98,8 @@ def meta_step_seconds(model, loss_fn, source, n_tasks, timed, steps, lr, clip, p
     for _ in range(timed + 1):  # the first one warms up
         tasks = source.sample(n_tasks, torch.Generator().manual_seed(0))
         t0 = time.perf_counter()
-        maml.meta_step(loss_fn, tasks, lambda i: peft_state.fresh_peft_tensors(model, phi_rng), steps, lr, clip=clip)
+        inner = maml.InnerLoop(steps, lr, clip=clip)
+        inner.meta_step(loss_fn, tasks, lambda i: peft_state.fresh_peft_tensors(model, phi_rng))
         seconds.append(time.perf_counter() - t0)
         model.zero_grad(set_to_none=True)
     return statistics.median(seconds[1:])

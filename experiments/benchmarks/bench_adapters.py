@@ -1,8 +1,8 @@
 """Cost of each PEFT method: trainable fraction and forward-time overhead over the bare model.
 
-    python benchmarks/bench_adapters.py                       # default model (e5-small), WikiANN en dev sentences
-    python benchmarks/bench_adapters.py --tiny                # random BERT (hidden 384, 12 layers), no files needed
-    python benchmarks/bench_adapters.py --attn eager --train-step
+    python experiments/benchmarks/bench_adapters.py                       # default model (e5-small), WikiANN en dev sentences
+    python experiments/benchmarks/bench_adapters.py --tiny                # random BERT (hidden 384, 12 layers), no files needed
+    python experiments/benchmarks/bench_adapters.py --attn eager --train-step
 
 Batches of 32 sentences (length-bucketed, as training uses them). Methods are timed in turn
 within every repeat, so drift from other processes hits all alike; the median and the
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root
 from adapters import PeftConfig, add_peft  # noqa: E402
-from peft_state import body_parameters, freeze_body, peft_parameters  # noqa: E402
+from plumbing.peft_state import body_parameters, freeze_body, peft_parameters  # noqa: E402
 
 METHODS = {
     "bare": None,
@@ -51,8 +51,8 @@ def tiny_model_and_batches(args):
 
 def real_model_and_batches(args):
     """The default model (pretrained.py) and bucketed batches of English WikiANN dev sentences."""
-    from ner_data import bucketed_batches, collate, encode_sentences, load_wikiann
-    from pretrained import load_token_classifier, load_tokenizer
+    from plumbing.ner_data import bucketed_batches, collate, encode_sentences, load_wikiann
+    from plumbing.pretrained import load_token_classifier, load_tokenizer
     tokenizer = load_tokenizer(args.model)
     model = load_token_classifier(args.model, num_labels=7, attn_implementation=args.attn).eval()
     dev = load_wikiann("en", "dev", args.data_dir, max_sentences=args.batch_size * args.batches * 4)

@@ -3,9 +3,9 @@ transformers Trainer + HF peft LoRA, and evaluate_ner.py's scoring against trans
 token-classification pipeline. Printed as ratios (ours / theirs).
 
     pip install --no-deps -r requirements-optional.txt           # peft, accelerate
-    OMP_NUM_THREADS=1 python benchmarks/bench_vs_hf.py --data-dir ../shared/data/wikiann
-    OMP_NUM_THREADS=1 python benchmarks/bench_vs_hf.py --steps 40 --warmup 5 --repeats 3 --eval-sentences 500
-    python benchmarks/bench_vs_hf.py --steps 20 --warmup 3 --repeats 1 --profile   # where the time goes (cProfile)
+    OMP_NUM_THREADS=1 python experiments/benchmarks/bench_vs_hf.py --data-dir ../shared/data/wikiann
+    OMP_NUM_THREADS=1 python experiments/benchmarks/bench_vs_hf.py --steps 40 --warmup 5 --repeats 3 --eval-sentences 500
+    python experiments/benchmarks/bench_vs_hf.py --steps 20 --warmup 3 --repeats 1 --profile   # where the time goes (cProfile)
 
 Fine-tuning: the same model (default e5-small), LoRA of the same shape (hf_peft.hf_lora_config),
 batch size, AdamW, and the very same batches: finetune_peft.fine_tune draws its length-bucketed
@@ -33,14 +33,14 @@ from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)]
 import adapters  # noqa: E402
 import finetune_peft  # noqa: E402
 from hf_peft_trainer import hf_lora_model, hf_trainer, trainer_dataset  # noqa: E402
-from ner_data import LABELS, BatchStream, encode_sentences, load_wikiann  # noqa: E402
-from pretrained import load_token_classifier, load_tokenizer  # noqa: E402
-from runs import check_at_least, derive_seed, run_cli  # noqa: E402
-from scoring import predict_words  # noqa: E402
+from plumbing.ner_data import LABELS, BatchStream, encode_sentences, load_wikiann  # noqa: E402
+from plumbing.pretrained import load_token_classifier, load_tokenizer  # noqa: E402
+from plumbing.runs import check_at_least, derive_seed, run_cli  # noqa: E402
+from plumbing.scoring import predict_words  # noqa: E402
 
 STEPS = 60            # fine-tuning steps per side and repeat (the first WARMUP are not timed)
 WARMUP = 10           # steps left out of the timing: first allocations, lazy initialisation
@@ -84,8 +84,11 @@ def ours_train(args, train, seed):
         config = finetune_peft.check_args(ft_args)
         finetune_peft.MetricsLog = timed_metrics_log(clock)
         try:
-            finetune_peft.fine_tune(ft_args, config, train, train.select(range(8)), Path(out), {"init_path": None},
-                                    torch.device("cpu"))
+            finetune_peft.set_seed(seed)  # as finetune_peft.main: the same PEFT draw and data order per seed
+            model = finetune_peft.build_model(args.model, config, seed, torch.device("cpu"))
+            tokenizer = finetune_peft.load_tokenizer(args.model)
+            finetune_peft.fine_tune(ft_args, model, tokenizer, train, train.select(range(8)), Path(out),
+                                    {"init_path": None}, torch.device("cpu"))
         finally:
             finetune_peft.MetricsLog = real_log
     return clock.durations(args.steps, args.warmup)

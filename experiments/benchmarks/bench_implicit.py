@@ -1,7 +1,7 @@
 """Cost of an implicit-MAML meta-step (meta_pretrain.py --inner-loop implicit) against N, beside today's unrolled one.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_implicit.py --data-dir ../shared/data/wikiann      # N = 10, 50, 200
-    python benchmarks/bench_implicit.py --steps 10,50 --repeats 3 --threads 2                    # fewer N, steadier
+    OMP_NUM_THREADS=1 python experiments/benchmarks/bench_implicit.py --data-dir ../shared/data/wikiann      # N = 10, 50, 200
+    python experiments/benchmarks/bench_implicit.py --steps 10,50 --repeats 3 --threads 2                    # fewer N, steadier
 
 Setting: the default model and the stage's default flags (adapters, 2 tasks of 8 sentences, max
 length 64). Configurations, each in a fresh subprocess (this script with --worker):
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import adapters  # noqa: E402
 import episodes  # noqa: E402
@@ -45,9 +45,9 @@ import implicit_priming  # noqa: E402
 import maml  # noqa: E402
 import meta_pretrain  # noqa: E402
 from bench_maml import peak_memory  # noqa: E402
-from ner_data import LABELS, parse_languages  # noqa: E402
-from pretrained import load_token_classifier, load_tokenizer, pick_device  # noqa: E402
-from runs import derive_seed  # noqa: E402
+from plumbing.ner_data import LABELS, parse_languages  # noqa: E402
+from plumbing.pretrained import load_token_classifier, load_tokenizer, pick_device  # noqa: E402
+from plumbing.runs import derive_seed  # noqa: E402
 
 FINE_TUNE_BATCHES = 4   # cycled by every N, so the widest fine-tuning batch is the same for all
 
@@ -120,7 +120,7 @@ def run_worker(cli):
     def meta_step(steps=implicit_steps):
         optimizer.zero_grad(set_to_none=True)
         if implicit_steps is None:
-            meta_pretrain.meta_gradient(loss_fn, tasks, init_fast, args.inner_steps, args.inner_lr, False, None, {})
+            meta_pretrain.meta_gradient(loss_fn, tasks, init_fast, maml.InnerLoop(args.inner_steps, args.inner_lr))
         else:
             args.implicit_steps = steps
             cg.append(implicit_priming.meta_gradient(model, loss_fn, tasks, fixed, {}, phi_rng, args)["cg_iterations"])
