@@ -148,7 +148,7 @@ def test_trainer_script_pairs_seeds_and_prints_the_paired_difference(tiny_model_
     assert diff["n"] == 2 and diff["mean"] == 0.0
     printed = capsys.readouterr().out
     assert "| 1 |" in printed and "paired difference primed - unprimed: +0.00" in printed
-    assert json.loads((tmp_path / "hf.json").read_text())["paired"]["n"] == 2
+    assert json.loads((tmp_path / "hf.json").read_text())["paired"]["favour"] == 0  # a number, not "0"
     with pytest.raises(ValueError, match="--seeds"):
         script.main(["--primed", str(tiny_model_dir), "--seeds", "0,x"])
 

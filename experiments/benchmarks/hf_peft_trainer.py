@@ -80,8 +80,9 @@ def hf_trainer(model, tokenizer, train, steps, batch_size, seed, out_dir, sampli
 
 def average_f1(model, targets, pad_id, batch_size=64):
     """This project's evaluation (scoring.py) of a model: {lang: F1 (seqeval default)}, and their mean."""
-    scores = {lang: entity_scores(list(data["ner_tags"]), predict_words(model, examples, batch_size, "cpu", pad_id))
-              ["f1_default"] for lang, (data, examples) in targets.items()}
+    scores = {lang: float(entity_scores(list(data["ner_tags"]), predict_words(model, examples, batch_size, "cpu",
+                                                                              pad_id))["f1_default"])
+              for lang, (data, examples) in targets.items()}  # float: seqeval gives numpy scalars
     return scores, sum(scores.values()) / len(scores)
 
 
