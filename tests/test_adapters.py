@@ -23,9 +23,8 @@ from conftest import tiny_classifier  # noqa: E402
 
 import adapters  # noqa: E402
 from adapters import PeftConfig, add_peft, fold_prefix_mlp, peft_config_of  # noqa: E402
-from plumbing.peft_state import (body_parameters, count_peft_parameters, freeze_body, fresh_peft_tensors,
-                                 # noqa: E402                         load_peft, peft_parameters, reset_peft,
-                                 save_peft)
+from plumbing.peft_state import (body_parameters, count_peft_parameters, freeze_body,  # noqa: E402
+                                 fresh_peft_tensors, load_peft, peft_parameters, reset_peft, save_peft)
 
 FAMILIES = ["bert", "xlmr"]
 ATTNS = ["eager", "sdpa"]
