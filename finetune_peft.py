@@ -37,7 +37,7 @@ from plumbing.runs import (MetricsLog, check_at_least, check_finite, check_posit
 from plumbing.scoring import score_model
 
 # --------------------------------------------------------------------- defaults -----
-STEPS = 1000           # optimizer steps: en dev F1 of adapters on e5-small is flat from step 800 (README curve)
+STEPS = 1000           # optimizer steps: en dev F1 of adapters on e5-small is flat from step 800 (RESULTS.md)
 BATCH_SIZE = 16        # sentences per batch
 LR_PEFT = 1e-3         # PEFT methods take large steps (few parameters, fresh head)
 LR_FULL = 3e-5         # full fine-tuning: the usual small step for a pretrained encoder

@@ -30,7 +30,7 @@ from plumbing import peft_state
 from plumbing.runs import check_at_least, check_positive
 
 # --------------------------------------------------------------------- defaults -----
-# (strength: of phi_hat at the first meta-step, held-out de/es dev, the default fine-tuning as reference; README)
+# (strength: of phi_hat at the first meta-step, held-out de/es dev, the default fine-tuning as reference; RESULTS.md)
 IMPLICIT = {
     "implicit_optimizer": "adam",  # what finetune_peft.py fine-tunes with (AdamW; no weight decay on phi here)
     "implicit_lr": 3e-3,           # 100 steps reach strength 0.84 (1e-3, finetune_peft.py's peak rate: 0.80)

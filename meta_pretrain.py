@@ -50,15 +50,15 @@ from plumbing.runs import (MetricsLog, check_at_least, check_finite, check_posit
                            run_cli, save_model_atomic, set_seed, write_record)
 
 # --------------------------------------------------------------------- defaults -----
-# Budget: the README's main job; a meta-step of these defaults took ~10 s on one busy CPU core (README).
+# Budget: the README's main job; a meta-step of these defaults takes ~5 s on a quiet CPU core (RESULTS.md).
 STEPS = 60               # meta-steps (outer optimizer steps); the paper-scale run wants thousands
 TASKS_PER_STEP = 2       # tasks averaged per meta-step (METHOD.md step 4)
 BATCH_SIZE = 8           # sentences per support / query batch
 MAX_LEN = 64             # sub-words; WikiANN sentences are short (median ~ 14 sub-words)
 MAX_SENTENCES = 2000     # sentences read per language: enough for the default budget
 INNER_STEPS = 5          # with INNER_LR: support loss 1.95 -> 1.12 (0.58 x) on fresh adapters (search_inner.py)
-INNER_LR = 0.3           # the search's pick: lowest held-out query loss among settings that adapt (README)
-OUTER_LR = 5e-5          # AdamW on the body: 2e-4 diverged after 30 meta-steps, 2e-5 is slower (README)
+INNER_LR = 0.3           # the search's pick: lowest held-out query loss among settings that adapt (RESULTS.md)
+OUTER_LR = 5e-5          # AdamW on the body: 2e-4 diverged after 30 meta-steps, 2e-5 is slower (RESULTS.md)
 META_SGD_LR = 1e-3       # AdamW on Meta-SGD's learned inner rates: they are O(inner lr), not O(weights)
 EVAL_EVERY = 20          # held-out query loss every N meta-steps
 SAVE_EVERY = 20          # resumable checkpoint every N meta-steps

@@ -59,8 +59,6 @@ class PeftConfig:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"PeftConfig.from_dict: unknown fields {sorted(unknown)}")
-        if d.get("method") == "adapter" and "adapter_non_linearity" not in d:
-            d = {**d, "adapter_non_linearity": "gelu"}  # saved before the choice existed: GELU was used
         return cls(**d)
 
     def bottleneck_for(self, hidden_size: int) -> int:

@@ -1,6 +1,6 @@
 """The paper's comparison: does priming help PEFT, and which MAML modification matters?
 
-    python experiments/compare.py --data-dir ../shared/data/wikiann                     # the CPU budget (README table)
+    python experiments/compare.py --data-dir ../shared/data/wikiann                     # the CPU budget (RESULTS.md's verdict)
     python experiments/compare.py --pefts adapter --conditions "no priming,MAML priming" --finetune-seeds 8
     python experiments/compare.py --gpu 0 --budget gpu --model xlm-roberta-base         # a larger budget on a GPU
     python experiments/compare.py --langs es,nl --eval-data-dir conll2002 --eval-data-format conll --eval-tag-map MISC=O
@@ -44,11 +44,11 @@ ROOT = Path(__file__).resolve().parents[1]  # where the stage scripts are
 # Budgets: the stage flags of each run. They spell out every flag that shapes a run (not the
 # stages' defaults), so a changed default in a stage cannot silently change a comparison.
 # The priming of every budget: the inner loop of the inner-loop search (0.3 x 5 steps: support loss
-# to ~0.58 x) and the outer learning rate of the outer-loop pilot (README: 2e-4 diverges after 30
+# to ~0.58 x) and the outer learning rate of the outer-loop pilot (RESULTS.md: 2e-4 diverges after 30
 # meta-steps, 2e-5 is slower, 5e-5 keeps the held-out query loss falling to meta-step 200).
 PRIME_SHAPE = ["--inner-steps", "5", "--inner-lr", "0.3", "--outer-lr", "5e-5"]
 # Full fine-tuning (the reference row) takes finetune_peft.LR_FULL, not the budgets' PEFT rate: at 1e-3
-# the whole encoder collapses (verdict run: training loss 1.76 and dev F1 0.0 at step 100).
+# the whole encoder collapses (dev F1 0.0 at step 100; RESULTS.md).
 FULL_FT_LR = "3e-5"
 BUDGETS = {
     "cpu": {"prime": ["--steps", "200", "--tasks-per-step", "2", "--batch-size", "8", "--max-sentences", "2000",

@@ -73,32 +73,6 @@ def fresh_peft_tensors(model, generator: torch.Generator | None = None) -> "Orde
                        for n, p in peft_parameters(model).items())
 
 
-def reset_peft(model, generator=None):
-    """Re-draw the model's own phi in place (what a fresh downstream PEFT run starts from)."""
-    fresh = fresh_peft_tensors(model, generator)
-    with torch.no_grad():
-        for name, p in peft_parameters(model).items():
-            p.copy_(fresh[name])
-    return model
-
-
-def count_peft_parameters(config: PeftConfig, model_config, num_labels: int, include_head=True) -> int:
-    """Closed-form size of phi for a model config (no model needed)."""
-    d, layers = model_config.hidden_size, model_config.num_hidden_layers
-    if config.method == "adapter":
-        m = config.bottleneck_for(d)
-        per_layer = 2 if config.placement == "houlsby" else 1
-        n = layers * per_layer * (2 * d * m + m + d)
-    elif config.method == "lora":
-        n = layers * 2 * config.lora_rank * 2 * d  # A (r x d) and B (d x r) on query and value
-    elif config.prefix_mlp:
-        h, out = config.prefix_hidden, layers * 2 * d
-        n = config.prefix_length * d + (d * h + h) + (h * out + out)
-    else:
-        n = layers * 2 * config.prefix_length * d
-    return n + ((d * num_labels + num_labels) if include_head else 0)
-
-
 def save_peft(model, folder, extra: dict | None = None):
     """Write phi to folder/peft.safetensors and {"peft_config", "num_labels", "extra"} to peft_config.json."""
     config = peft_config_of(model)
@@ -141,8 +115,6 @@ def read_peft(model, folder) -> tuple:
     elif current != saved:
         raise ValueError(f"load_peft: checkpoint config {saved} differs from the model's {current}")
     params = peft_parameters(model)
-    if set(tensors) != set(params) and saved.placement == "houlsby":  # saved when the adapter lived on `dense`
-        tensors = {n.replace(".dense.adapter.", ".dropout.adapter."): t for n, t in tensors.items()}
     if set(tensors) != set(params):
         raise ValueError(f"load_peft: tensor names differ: missing {sorted(set(params) - set(tensors))}, "
                          f"unexpected {sorted(set(tensors) - set(params))}")
