@@ -454,7 +454,7 @@ def main(argv=None):
     compare_plots.plot_curves(row_runs, CONDITIONS, out / "curves.png")
     print((out / "table.md").read_text())
     for name, d in paired.items():
-        if d["n"] > 1 and d["half_width"] > 0.7:
+        if d["n"] > 1 and d["half_width"] is not None and d["half_width"] > 0.7:
             print(f"{name}: CI half-width {d['half_width']:.2f}; about {seeds_for_half_width(d['sd'], 0.7)} "
                   f"fine-tuning seeds would give 0.7")
     if missing:

@@ -118,6 +118,11 @@ def two_level_difference(condition, baseline):
     by_f = [statistics.mean(pairs[p][f] for p in seeds_p) for f in common]
     P, F = len(by_p), len(common)
     mean, sd = mean_std(by_p)
+    if unprimed and F == 1:  # the baseline's own fine-tuning noise is in every D_p and cannot be measured
+        return {"n": P, "priming_seeds": P, "finetune_seeds": 1, "mean": mean, "sd": sd, "df": None, "ci95": None,
+                "half_width": None, "favour": sum(d > 0 for d in by_p), "favour_of": P, "seeds": common,
+                "priming_seed_list": seeds_p, "design": f"{P} priming runs x 1 fine-tuning seed: no interval "
+                "(against an unprimed row it needs 2 fine-tuning seeds that every priming run has)"}
     var_p = sd ** 2 / P
     var_f = statistics.variance(by_f) / F if unprimed and F > 1 else 0.0
     se = math.sqrt(var_p + var_f)

@@ -38,6 +38,13 @@ def test_against_an_unprimed_row_the_baselines_fine_tuning_noise_is_added():
     assert d["seeds"] == [0, 1] and "baseline's fine-tuning seeds" in d["design"]
 
 
+def test_against_an_unprimed_row_one_common_fine_tuning_seed_gives_no_interval():
+    x = {(0, 0): 71.0, (1, 0): 70.0, (2, 0): 74.0, (0, 1): 73.0}          # seed 1: priming run 0 only
+    d = stats.two_level_difference(x, {(None, 0): 70.0, (None, 1): 69.0})
+    assert d["ci95"] is None and d["mean"] == pytest.approx(5 / 3) and "no interval" in d["design"]
+    assert stats.two_level_difference(x, {(p, 0): 70.0 for p in range(3)})["ci95"] is not None  # primed: fine
+
+
 def test_one_priming_run_falls_back_to_fine_tuning_seeds_and_says_so():
     x, y = {(0, f): 70.0 + f for f in range(4)}, {(0, f): 69.0 + 2 * f for f in range(4)}
     d = stats.two_level_difference(x, y)
@@ -211,3 +218,11 @@ def test_multi_source_fine_tuning_runs_and_its_languages_are_not_zero_shot(tiny_
         evaluate_ner.main(["--ckpt", str(tuned), "--langs", "de,fr", "--max-sentences", "5", "--data-dir", data_dir])
     scores = json.loads((tuned / "eval-test.json").read_text())
     assert scores["not_zero_shot"] == ["de"] and scores["average_of"] == ["fr"]
+
+
+def test_a_comparison_without_an_interval_is_tabled(tmp_path, fake):
+    compare.main(base_argv(tmp_path, "--priming-seeds", "2", "--finetune-seeds", "1"))
+    paired = json.loads((tmp_path / "out" / "results.json").read_text())["paired"]
+    assert paired["adapter | MAML priming vs no priming"]["ci95"] is None                 # 2 x 1 against unprimed
+    assert paired["adapter | MAML priming vs MTL priming"]["ci95"] is not None            # 2 x 1, both primed
+    assert "| adapter | MAML priming vs no priming | 2 x 1 | +1.00 | - | - |" in (tmp_path / "out" / "table.md").read_text()
