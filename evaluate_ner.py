@@ -1,6 +1,6 @@
 """Zero-shot cross-lingual evaluation of a fine-tuned checkpoint (entity-level F1, seqeval).
 
-    python evaluate_ner.py --ckpt checkpoints/ft-primed-maml-adapter-s0-adapter-en-s0              # fr,nl,pt test
+    python evaluate_ner.py --ckpt checkpoints/ft-primed-e5-small-maml-adapter-s0-adapter-en-s0     # fr,nl,pt test
     python evaluate_ner.py --ckpt checkpoints/ft-e5-small-adapter-en-s0 --langs fr,nl,pt --split dev
     python evaluate_ner.py --ckpt ... --predictions preds/    # also preds/fr.conll ...: token gold predicted
     python evaluate_ner.py --ckpt ... --gpu 0 --max-sentences 1000

@@ -1,6 +1,6 @@
 """Downstream fine-tuning: train fresh PEFT tensors and a fresh NER head on the source language.
 
-    python finetune_peft.py --init checkpoints/primed-maml-adapter-s0 --peft adapter     # on a primed body
+    python finetune_peft.py --init checkpoints/primed-e5-small-maml-adapter-s0 --peft adapter   # on a primed body
     python finetune_peft.py --init e5-small --peft adapter                               # no priming (reference)
     python finetune_peft.py --init e5-small --peft full                                  # full fine-tuning (reference)
     python finetune_peft.py --init xlm-roberta-base --peft prefix --gpu 0 --steps 3000

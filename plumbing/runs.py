@@ -1,13 +1,13 @@
 """The run-folder convention shared by the three stages: records, metrics logs, atomic writes.
 
     checkpoints/
-      primed-maml-adapter-s0/        meta_pretrain.py --out: an ordinary transformers checkpoint
+      primed-e5-small-maml-adapter-s0/   meta_pretrain.py --out: an ordinary transformers checkpoint
         config.json, model.safetensors, tokenizer.json ...   (the primed body theta)
         run.json                     every flag, the seed, the code version, the input model, and "data":
                                      the data folder (absolute) and a sha256 of the files read
         metrics.jsonl                one JSON line per logged step
         resume.pt                    the latest resumable state (model, optimizer, data streams, RNGs)
-      ft-adapter-en-s0/              finetune_peft.py --out: PEFT tensors + head only (megabytes)
+      ft-<init>-adapter-en-s0/       finetune_peft.py --out: PEFT tensors + head only (megabytes)
         peft.safetensors, peft_config.json, run.json (its "init" points to the body, "init_sha256"
         names the body's weights: evaluation refuses a body that changed since), metrics.jsonl
         eval-test.json               evaluate_ner.py's scores for that checkpoint

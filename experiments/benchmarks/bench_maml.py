@@ -77,7 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root
 import adapters  # noqa: E402
 import maml  # noqa: E402
 import meta_pretrain  # noqa: E402
-import peft_state  # noqa: E402
+from plumbing import peft_state  # noqa: E402
 from plumbing.ner_data import bucketed_batches, collate, encode_sentences, load_wikiann  # noqa: E402
 from plumbing.pretrained import PRECISIONS, load_token_classifier, load_tokenizer, pick_device, precision_context  # noqa: E402
 from plumbing.runs import derive_seed  # noqa: E402
