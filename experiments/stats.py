@@ -96,8 +96,13 @@ def two_level_difference(condition, baseline):
     Primed vs unprimed: the baseline's own fine-tuning noise is the same in every D_p, so
     sd(D) misses it; it is added from the spread of the c_f (conservatively: that spread
     also holds a little priming noise): se^2 = var(D)/P + var(c)/F, with Welch-Satterthwaite
-    degrees of freedom. With one priming seed this falls back to paired_difference over the
-    fine-tuning seeds, whose interval holds no priming variance ("design" says which)."""
+    degrees of freedom. When one priming run shares more fine-tuning seeds with the baseline
+    than the F common ones (the verdict's design: priming run 0 x 5 seeds, replicates x 2),
+    var(c) is replaced by the variance of that run's own d_pf over all its n seeds (df n - 1):
+    it estimates sigma_e^2 + sigma_e0^2 >= the baseline's noise sigma_e0^2 (conservative, and
+    far better determined than var(c) from 2 seeds). With one priming seed this falls back to
+    paired_difference over the fine-tuning seeds, whose interval holds no priming variance
+    ("design" says which)."""
     unprimed = all(p is None for p, _ in baseline)
     pairs = {}
     for (p, f), x in condition.items():
@@ -124,12 +129,18 @@ def two_level_difference(condition, baseline):
                 "priming_seed_list": seeds_p, "design": f"{P} priming runs x 1 fine-tuning seed: no interval "
                 "(against an unprimed row it needs 2 fine-tuning seeds that every priming run has)"}
     var_p = sd ** 2 / P
-    var_f = statistics.variance(by_f) / F if unprimed and F > 1 else 0.0
+    var_f, df_f = 0.0, None
+    if unprimed:
+        widest = max(pairs.values(), key=len)  # the priming run with the most seeds paired with the baseline
+        if len(widest) > F:
+            var_f, df_f = statistics.variance(widest.values()) / F, len(widest) - 1
+        else:
+            var_f, df_f = statistics.variance(by_f) / F, F - 1
     se = math.sqrt(var_p + var_f)
-    df = (P - 1) if var_f == 0 else (var_p + var_f) ** 2 / (var_p ** 2 / (P - 1) + var_f ** 2 / (F - 1))
+    df = (P - 1) if var_f == 0 else (var_p + var_f) ** 2 / (var_p ** 2 / (P - 1) + var_f ** 2 / df_f)
     half = t_quantile(0.975, df) * se if se > 0 else 0.0
     design = (f"{P} priming runs x {F} fine-tuning seeds: interval over priming runs"
-              + (" + the baseline's fine-tuning seeds" if unprimed else ""))
+              + (f" + the baseline's fine-tuning noise ({df_f} df)" if unprimed else ""))
     return {"n": P * F, "priming_seeds": P, "finetune_seeds": F, "mean": mean, "sd": sd, "df": df,
             "ci95": (mean - half, mean + half), "half_width": half, "favour": sum(d > 0 for d in by_p),
             "favour_of": P, "seeds": common, "priming_seed_list": seeds_p, "design": design}

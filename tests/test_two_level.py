@@ -35,7 +35,21 @@ def test_against_an_unprimed_row_the_baselines_fine_tuning_noise_is_added():
     df = (var_p + var_f) ** 2 / (var_p ** 2 / 2 + var_f ** 2 / 1)   # Welch-Satterthwaite
     assert d["mean"] == pytest.approx(statistics.mean(by_p)) and d["df"] == pytest.approx(df)
     assert d["half_width"] == pytest.approx(stats.t_quantile(0.975, df) * math.sqrt(var_p + var_f))
-    assert d["seeds"] == [0, 1] and "baseline's fine-tuning seeds" in d["design"]
+    assert d["seeds"] == [0, 1] and "baseline's fine-tuning noise (1 df)" in d["design"]
+
+
+def test_against_an_unprimed_row_the_widest_priming_run_measures_the_baselines_noise():
+    # the verdict's design: priming run 0 x 4 seeds, the replicates x 2; the baseline has all 4 seeds
+    x = {(0, 0): 71.0, (0, 1): 73.0, (0, 2): 72.0, (0, 3): 75.0, (1, 0): 70.0, (1, 1): 70.0, (2, 0): 74.0, (2, 1): 72.0}
+    none = {(None, 0): 70.0, (None, 1): 69.0, (None, 2): 70.5, (None, 3): 71.0}
+    d = stats.two_level_difference(x, none)
+    by_p = [2.5, 0.5, 3.5]                                    # over the 2 common seeds, as before
+    var_p = statistics.variance(by_p) / 3
+    var_f = statistics.variance([1.0, 4.0, 1.5, 4.0]) / 2     # run 0's differences over its 4 seeds, / F
+    df = (var_p + var_f) ** 2 / (var_p ** 2 / 2 + var_f ** 2 / 3)
+    assert d["mean"] == pytest.approx(statistics.mean(by_p)) and d["df"] == pytest.approx(df)
+    assert d["half_width"] == pytest.approx(stats.t_quantile(0.975, df) * math.sqrt(var_p + var_f))
+    assert "(3 df)" in d["design"]
 
 
 def test_against_an_unprimed_row_one_common_fine_tuning_seed_gives_no_interval():
@@ -71,6 +85,14 @@ def simulate(rng, delta, sigma_p, sigma_f, sigma_e, P=5, F=2):
     return rows
 
 
+def simulate_verdict_design(rng, sigma_p=1.0, sigma_f=1.5, sigma_e=0.6, P=5, F0=5, F=2):
+    """As simulate, in the verdict's design: priming run 0 x F0 seeds, the other runs x F, the baseline x F0."""
+    b = [rng.gauss(0, sigma_f) for _ in range(F0)]
+    a = [rng.gauss(0, sigma_p) for _ in range(P)]
+    x = {(p, f): 71 + a[p] + b[f] + rng.gauss(0, sigma_e) for p in range(P) for f in range(F0 if p == 0 else F)}
+    return x, {(None, f): 68 + b[f] + rng.gauss(0, sigma_e) for f in range(F0)}
+
+
 def coverage(rng, compare_with, method, trials=1500, P=5, F=2):
     hits = 0
     for _ in range(trials):
@@ -98,6 +120,22 @@ def test_the_interval_covers_the_true_difference_when_priming_runs_vary():
     assert coverage(rng, "B", old_method, 800, P=1, F=5) < 0.7
     assert coverage(rng, "B", old_method, 800, P=5, F=5) < 0.7
     assert coverage(rng, "N", old_method, 800, P=1, F=5) < 0.7
+
+
+def test_against_an_unprimed_row_the_verdict_design_covers_and_is_narrower():
+    """sigma_p 0.5, sigma_e 0.6 (about the verdict's MTL row): the interval still covers, and it is far
+    narrower than the one from the spread of 2 common seeds alone, whose ~1 df gives t(0.975) ~ 12."""
+    rng, hits, widths, widths_c = random.Random(2), 0, [], []
+    for _ in range(1000):
+        x, none = simulate_verdict_design(rng, sigma_p=0.5, sigma_e=0.6)
+        d = stats.two_level_difference(x, none)
+        hits += d["ci95"][0] <= 3.0 <= d["ci95"][1]
+        widths.append(d["half_width"])
+        balanced = {k: v for k, v in x.items() if k[1] < 2}   # what the c_f spread alone would give
+        widths_c.append(stats.two_level_difference(balanced, none)["half_width"])
+    assert 0.93 <= hits / 1000 <= 0.995                                      # measured: 0.99
+    assert statistics.mean(widths) < 0.75 * statistics.mean(widths_c)        # measured: 1.57 vs 2.63
+    assert sorted(widths)[900] < 0.5 * sorted(widths_c)[900]                 # 90th percentile: 2.23 vs 6.30
 
 
 def test_priming_sd_by_hand_and_in_simulation():
