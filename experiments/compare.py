@@ -20,7 +20,8 @@ compare paired, seed by seed. MTL and MAML priming get the same data and optimiz
 
 Run identity: a run folder is named by what it is and a hash of every flag that shapes it
 (model, data folder, budget, PEFT, priming flags, seed, languages) and of TRAINING_CODE, so a
-run is reused only when all of them agree, and a changed flag makes a new run. An interrupted comparison continues
+run is reused only when all of them agree, and a changed flag makes a new run. Paths enter it by
+name only (the data folder's, a primed body's folder), so a clone anywhere finds the committed records. An interrupted comparison continues
 where it stopped; two compare.py processes on one --runs folder share the work (a lock per run).
 """
 
@@ -28,6 +29,7 @@ import argparse
 import hashlib
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -190,10 +192,66 @@ def check_eval_data(args):
 
 # ----------------------------------------------------------------------------- running stages
 
-def run_identity(flags):
+def run_identity(flags, runs):
     """A short hash of the flags that shape a run (order kept: later flags override earlier) and
-    of TRAINING_CODE, so runs of code that trains differently are never reused for each other."""
+    of TRAINING_CODE, so runs of code that trains differently are never reused for each other.
+    The flags are taken free of where things are (location_free): a clone anywhere, with the data
+    anywhere, finds the committed records."""
+    return flags_hash(location_free(flags, runs))
+
+
+def flags_hash(flags):
     return hashlib.sha256(json.dumps([TRAINING_CODE, *flags]).encode()).hexdigest()[:HASH_CHARS]
+
+
+def location_free(flags, runs):
+    """The flags with the paths that say where, not what, replaced: a data folder by its name, and a
+    body that is a run of this comparison (a folder in `runs`) by its folder name. (The data's content
+    is checked apart: every record keeps the sha256 of the data files it read.)"""
+    flags = list(flags)
+    for i in range(len(flags) - 1):
+        if flags[i] == "--data-dir":
+            flags[i + 1] = "data:" + Path(flags[i + 1]).name
+        elif flags[i] == "--init" and Path(flags[i + 1]).parent == Path(runs):
+            flags[i + 1] = "run:" + Path(flags[i + 1]).name
+    return flags
+
+
+def recorded_flags(folder):
+    """(flags, runs folder) of the stage command a run folder's run.json records (the flags before its
+    --out, as run_stage wrote them), or None."""
+    try:
+        argv = shlex.split(read_record(folder)["command"])
+        out = argv.index("--out")
+    except (KeyError, TypeError, ValueError):
+        return None
+    return argv[1:out], Path(argv[out + 1]).parent
+
+
+def existing_run(folder, flags, runs):
+    """`folder`, or the finished run of the same location-free flags recorded under an older name:
+    before 2026-12-02 a run's identity hashed absolute paths (the data folder, the primed body), so
+    the verdict's records carry names of the machine that ran them."""
+    if folder.exists():
+        return folder
+    prefix, want = folder.name[:-HASH_CHARS], location_free(flags, runs)
+    for other in sorted(folder.parent.glob(prefix + "?" * HASH_CHARS)):
+        recorded = recorded_flags(other)
+        if recorded is not None and location_free(*recorded) == want:
+            return other
+    return folder
+
+
+def existing_eval(result, flags, tuned):
+    """`result`, or the evaluation of the same flags under its older name: its hash held the data
+    folder's absolute path, the one its fine-tuning run recorded (see existing_run)."""
+    recorded = recorded_flags(tuned)
+    if result.exists() or recorded is None or "--data-dir" not in flags or "--data-dir" not in recorded[0]:
+        return result
+    old = list(flags)
+    old[old.index("--data-dir") + 1] = recorded[0][recorded[0].index("--data-dir") + 1]
+    legacy = result.with_name(f"{result.name[:-HASH_CHARS - len('.json')]}{flags_hash(old)}.json")
+    return legacy if legacy.exists() else result
 
 
 def finished(done_marker):
@@ -284,7 +342,8 @@ def prime_plan(args, runs, peft, condition, seed):
              "--seed", str(seed), "--source-lang", SOURCE_LANG, "--priming-langs", args.priming_langs,
              *CONDITIONS[condition], *maml_overrides(args, condition), *dose_steps(args, condition),
              *equal_compute_steps(args, peft, condition)]
-    return flags, runs / f"primed-{peft}-{slug(condition)}-p{seed}-{run_identity(flags)}"
+    folder = runs / f"primed-{peft}-{slug(condition)}-p{seed}-{run_identity(flags, runs)}"
+    return flags, existing_run(folder, flags, runs)
 
 
 def prime(args, runs, peft, condition, seed, reference):
@@ -355,7 +414,8 @@ def finetune_plan(args, runs, init, peft, seed, tag, condition=None):
         flags += ["--extra-langs", args.priming_langs, "--extra-sentences", prime[prime.index("--max-sentences") + 1]]
     if peft == "full":  # the budgets' --lr is a PEFT rate; appended, it overrides and keeps the PEFT runs' identity
         flags += ["--lr", FULL_FT_LR]
-    return flags, runs / f"ft-{tag}-f{seed}-{run_identity(flags)}"
+    folder = runs / f"ft-{tag}-f{seed}-{run_identity(flags, runs)}"
+    return flags, existing_run(folder, flags, runs)
 
 
 def finetune(args, runs, init, peft, seed, tag, condition=None):
@@ -371,7 +431,8 @@ def evaluate_plan(args, tuned, langs, split):
     """(flags, eval JSON) of a fine-tuned folder on `langs`; each language set and size is its own file."""
     flags = [*eval_data_flags(args), *BUDGETS[args.budget]["evaluate"], "--split", split, "--langs", ",".join(langs)]
     flags += ["--max-sentences", str(args.eval_sentences)] if args.eval_sentences else []
-    return flags, Path(tuned) / f"eval-{split}-{run_identity(flags)}.json"
+    result = Path(tuned) / f"eval-{split}-{run_identity(flags, tuned)}.json"
+    return flags, existing_eval(result, flags, Path(tuned))
 
 
 def evaluate(args, tuned, langs, split):

@@ -2,6 +2,7 @@
 run identity, seeds and pairing, the paired statistics, commits, bad flags."""
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -417,16 +418,19 @@ def test_rows_without_a_common_seed_have_no_paired_difference():
 
 def test_full_fine_tuning_gets_the_full_rate_and_peft_runs_keep_their_identity(tmp_path):
     import finetune_peft
-    args = compare.build_parser().parse_args(["--data-dir", "/work/shared/data/wikiann"])
+    args = compare.build_parser().parse_args(["--data-dir", "/elsewhere/wikiann"])
     for budget in ("cpu", "gpu", "smoke"):
         args.budget = budget
         full, _ = compare.finetune_plan(args, tmp_path, "e5-small", "full", 0, "full-no_priming")
         adapter, _ = compare.finetune_plan(args, tmp_path, "e5-small", "adapter", 0, "adapter-no_priming")
         assert finetune_peft.build_parser().parse_args(full).lr == finetune_peft.LR_FULL   # the last --lr wins
         assert finetune_peft.build_parser().parse_args(adapter).lr in (None, 1e-3)          # None: the PEFT default
-    args.budget = "cpu"   # the committed verdict's folder name: changing a PEFT run's flags would orphan its records
+    args.budget = "cpu"   # changing a PEFT run's flags would orphan the committed verdict's records
     _, folder = compare.finetune_plan(args, tmp_path, "e5-small", "adapter", 0, "adapter-no_priming")
-    assert folder.name == "ft-adapter-no_priming-f0-2de6f7c344"
+    assert folder.name == "ft-adapter-no_priming-f0-cf9396b36f"               # location free: any .../wikiann
+    records = compare.ROOT / "experiments" / "results" / "verdict-cpu" / "records"
+    _, folder = compare.finetune_plan(args, records, "e5-small", "adapter", 0, "adapter-no_priming")
+    assert folder.name == "ft-adapter-no_priming-f0-2de6f7c344"               # the verdict's, by its recorded flags
 
 
 def test_a_priming_run_killed_after_its_body_was_saved_is_resumed(tmp_path, fake):
@@ -452,3 +456,57 @@ def test_a_fresh_checkout_evaluates_new_languages_from_the_records(tmp_path, fak
     new = fake.commands[first:]
     assert sorted(scripts(new)) == sorted(["meta_pretrain.py"] * 2 + ["finetune_peft.py"] * 2 + ["evaluate_ner.py"] * 3)
     assert all("--overwrite" in c for c in new if Path(c[1]).name != "evaluate_ner.py")  # weightless records replaced
+
+
+def test_a_clone_elsewhere_with_the_data_elsewhere_continues_from_the_records(tmp_path, fake):
+    here, there = tmp_path / "here", tmp_path / "there"
+    for folder in (here / "wikiann", there / "data" / "wikiann"):
+        folder.mkdir(parents=True)
+    argv = ["--pefts", "adapter", "--conditions", "no priming,MTL priming", "--finetune-seeds", "2", "--no-full",
+            "--budget", "smoke"]
+    compare.main([*argv, "--data-dir", str(here / "wikiann"), "--out", str(here / "out"), "--runs", str(here / "runs")])
+    ran = len(fake.commands)
+    shutil.copytree(here / "out" / "records", there / "records")          # what a clone has: the committed records
+    compare.main([*argv, "--data-dir", str(there / "data" / "wikiann"), "--out", str(there / "out"),
+                  "--runs", str(there / "runs"), "--records", str(there / "records"), "--report-only"])
+    assert len(fake.commands) == ran
+    rows = json.loads((there / "out" / "results.json").read_text())["rows"]
+    assert rows["adapter | MTL priming"]["runs"] == 2 and rows["adapter | no priming"]["runs"] == 2
+
+
+def legacy_run(runs, prefix, flags, old_runs, status="finished"):
+    """A run folder as compare.py named it before identities were location free: the hash of the raw
+    flags (absolute paths of the machine that ran it); its run.json records the stage command."""
+    folder = runs / f"{prefix}-{compare.flags_hash(flags)}"
+    folder.mkdir(parents=True)
+    command = ["/old/clone/stage.py", *flags, "--out", f"{old_runs}/{folder.name}", "--overwrite"]
+    (folder / "run.json").write_text(json.dumps({"command": " ".join(command), "status": status}))
+    return folder
+
+
+def test_runs_recorded_under_their_older_absolute_identity_are_found(tmp_path):
+    (tmp_path / "wikiann").mkdir()
+    args = compare.build_parser().parse_args(["--data-dir", str(tmp_path / "wikiann"), "--budget", "smoke"])
+    compare.check_args(args)
+    runs, old_runs, old_data = tmp_path / "runs", "/old/machine/runs", "/old/machine/data/wikiann"
+
+    def old(flags):
+        return [old_data if f == args.data_dir else f for f in flags]
+
+    flags, _ = compare.prime_plan(args, runs, "adapter", "MTL priming", 1)
+    primed = legacy_run(runs, "primed-adapter-MTL_priming-p1", old(flags), old_runs)
+    assert compare.prime_plan(args, runs, "adapter", "MTL priming", 1)[1] == primed
+    tag = primed.name[len("primed-"):]
+    flags, new = compare.finetune_plan(args, runs, primed, "adapter", 0, tag)
+    assert new.name != primed.name and not new.exists()
+    raw = old(flags)
+    raw[raw.index("--init") + 1] = f"{old_runs}/{primed.name}"
+    tuned = legacy_run(runs, f"ft-{tag}-f0", raw, old_runs)
+    legacy_run(runs, f"ft-{tag}-f1", [*raw[:-1], "0"], old_runs)               # named for seed 1, recorded seed 0
+    assert compare.finetune_plan(args, runs, primed, "adapter", 0, tag)[1] == tuned
+    assert not compare.finetune_plan(args, runs, primed, "adapter", 1, tag)[1].exists()   # flags differ: not taken
+    flags, _ = compare.evaluate_plan(args, tuned, ["fr", "nl"], "test")
+    evaluation = tuned / f"eval-test-{compare.flags_hash(old(flags))}.json"
+    evaluation.write_text("{}")
+    assert compare.evaluate_plan(args, tuned, ["fr", "nl"], "test")[1] == evaluation
+    assert compare.evaluate_plan(args, tuned, ["fr", "pt"], "test")[1] != evaluation

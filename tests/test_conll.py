@@ -167,8 +167,9 @@ def test_compare_passes_the_evaluation_data_and_keeps_existing_identities(tmp_pa
     base = ["--data-dir", "/work/shared/data/wikiann"]
     args = compare.build_parser().parse_args(base)
     compare.check_args(args)
-    flags, result = compare.evaluate_plan(args, tmp_path, ["fr", "nl", "pt"], "test")
-    assert result.name == "eval-test-5ea17522d1.json"   # the committed verdict's evaluations keep their names
+    verdict = compare.ROOT / "experiments" / "results" / "verdict-cpu" / "records" / "ft-adapter-no_priming-f0-2de6f7c344"
+    flags, result = compare.evaluate_plan(args, verdict, ["fr", "nl", "pt"], "test")
+    assert result.name == "eval-test-5ea17522d1.json"   # the committed verdict's evaluations are still found
     (tmp_path / "conll").mkdir()
     conll = compare.build_parser().parse_args(base + ["--eval-data-dir", str(tmp_path / "conll"),
                                                       "--eval-data-format", "conll", "--eval-tag-map", "MISC=O"])
