@@ -82,7 +82,11 @@ CONDITIONS = {
     "ablation: outer update of initial PEFT": ["--outer-peft"],
     "MTL priming at MAML's compute": ["--method", "mtl"],                  # + EQUAL_COMPUTE's --steps
     "multi-source fine-tuning (en + priming languages)": None,          # + MULTI_SOURCE's fine-tuning flags
+    "implicit MAML priming": ["--inner-loop", "implicit"],               # the inner loop is a fine-tuning
+    "implicit MAML priming (first order)": ["--inner-loop", "implicit", "--first-order"],
 }
+# Run only when --conditions names them: the implicit rows cost ~3x MAML priming's meta-steps (METHOD.md).
+OPT_IN = ("implicit MAML priming", "implicit MAML priming (first order)")
 MAIN_ROWS = ("no priming", "MTL priming", "MAML priming")
 # The practitioner's baseline: no priming; the PEFT tensors and head fine-tuned on en plus the
 # priming languages' train sentences (the pool priming draws from: the budget's --max-sentences).
@@ -125,7 +129,8 @@ def build_parser():
     p.add_argument("--ablation-finetune-seeds", type=int, default=3, help="fine-tuning seeds of the ablation rows")
     p.add_argument("--full-seeds", type=int, default=1, help="seeds of the full fine-tuning reference row")
     p.add_argument("--conditions", default=None,
-                   help="comma-separated subset of the conditions (default: all): " + ", ".join(CONDITIONS))
+                   help="comma-separated subset of the conditions (default: all but the implicit rows, which "
+                        "run only when named): " + ", ".join(CONDITIONS))
     p.add_argument("--no-full", action="store_true", help="skip the full fine-tuning reference row")
     p.add_argument("--langs", default="fr,nl,pt", help="target languages (never priming languages nor en)")
     p.add_argument("--priming-langs", default="de,es", help="priming languages")
@@ -169,7 +174,8 @@ def check_args(args):
     if overlap:
         raise ValueError(f"{','.join(overlap)} is both a priming or source language and a target language: "
                          f"not zero-shot; choose --langs outside {','.join(priming + [SOURCE_LANG])}")
-    conditions = [c.strip() for c in args.conditions.split(",")] if args.conditions else list(CONDITIONS)
+    conditions = ([c.strip() for c in args.conditions.split(",")] if args.conditions
+                  else [c for c in CONDITIONS if c not in OPT_IN])
     unknown = [c for c in conditions if c not in CONDITIONS]
     if unknown:
         raise ValueError(f"unknown condition(s) {unknown}; known: {', '.join(CONDITIONS)}")
@@ -378,6 +384,8 @@ def baselines_of(condition):
         bases.append("MTL priming")
     if condition == "MAML priming":
         bases.append(EQUAL_COMPUTE)
+    if condition in OPT_IN:   # does a faithful simulation of the fine-tuning change the answer?
+        bases += ["MTL priming", "MAML priming"] + (["implicit MAML priming"] if "first order" in condition else [])
     if condition.startswith("ablation:"):
         bases.append("MAML priming")
     if condition in ("MTL priming", "MAML priming"):
@@ -398,8 +406,8 @@ def budget_steps(args):
 
 
 def maml_overrides(args, condition):
-    """--inner-lr / --inner-steps of compare.py apply to the MAML rows only."""
-    if "--method" in CONDITIONS[condition]:
+    """--inner-lr / --inner-steps of compare.py apply to the (unrolled) MAML rows only."""
+    if "--method" in CONDITIONS[condition] or "--inner-loop" in CONDITIONS[condition]:
         return []
     return ((["--inner-lr", str(args.inner_lr)] if args.inner_lr else [])
             + (["--inner-steps", str(args.inner_steps)] if args.inner_steps else []))

@@ -287,7 +287,8 @@ def test_the_main_rows_run_first_and_the_table_keeps_the_papers_order(tmp_path, 
     assert rows[-1][0] == "full"
     lines = [l for l in (tmp_path / "out" / "table.md").read_text().splitlines() if l.startswith("| adapter |")
              or l.startswith("| prefix |") or l.startswith("| full |")]
-    expected = [f"| {p} | {c} |" for p in ("adapter", "prefix") for c in compare.CONDITIONS] + ["| full | full"]
+    expected = [f"| {p} | {c} |" for p in ("adapter", "prefix") for c in compare.CONDITIONS
+                if c not in compare.OPT_IN] + ["| full | full"]                # the implicit rows: only when named
     assert [l[:len(e)] for l, e in zip(lines, expected)] == expected
 
 
@@ -510,3 +511,29 @@ def test_runs_recorded_under_their_older_absolute_identity_are_found(tmp_path):
     evaluation.write_text("{}")
     assert compare.evaluate_plan(args, tuned, ["fr", "nl"], "test")[1] == evaluation
     assert compare.evaluate_plan(args, tuned, ["fr", "pt"], "test")[1] != evaluation
+
+
+def test_the_implicit_rows_prime_with_the_implicit_loop_and_pair_with_mtl_and_maml(tmp_path, fake):
+    import meta_pretrain
+    conditions = "no priming,MTL priming,MAML priming,implicit MAML priming,implicit MAML priming (first order)"
+    compare.main(base_argv(tmp_path, "--conditions", conditions, "--finetune-seeds", "2", "--priming-seeds", "2",
+                           "--inner-lr", "0.1"))
+    primes = {Path(flag(c, "--out")).name.rsplit("-", 1)[0]: c for c in fake.commands if "meta_pretrain.py" in c[1]}
+    implicit, first = primes["primed-adapter-implicit_MAML_priming-p1"], primes["primed-adapter-implicit_MAML_priming_first_order-p1"]
+    assert flag(implicit, "--inner-loop") == "implicit" and "--first-order" not in implicit
+    assert flag(first, "--inner-loop") == "implicit" and "--first-order" in first
+    def last(command, name):
+        return [v for f, v in zip(command, command[1:]) if f == name][-1]
+    assert last(primes["primed-adapter-MAML_priming-p1"], "--inner-lr") == "0.1"   # compare's --inner-lr: unrolled only
+    assert last(implicit, "--inner-lr") == last(first, "--inner-lr") == "0.3"      # the budget's (the default)
+    for command in (implicit, first):   # the stage accepts them (the budget's unrolled shape is its default)
+        i = command.index("--reference-ft")       # (logging only; the fake's reference has no PEFT config)
+        args = meta_pretrain.build_parser().parse_args(command[2:i] + command[i + 2:])
+        meta_pretrain.check_args(args)
+        assert args.inner_lr == meta_pretrain.INNER_LR
+    paired = json.loads((tmp_path / "out" / "results.json").read_text())["paired"]
+    assert {"adapter | implicit MAML priming vs MTL priming", "adapter | implicit MAML priming vs MAML priming",
+            "adapter | implicit MAML priming (first order) vs implicit MAML priming"} <= set(paired)
+    assert paired["adapter | implicit MAML priming vs MAML priming"]["priming_seeds"] == 2   # over priming runs
+    args = compare.build_parser().parse_args(["--data-dir", str(tmp_path)])
+    assert not set(compare.OPT_IN) & set(compare.check_args(args)[1])            # not in the default comparison
