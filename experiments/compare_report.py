@@ -80,7 +80,7 @@ def markdown(table, langs):
     for (peft, condition), r in table.items():
         cells = " | ".join(f"{r[l][0]:.2f} ± {r[l][1]:.2f}" if r["runs"] > 1 else f"{r[l][0]:.2f}"  # 1 run: no std
                            for l in [*langs, "average"])
-        sigma = f"{r['priming_sd']:.2f}" if r.get("priming_sd") is not None else "-"
+        sigma = "-" if r.get("priming_sd") is None else "0*" if r["priming_sd"] == 0 else f"{r['priming_sd']:.2f}"
         seconds, per_hour = "-", "-"
         if r.get("priming_seconds"):
             seconds = f"{r['priming_seconds']:.0f}"
@@ -147,6 +147,10 @@ def provenance(table, args):
 
 def write_results(table, paired, langs, args, out, doses=()):
     text = "\n".join(provenance(table, args)) + "\n\n" + markdown(table, langs) + "\n"
+    if any(r.get("priming_sd") is not None for r in table.values()):
+        text += ("\nσp: the sd of F1 between priming runs net of fine-tuning noise (two-way ANOVA over the fine-tuning "
+                 "seeds every priming run has); 0*: the priming runs' means differ no more than fine-tuning noise "
+                 "explains (the estimate is floored at 0).\n")
     if paired:
         text += ("\nPaired differences of average target F1 (condition minus baseline; same fine-tuning seeds, and "
                  "same priming seeds where both rows are primed). Rows with several priming runs: the interval is over "

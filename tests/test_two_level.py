@@ -264,3 +264,12 @@ def test_a_comparison_without_an_interval_is_tabled(tmp_path, fake):
     assert paired["adapter | MAML priming vs no priming"]["ci95"] is None                 # 2 x 1 against unprimed
     assert paired["adapter | MAML priming vs MTL priming"]["ci95"] is not None            # 2 x 1, both primed
     assert "| adapter | MAML priming vs no priming | 2 x 1 | +1.00 | - | - |" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_the_sigma_p_cell_marks_a_floored_estimate():
+    from experiments import compare_report
+    row = {"fr": (70.0, 1.0), "average": (70.0, 1.0), "runs": 4, "priming_runs": 2}
+    table = {("adapter", "A"): row | {"priming_sd": 0.0}, ("adapter", "B"): row | {"priming_sd": 0.456},
+             ("adapter", "C"): row | {"priming_sd": None}}
+    cells = [line.split("|")[7].strip() for line in compare_report.markdown(table, ["fr"]).splitlines()[2:]]
+    assert cells == ["0*", "0.46", "-"]
