@@ -26,6 +26,7 @@ where it stopped; two compare.py processes on one --runs folder share the work (
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import re
@@ -38,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for python experiments/compare.py
 from experiments.compare_report import add_body_change, collect, paired_rows, read_run, write_results  # noqa: E402
 from experiments.stats import seeds_for_half_width  # noqa: E402
-from plumbing.ner_data import DATA_FORMATS, parse_languages, parse_tag_map, resolve_data_dir  # noqa: E402
+from plumbing.ner_data import DATA_FORMATS, files_sha256, parse_languages, parse_tag_map, resolve_data_dir  # noqa: E402
 from plumbing.runs import is_finished, read_record, run_cli, try_lock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]  # where the stage scripts are
@@ -85,7 +86,7 @@ CONDITIONS = {
     "implicit MAML priming": ["--inner-loop", "implicit"],               # the inner loop is a fine-tuning
     "implicit MAML priming (first order)": ["--inner-loop", "implicit", "--first-order"],
 }
-# Run only when --conditions names them: the implicit rows cost ~3x MAML priming's meta-steps (METHOD.md).
+# Run only when --conditions names them: an implicit meta-step costs ~2x an unrolled one (RESULTS.md).
 OPT_IN = ("implicit MAML priming", "implicit MAML priming (first order)")
 MAIN_ROWS = ("no priming", "MTL priming", "MAML priming")
 # The practitioner's baseline: no priming; the PEFT tensors and head fine-tuned on en plus the
@@ -212,8 +213,8 @@ def flags_hash(flags):
 
 def location_free(flags, runs):
     """The flags with the paths that say where, not what, replaced: a data folder by its name, and a
-    body that is a run of this comparison (a folder in `runs`) by its folder name. (The data's content
-    is checked apart: every record keeps the sha256 of the data files it read.)"""
+    body that is a run of this comparison (a folder in `runs`) by its folder name. (The data's bytes
+    are checked when a run is reused: check_data.)"""
     flags = list(flags)
     for i in range(len(flags) - 1):
         if flags[i] == "--data-dir":
@@ -235,29 +236,70 @@ def recorded_flags(folder):
 
 
 def existing_run(folder, flags, runs):
-    """`folder`, or the finished run of the same location-free flags recorded under an older name:
-    before 2026-12-02 a run's identity hashed absolute paths (the data folder, the primed body), so
-    the verdict's records carry names of the machine that ran them."""
-    if folder.exists():
-        return folder
-    prefix, want = folder.name[:-HASH_CHARS], location_free(flags, runs)
-    for other in sorted(folder.parent.glob(prefix + "?" * HASH_CHARS)):
-        recorded = recorded_flags(other)
-        if recorded is not None and location_free(*recorded) == want:
-            return other
+    """`folder`, or the run of the same flags recorded under an older name: before 2026-12-02 a
+    run's identity hashed absolute paths (the data folder, the primed body), so the verdict's
+    records carry names of the machine that ran them. A candidate counts only if its name is the
+    hash of its own recorded flags (so a changed TRAINING_CODE still makes a new run) and its
+    location-free flags are these; a finished one is preferred. A reused run must have read the
+    bytes of this --data-dir (check_data)."""
+    if not folder.exists():
+        prefix, want, found = folder.name[:-HASH_CHARS], location_free(flags, runs), []
+        for other in sorted(folder.parent.glob(prefix + "?" * HASH_CHARS)):
+            recorded = recorded_flags(other)
+            if (recorded is not None and other.name.endswith(flags_hash(recorded[0]))
+                    and location_free(*recorded) == want):
+                found.append(other)
+        found.sort(key=lambda other: not is_finished(read_record(other)))
+        folder = found[0] if found else folder
+    if (folder / "run.json").is_file():
+        check_data(read_record(folder), flags, folder)
     return folder
 
 
 def existing_eval(result, flags, tuned):
     """`result`, or the evaluation of the same flags under its older name: its hash held the data
-    folder's absolute path, the one its fine-tuning run recorded (see existing_run)."""
+    folder's absolute path, the one its fine-tuning run recorded (see existing_run). Evaluations on
+    --eval-data-dir (whose older hash held that folder's path, recorded nowhere) have no older name."""
     recorded = recorded_flags(tuned)
-    if result.exists() or recorded is None or "--data-dir" not in flags or "--data-dir" not in recorded[0]:
-        return result
-    old = list(flags)
-    old[old.index("--data-dir") + 1] = recorded[0][recorded[0].index("--data-dir") + 1]
-    legacy = result.with_name(f"{result.name[:-HASH_CHARS - len('.json')]}{flags_hash(old)}.json")
-    return legacy if legacy.exists() else result
+    if (not result.exists() and recorded is not None and "--data-dir" in flags and "--data-dir" in recorded[0]
+            and "data:" + Path(recorded[0][recorded[0].index("--data-dir") + 1]).name
+            == location_free(flags, tuned)[flags.index("--data-dir") + 1]):
+        old = list(flags)
+        old[old.index("--data-dir") + 1] = recorded[0][recorded[0].index("--data-dir") + 1]
+        legacy = result.with_name(f"{result.name[:-HASH_CHARS - len('.json')]}{flags_hash(old)}.json")
+        result = legacy if legacy.exists() else result
+    if result.is_file():
+        check_data(read_json(result), flags, result)
+    return result
+
+
+def check_data(record, flags, where):
+    """A run (or evaluation) is reused by the name of its data folder; its record's sha256 over the
+    files it read (data_provenance) must match the bytes of this --data-dir. Records from before
+    provenance, or from the hub, carry none and pass."""
+    data = (record or {}).get("data") or {}
+    if not data.get("sha256") or "--data-dir" not in flags:
+        return
+    folder = flags[flags.index("--data-dir") + 1]
+    try:
+        same = current_sha256(folder, tuple(data["files"])) == data["sha256"]
+    except OSError:
+        same = False
+    if not same:
+        raise ValueError(f"{where} was made from other data than {folder} holds ({', '.join(data['files'])} "
+                         f"differ or are missing): another folder of the same name? give it its own --runs and --records")
+
+
+@functools.lru_cache(maxsize=None)
+def current_sha256(folder, names):
+    return files_sha256(folder, names)   # once per (folder, files) and process: ~10 ms a file
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def finished(done_marker):

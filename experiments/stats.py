@@ -93,15 +93,14 @@ def two_level_difference(condition, baseline):
         c_f = mean_p d_pf   (one value per fine-tuning seed)
     Primed vs primed: the D_p are independent draws (priming seed p of both rows draws the same
     data stream, so what they share cancels); the CI is mean(D) +- t(0.975, P-1) sd(D)/sqrt(P).
-    Primed vs unprimed: the baseline's own fine-tuning noise is the same in every D_p, so
-    sd(D) misses it; it is added from the spread of the c_f (conservatively: that spread
-    also holds a little priming noise): se^2 = var(D)/P + var(c)/F, with Welch-Satterthwaite
-    degrees of freedom. When one priming run shares more fine-tuning seeds with the baseline
-    than the F common ones (the verdict's design: priming run 0 x 5 seeds, replicates x 2),
-    var(c) is replaced by the variance of that run's own d_pf over all its n seeds (df n - 1):
-    it estimates sigma_e^2 + sigma_e0^2 >= the baseline's noise sigma_e0^2 (conservative, and
-    far better determined than var(c) from 2 seeds). With one priming seed this falls back to
-    paired_difference over the fine-tuning seeds, whose interval holds no priming variance
+    Primed vs unprimed: the baseline's own fine-tuning noise (mean_f e0_f, variance sigma_e0^2/F)
+    is the same in every D_p, so sd(D) misses it. It is added from the within-run spread of the
+    d_pf, pooled over the priming runs (every seed each run shares with the baseline, df =
+    sum(n_p - 1)): d_pf = a_p + e_pf - e0_f varies within a run by sigma_e^2 + sigma_e0^2 >=
+    sigma_e0^2, so the term is conservative, and far better determined than from F common seeds
+    alone. se^2 = var(D)/P + pooled/F, Welch-Satterthwaite degrees of freedom. With one priming
+    seed this falls back to paired_difference over the fine-tuning seeds, whose interval holds no
+    priming variance
     ("design" says which)."""
     unprimed = all(p is None for p, _ in baseline)
     pairs = {}
@@ -120,7 +119,6 @@ def two_level_difference(condition, baseline):
         return one
     seeds_p = sorted(pairs)
     by_p = [statistics.mean(pairs[p][f] for f in common) for p in seeds_p]
-    by_f = [statistics.mean(pairs[p][f] for p in seeds_p) for f in common]
     P, F = len(by_p), len(common)
     mean, sd = mean_std(by_p)
     if unprimed and F == 1:  # the baseline's own fine-tuning noise is in every D_p and cannot be measured
@@ -130,12 +128,9 @@ def two_level_difference(condition, baseline):
                 "(against an unprimed row it needs 2 fine-tuning seeds that every priming run has)"}
     var_p = sd ** 2 / P
     var_f, df_f = 0.0, None
-    if unprimed:
-        widest = max(pairs.values(), key=len)  # the priming run with the most seeds paired with the baseline
-        if len(widest) > F:
-            var_f, df_f = statistics.variance(widest.values()) / F, len(widest) - 1
-        else:
-            var_f, df_f = statistics.variance(by_f) / F, F - 1
+    if unprimed:  # the baseline's noise: the d_pf's spread within each priming run, pooled
+        df_f = sum(len(d) - 1 for d in pairs.values())
+        var_f = sum((len(d) - 1) * statistics.variance(d.values()) for d in pairs.values() if len(d) > 1) / df_f / F
     se = math.sqrt(var_p + var_f)
     df = (P - 1) if var_f == 0 else (var_p + var_f) ** 2 / (var_p ** 2 / (P - 1) + var_f ** 2 / df_f)
     half = t_quantile(0.975, df) * se if se > 0 else 0.0

@@ -70,11 +70,17 @@ def data_provenance(data_dir, files, fmt=None):
         names = sorted({f"{lang}/{split}" for lang, split in files})
         return {"dir": None, "hub": HUB_DATASET, "files": names, "sha256": None}
     names = sorted({split_file(folder, lang, split, fmt).relative_to(folder).as_posix() for lang, split in files})
+    return {"dir": str(folder.resolve()), "files": names, "sha256": files_sha256(folder, names)}
+
+
+def files_sha256(folder, names):
+    """One sha256 over the named files of a data folder (name and bytes of each, in order): the
+    "sha256" of data_provenance, which compare.py recomputes to check that a reused run read this folder."""
     from plumbing.runs import file_sha256
     digest = hashlib.sha256()
     for name in names:
-        digest.update(f"{name}\0{file_sha256(folder / name)}\0".encode())
-    return {"dir": str(folder.resolve()), "files": names, "sha256": digest.hexdigest()}
+        digest.update(f"{name}\0{file_sha256(Path(folder) / name)}\0".encode())
+    return digest.hexdigest()
 
 
 def available_languages(data_dir):

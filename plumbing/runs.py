@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -140,7 +141,7 @@ def write_record(folder, stage, args, status="finished", **extra):
     """run.json: the stage, its status ("running" from the start, "finished" written last, once
     every output is in place), every flag, the code version and anything the stage adds."""
     record = {"stage": stage, "status": status, "args": vars(args), "code_version": code_version(),
-              "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
+              "command": shlex.join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
     write_json(Path(folder) / RECORD, record)
     return record
 

@@ -537,3 +537,48 @@ def test_the_implicit_rows_prime_with_the_implicit_loop_and_pair_with_mtl_and_ma
     assert paired["adapter | implicit MAML priming vs MAML priming"]["priming_seeds"] == 2   # over priming runs
     args = compare.build_parser().parse_args(["--data-dir", str(tmp_path)])
     assert not set(compare.OPT_IN) & set(compare.check_args(args)[1])            # not in the default comparison
+
+
+def test_an_older_name_is_taken_only_for_the_same_training_code_and_a_finished_run_first(tmp_path, monkeypatch):
+    (tmp_path / "wikiann").mkdir()
+    args = compare.build_parser().parse_args(["--data-dir", str(tmp_path / "wikiann"), "--budget", "smoke"])
+    compare.check_args(args)
+    runs = tmp_path / "runs"
+    flags, _ = compare.finetune_plan(args, runs, "e5-small", "adapter", 0, "adapter-no_priming")
+    elsewhere = [[f"/old/{where}/wikiann" if f == args.data_dir else f for f in flags] for where in ("a", "b")]
+    first, second = sorted(legacy_run(runs, "ft-adapter-no_priming-f0", raw, f"/old/{w}/runs", status="running")
+                           for raw, w in zip(elsewhere, "ab"))
+    running, done = first, second                                  # the first found is running, the second finished
+    record = json.loads((done / "run.json").read_text())
+    (done / "run.json").write_text(json.dumps(record | {"status": "finished"}))
+    assert compare.finetune_plan(args, runs, "e5-small", "adapter", 0, "adapter-no_priming")[1] == done
+    (done / "run.json").unlink()                                   # only the running one left: shared, not re-run
+    assert compare.finetune_plan(args, runs, "e5-small", "adapter", 0, "adapter-no_priming")[1] == running
+    monkeypatch.setattr(compare, "TRAINING_CODE", compare.TRAINING_CODE + "-changed")
+    new = compare.finetune_plan(args, runs, "e5-small", "adapter", 0, "adapter-no_priming")[1]
+    assert new != running and not new.exists()                     # code that trains differently: a new run
+
+
+def test_a_reused_run_must_have_read_the_same_data_bytes(tmp_path):
+    from plumbing.ner_data import data_provenance
+    for where, text in (("a", "EU\tB-ORG\n"), ("b", "EU\tB-LOC\n")):
+        (tmp_path / where / "wikiann" / "en").mkdir(parents=True)
+        (tmp_path / where / "wikiann" / "en" / "train").write_text(text)
+    runs = tmp_path / "runs"
+
+    def plan(where):
+        args = compare.build_parser().parse_args(["--data-dir", str(tmp_path / where / "wikiann"), "--budget", "smoke"])
+        compare.check_args(args)
+        return compare.finetune_plan(args, runs, "e5-small", "adapter", 0, "adapter-no_priming")
+
+    flags, folder = plan("a")
+    folder.mkdir(parents=True)
+    data = data_provenance(str(tmp_path / "a" / "wikiann"), [("en", "train")])
+    (folder / "run.json").write_text(json.dumps({"status": "finished", "data": data}))
+    assert plan("a")[1] == folder
+    compare.current_sha256.cache_clear()
+    with pytest.raises(ValueError, match=r"made from other data than .*b/wikiann holds \(en/train differ"):
+        plan("b")                                                   # same folder name, other bytes
+    shutil.copy(tmp_path / "a" / "wikiann" / "en" / "train", tmp_path / "b" / "wikiann" / "en" / "train")
+    compare.current_sha256.cache_clear()
+    assert plan("b")[1] == folder                                   # same bytes elsewhere: reused

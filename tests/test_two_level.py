@@ -30,26 +30,30 @@ def test_against_an_unprimed_row_the_baselines_fine_tuning_noise_is_added():
     x = {(0, 0): 71.0, (0, 1): 73.0, (1, 0): 70.0, (1, 1): 70.0, (2, 0): 74.0, (2, 1): 72.0}
     none = {(None, 0): 70.0, (None, 1): 69.0, (None, 2): 99.0}  # seed 2: no primed partner, left out
     d = stats.two_level_difference(x, none)
-    by_p, by_f = [2.5, 0.5, 3.5], [(1 + 0 + 4) / 3, (4 + 1 + 3) / 3]
-    var_p, var_f = statistics.variance(by_p) / 3, statistics.variance(by_f) / 2
-    df = (var_p + var_f) ** 2 / (var_p ** 2 / 2 + var_f ** 2 / 1)   # Welch-Satterthwaite
+    by_p = [2.5, 0.5, 3.5]                                    # d_pf: (1, 4), (0, 1), (4, 3)
+    var_p = statistics.variance(by_p) / 3
+    pooled = (statistics.variance([1, 4]) + statistics.variance([0, 1]) + statistics.variance([4, 3])) / 3
+    var_f = pooled / 2                                        # the baseline's noise over F = 2 seeds
+    df = (var_p + var_f) ** 2 / (var_p ** 2 / 2 + var_f ** 2 / 3)   # Welch-Satterthwaite; pooled df 1 + 1 + 1
     assert d["mean"] == pytest.approx(statistics.mean(by_p)) and d["df"] == pytest.approx(df)
     assert d["half_width"] == pytest.approx(stats.t_quantile(0.975, df) * math.sqrt(var_p + var_f))
-    assert d["seeds"] == [0, 1] and "baseline's fine-tuning noise (1 df)" in d["design"]
+    assert d["seeds"] == [0, 1] and "baseline's fine-tuning noise (3 df)" in d["design"]
 
 
-def test_against_an_unprimed_row_the_widest_priming_run_measures_the_baselines_noise():
+def test_against_an_unprimed_row_every_paired_seed_measures_the_baselines_noise():
     # the verdict's design: priming run 0 x 4 seeds, the replicates x 2; the baseline has all 4 seeds
     x = {(0, 0): 71.0, (0, 1): 73.0, (0, 2): 72.0, (0, 3): 75.0, (1, 0): 70.0, (1, 1): 70.0, (2, 0): 74.0, (2, 1): 72.0}
     none = {(None, 0): 70.0, (None, 1): 69.0, (None, 2): 70.5, (None, 3): 71.0}
     d = stats.two_level_difference(x, none)
     by_p = [2.5, 0.5, 3.5]                                    # over the 2 common seeds, as before
     var_p = statistics.variance(by_p) / 3
-    var_f = statistics.variance([1.0, 4.0, 1.5, 4.0]) / 2     # run 0's differences over its 4 seeds, / F
-    df = (var_p + var_f) ** 2 / (var_p ** 2 / 2 + var_f ** 2 / 3)
+    run0 = [1.0, 4.0, 1.5, 4.0]                               # run 0's differences over its 4 seeds
+    pooled = (3 * statistics.variance(run0) + statistics.variance([0, 1]) + statistics.variance([4, 3])) / 5
+    var_f = pooled / 2
+    df = (var_p + var_f) ** 2 / (var_p ** 2 / 2 + var_f ** 2 / 5)
     assert d["mean"] == pytest.approx(statistics.mean(by_p)) and d["df"] == pytest.approx(df)
     assert d["half_width"] == pytest.approx(stats.t_quantile(0.975, df) * math.sqrt(var_p + var_f))
-    assert "(3 df)" in d["design"]
+    assert "(5 df)" in d["design"]
 
 
 def test_against_an_unprimed_row_one_common_fine_tuning_seed_gives_no_interval():
@@ -122,8 +126,20 @@ def test_the_interval_covers_the_true_difference_when_priming_runs_vary():
     assert coverage(rng, "N", old_method, 800, P=1, F=5) < 0.7
 
 
+def c_spread_interval(x, baseline):
+    """The rule before 2026-12-02: the baseline's noise from the spread over the F common seeds of
+    c_f = mean_p d_pf (df F - 1)."""
+    runs = sorted({p for p, _ in x})
+    common = sorted(set.intersection(*({f for q, f in x if q == p} for p in runs)) & {f for _, f in baseline})
+    by_p = [statistics.mean(x[p, f] - baseline[None, f] for f in common) for p in runs]
+    by_f = [statistics.mean(x[p, f] - baseline[None, f] for p in runs) for f in common]
+    var_p, var_f = statistics.variance(by_p) / len(runs), statistics.variance(by_f) / len(common)
+    df = (var_p + var_f) ** 2 / (var_p ** 2 / (len(runs) - 1) + var_f ** 2 / (len(common) - 1))
+    return stats.t_quantile(0.975, df) * math.sqrt(var_p + var_f)
+
+
 def test_against_an_unprimed_row_the_verdict_design_covers_and_is_narrower():
-    """sigma_p 0.5, sigma_e 0.6 (about the verdict's MTL row): the interval still covers, and it is far
+    """sigma_p 0.5, sigma_e 0.6 (about the verdict's MTL row): the interval covers, and it is far
     narrower than the one from the spread of 2 common seeds alone, whose ~1 df gives t(0.975) ~ 12."""
     rng, hits, widths, widths_c = random.Random(2), 0, [], []
     for _ in range(1000):
@@ -131,11 +147,10 @@ def test_against_an_unprimed_row_the_verdict_design_covers_and_is_narrower():
         d = stats.two_level_difference(x, none)
         hits += d["ci95"][0] <= 3.0 <= d["ci95"][1]
         widths.append(d["half_width"])
-        balanced = {k: v for k, v in x.items() if k[1] < 2}   # what the c_f spread alone would give
-        widths_c.append(stats.two_level_difference(balanced, none)["half_width"])
-    assert 0.93 <= hits / 1000 <= 0.995                                      # measured: 0.99
-    assert statistics.mean(widths) < 0.75 * statistics.mean(widths_c)        # measured: 1.57 vs 2.63
-    assert sorted(widths)[900] < 0.5 * sorted(widths_c)[900]                 # 90th percentile: 2.23 vs 6.30
+        widths_c.append(c_spread_interval(x, none))
+    assert 0.93 <= hits / 1000 <= 0.995                                      # measured: 0.987
+    assert statistics.mean(widths) < 0.75 * statistics.mean(widths_c)        # 1.42 vs 2.63
+    assert sorted(widths)[900] < 0.5 * sorted(widths_c)[900]                 # 1.90 vs 6.30
 
 
 def test_priming_sd_by_hand_and_in_simulation():
