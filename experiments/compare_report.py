@@ -136,8 +136,8 @@ def provenance(table, args):
              f"{' (the full test sets)' if args.eval_sentences is None else f' (--eval-sentences {args.eval_sentences})'}.",
              f"Budget: {args.budget}; model: {args.model}; priming seeds {args.priming_seeds}, fine-tuning seeds "
              f"{args.finetune_seeds} (ablations {args.ablation_finetune_seeds}"
-             + (f"; priming seeds 1.. {args.replicate_finetune_seeds}" if getattr(args, "replicate_finetune_seeds", None)
-                else "") + ")."]
+             + (f"; priming runs after the first: {args.replicate_finetune_seeds} each"
+                if getattr(args, "replicate_finetune_seeds", None) else "") + ")."]
     if len(versions) > 1:
         lines.append(f"**The rows come from different commits: {', '.join(versions)}** (see results.json).")
     else:
