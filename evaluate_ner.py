@@ -11,8 +11,8 @@ were trained on) or a full model (--peft full). Prints a markdown table of preci
 and F1 per language and their average, and writes the same as JSON (default:
 <ckpt>/eval-<split>.json). The headline F1 is seqeval's default (conlleval-like) mode, the one
 XTREME reports (JSON keys *_default); strict IOB2 is beside it (*_strict); see scoring.py.
-A target language that was used in priming or in fine-tuning gets a warning: that evaluation
-would not be zero-shot.
+A target language that was used in priming or in fine-tuning gets a warning and is left out of
+the average: its score would not be zero-shot.
 """
 
 import argparse

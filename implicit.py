@@ -1,7 +1,7 @@
 """Implicit MAML: the meta-gradient of a (near-)converged inner fine-tuning, without unrolling it.
 
-    phi_hat, state = fine_tune(loss_fn, phi_0, batches, "adam", steps=100, lr=1e-3, damping=1e-3)
-    grads, info = hypergradient(loss_fn, theta, phi_hat, phi_0, support, query, damping=1e-3, cg_steps=5)
+    phi_hat, state = fine_tune(loss_fn, phi_0, batches, "adam", steps=100, lr=3e-3, damping=1e-3)
+    grads, info = hypergradient(loss_fn, theta, phi_hat, phi_0, support, query, damping=1e-3, cg_steps=5, cg_tol=1e-2)
     grads, info = hypergradient(..., first_order=True)     # only dL_Q/dtheta at phi_hat
     grads, info = hypergradient(..., cg_damping=0.1)       # a more damped linear system than the inner problem's
 

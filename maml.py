@@ -1,6 +1,6 @@
 """MAML for priming: a hand-written differentiable inner loop and the meta-step.
 
-This file is METHOD.md steps 2 (inner loop) and 4 (outer loop). It adapts any dict of
+This file is METHOD.md steps 3 (inner loop) and 4 (meta-gradient). It adapts any dict of
 tensors and imports nothing else from the project, so it can be read and reused alone.
 
 Notation

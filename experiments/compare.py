@@ -7,13 +7,17 @@
 
 Runs the three stages for every condition and seed, then writes into --out:
   table.md / results.json   target-language F1 (fr, nl, pt test, seqeval default mode) per condition,
-                            and paired differences against no priming (and MAML against MTL) with 95% CIs
+                            and paired differences with 95% CIs (baselines_of: each primed row against no
+                            priming; MAML against MTL and MTL at MAML's compute; both primings against
+                            multi-source; ablations against MAML; the implicit rows against MTL and MAML)
   f1.png, paired.png        average target F1 by condition; paired differences with their CIs
   curves.png                learning curves: held-out query loss in priming, en dev F1 in fine-tuning
 Conditions, for each --pefts method: no priming, MTL priming, MAML priming, and the ablations
 (inner loop on all parameters, same-language query, first order, outer update of the initial
 PEFT tensors), a dose-response row (MAML priming with 1/4 of the meta-steps; the full dose is
-the MAML row, zero is no priming); full fine-tuning is a reference row. Every primed body (--priming-seeds) is
+the MAML row, zero is no priming), multi-source fine-tuning (no priming; en + the priming languages),
+MTL priming at MAML's compute, and, only when --conditions names them, implicit MAML priming and its
+first-order variant; full fine-tuning is a reference row. Every primed body (--priming-seeds) is
 fine-tuned with every fine-tuning seed (--finetune-seeds; --ablation-finetune-seeds for the
 ablations); fine-tuning seed s is the same fresh PEFT draw and data order in every row, so rows
 compare paired, seed by seed. MTL and MAML priming get the same data and optimizer steps.
@@ -120,8 +124,9 @@ def build_parser():
     p.add_argument("--budget", choices=sorted(BUDGETS), default="cpu", help="stage flags per run (see BUDGETS)")
     p.add_argument("--pefts", default="adapter,prefix", help="PEFT methods to compare")
     p.add_argument("--priming-seeds", type=int, default=1,
-                   help="priming runs per primed condition (seeds 0..N-1); with 2 or more, differences between primed "
-                        "rows are tested over priming runs (stats.two_level_difference)")
+                   help="priming runs per primed condition (seeds 0..N-1); with 2 or more, differences between rows "
+                        "are tested over priming runs (stats.two_level_difference; against an unprimed row the "
+                        "baseline's fine-tuning noise is added)")
     p.add_argument("--replicate-finetune-seeds", type=int, default=None,
                    help="fine-tuning seeds (0..N-1) of priming seeds 1.. (default: as many as priming seed 0 gets): "
                         "e.g. 5 priming runs x 2 fine-tuning seeds, seed 0 keeping its 5")
