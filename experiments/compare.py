@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root
 from experiments.compare_report import add_body_change, collect, paired_rows, read_run, write_results  # noqa: E402
 from experiments.stats import seeds_for_half_width  # noqa: E402
 from plumbing.ner_data import DATA_FORMATS, files_sha256, parse_languages, parse_tag_map, resolve_data_dir  # noqa: E402
-from plumbing.runs import is_finished, read_record, run_cli, try_lock  # noqa: E402
+from plumbing.runs import is_finished, json_object_or_none, read_record, run_cli, try_lock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]  # where the stage scripts are
 
@@ -274,7 +274,7 @@ def existing_eval(result, flags, tuned):
         legacy = result.with_name(f"{result.name[:-HASH_CHARS - len('.json')]}{flags_hash(old)}.json")
         result = legacy if legacy.exists() else result
     if result.is_file():
-        check_data(read_json(result), flags, result)
+        check_data(json_object_or_none(result), flags, result)
     return result
 
 
@@ -298,13 +298,6 @@ def check_data(record, flags, where):
 @functools.lru_cache(maxsize=None)
 def current_sha256(folder, names):
     return files_sha256(folder, names)   # once per (folder, files) and process: ~10 ms a file
-
-
-def read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def finished(done_marker):
