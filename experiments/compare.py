@@ -527,6 +527,17 @@ def row_plan(args, peft, condition):
     return [(p, f) for p in range(args.priming_seeds) for f in range(finetune_seeds if p == 0 else replicates)]
 
 
+def half_width_hint(name, d, target=0.7):
+    """A line saying how many more replicates would narrow a wide interval to `target` F1, in the
+    unit the interval is over: priming runs when it has several (stats.two_level_difference),
+    else fine-tuning seeds. None when the interval is narrow enough or there is none."""
+    if d["n"] < 2 or d["half_width"] is None or d["half_width"] <= target:
+        return None
+    unit = "priming runs" if d["priming_seeds"] > 1 else "fine-tuning seeds"
+    needed = seeds_for_half_width(d["sd"], target)
+    return f"{name}: CI half-width {d['half_width']:.2f}; about {needed} {unit} would give {target}"
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     langs, conditions = check_args(args)
@@ -563,9 +574,9 @@ def main(argv=None):
     compare_plots.plot_curves(row_runs, CONDITIONS, out / "curves.png")
     print((out / "table.md").read_text())
     for name, d in paired.items():
-        if d["n"] > 1 and d["half_width"] is not None and d["half_width"] > 0.7:
-            print(f"{name}: CI half-width {d['half_width']:.2f}; about {seeds_for_half_width(d['sd'], 0.7)} "
-                  f"fine-tuning seeds would give 0.7")
+        hint = half_width_hint(name, d)
+        if hint:
+            print(hint)
     if missing:
         print(f"{missing} run(s) not finished" + (" (--report-only)" if args.report_only else
               " (another compare.py is running them)") + ": re-run this command when they are for the full table")

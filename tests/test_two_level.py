@@ -288,3 +288,16 @@ def test_the_sigma_p_cell_marks_a_floored_estimate():
              ("adapter", "C"): row | {"priming_sd": None}}
     cells = [line.split("|")[7].strip() for line in compare_report.markdown(table, ["fr"]).splitlines()[2:]]
     assert cells == ["0*", "0.46", "-"]
+
+
+def test_the_half_width_hint_counts_the_unit_the_interval_is_over():
+    """Over priming runs, more fine-tuning seeds would not narrow the interval: the hint asks for priming runs."""
+    runs = {(p, f): 1.0 + p + 0.1 * f for p in range(3) for f in range(2)}
+    base = {(p, f): 0.0 for p in range(3) for f in range(2)}
+    two = stats.two_level_difference(runs, base)
+    hint = compare.half_width_hint("adapter | A vs B", two)
+    assert "priming runs would give 0.7" in hint and f"about {stats.seeds_for_half_width(two['sd'], 0.7)} " in hint
+    one = stats.two_level_difference({(0, f): 3.0 * f for f in range(3)}, {(0, f): 0.0 for f in range(3)})
+    assert "fine-tuning seeds would give 0.7" in compare.half_width_hint("adapter | A vs B", one)
+    narrow = stats.two_level_difference({(p, f): 1.0 for p in range(3) for f in range(2)}, base)
+    assert compare.half_width_hint("adapter | A vs B", narrow) is None
