@@ -428,7 +428,7 @@ def baselines_of(condition):
         bases += ["MTL priming", "MAML priming"] + (["implicit MAML priming"] if "first order" in condition else [])
     if condition.startswith("ablation:"):
         bases.append("MAML priming")
-    if condition in ("MTL priming", "MAML priming"):
+    if condition in ("MTL priming", "MAML priming", EQUAL_COMPUTE):
         bases.append(MULTI_SOURCE)   # does priming beat fine-tuning on the same labelled languages?
     return bases
 
@@ -530,9 +530,12 @@ def row_plan(args, peft, condition):
 def half_width_hint(name, d, target=0.7):
     """A line saying how many more replicates would narrow a wide interval to `target` F1, in the
     unit the interval is over: priming runs when it has several (stats.two_level_difference),
-    else fine-tuning seeds. None when the interval is narrow enough or there is none."""
+    else fine-tuning seeds. None when the interval is narrow enough, there is none, or it is over
+    priming runs against an unprimed row (its width is not sd(D) alone)."""
     if d["n"] < 2 or d["half_width"] is None or d["half_width"] <= target:
         return None
+    if "baseline's fine-tuning noise" in d.get("design", ""):
+        return None   # against an unprimed row the width also holds the baseline's seeds: no simple count
     unit = "priming runs" if d["priming_seeds"] > 1 else "fine-tuning seeds"
     needed = seeds_for_half_width(d["sd"], target)
     return f"{name}: CI half-width {d['half_width']:.2f}; about {needed} {unit} would give {target}"

@@ -207,6 +207,11 @@ def test_the_equal_compute_row_primes_mtl_for_mamls_time(tmp_path, fake):
     assert f"adapter | MAML priming vs {compare.EQUAL_COMPUTE}" in paired
 
 
+def test_the_equal_compute_row_pairs_with_multi_source_fine_tuning():
+    """Is MTL given MAML's time worth more than simply fine-tuning on the same languages?"""
+    assert compare.MULTI_SOURCE in compare.baselines_of(compare.EQUAL_COMPUTE)
+
+
 def test_the_cost_column_is_priming_seconds_and_f1_per_priming_hour(tmp_path, fake):
     compare.main(base_argv(tmp_path))
     for primed in (tmp_path / "runs").glob("primed-*MAML*"):   # the fake logs no time; give MAML 1800 s
@@ -301,3 +306,5 @@ def test_the_half_width_hint_counts_the_unit_the_interval_is_over():
     assert "fine-tuning seeds would give 0.7" in compare.half_width_hint("adapter | A vs B", one)
     narrow = stats.two_level_difference({(p, f): 1.0 for p in range(3) for f in range(2)}, base)
     assert compare.half_width_hint("adapter | A vs B", narrow) is None
+    unprimed = stats.two_level_difference(runs, {(None, f): 0.3 * f for f in range(2)})
+    assert unprimed["half_width"] > 0.7 and compare.half_width_hint("adapter | A vs none", unprimed) is None
