@@ -534,7 +534,7 @@ def half_width_hint(name, d, target=0.7):
     priming runs against an unprimed row (its width is not sd(D) alone)."""
     if d["n"] < 2 or d["half_width"] is None or d["half_width"] <= target:
         return None
-    if "baseline's fine-tuning noise" in d.get("design", ""):
+    if d.get("baseline_noise_df") is not None:
         return None   # against an unprimed row the width also holds the baseline's seeds: no simple count
     unit = "priming runs" if d["priming_seeds"] > 1 else "fine-tuning seeds"
     needed = seeds_for_half_width(d["sd"], target)

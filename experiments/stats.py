@@ -138,7 +138,8 @@ def two_level_difference(condition, baseline):
               + (f" + the baseline's fine-tuning noise ({df_f} df)" if unprimed else ""))
     return {"n": P * F, "priming_seeds": P, "finetune_seeds": F, "mean": mean, "sd": sd, "df": df,
             "ci95": (mean - half, mean + half), "half_width": half, "favour": sum(d > 0 for d in by_p),
-            "favour_of": P, "seeds": common, "priming_seed_list": seeds_p, "design": design}
+            "favour_of": P, "seeds": common, "priming_seed_list": seeds_p, "design": design,
+            "baseline_noise_df": df_f}   # not None: the width also holds the unprimed baseline's seeds
 
 
 def priming_sd(scores):
