@@ -58,11 +58,15 @@ def read_curve(folder, key):
 
 
 def mean_curve(folders, key):
-    """The curve averaged over runs (the runs of one row log at the same steps)."""
-    curves = [read_curve(f, key) for f in folders if (Path(f) / "metrics.jsonl").exists()]
-    if not curves:
-        return [], []
-    return curves[0][0], [statistics.mean(values) for values in zip(*(c[1] for c in curves))]
+    """The curve averaged over runs, step by step over the runs that logged that step (the runs of
+    one row log at the same steps; one still running has logged fewer)."""
+    by_step = {}
+    for folder in folders:
+        if (Path(folder) / "metrics.jsonl").exists():
+            for step, value in zip(*read_curve(folder, key)):
+                by_step.setdefault(step, []).append(value)
+    steps = sorted(by_step)
+    return steps, [statistics.mean(by_step[s]) for s in steps]
 
 
 def plot_curves(row_runs, conditions, path):

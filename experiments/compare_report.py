@@ -21,11 +21,20 @@ def read_run(result):
     record = read_record(tuned) or {}
     primed = (record.get("init_record") or {})
     versions = {record.get("code_version"), primed.get("code_version"), scores.get("code_version")} - {None}
-    primed_folder = Path(record["init_path"]) if primed else None
+    primed_folder = primed_folder_of(record, tuned) if primed else None
     return {"results": scores["results"], "finetune_seed": record.get("args", {}).get("seed"),
             "priming_seed": primed.get("args", {}).get("seed") if primed else None,
             "versions": sorted(versions), "tuned": tuned, "primed": primed_folder,
             "body_change": primed.get("body_change"), "priming_seconds": priming_seconds(primed_folder)}
+
+
+def primed_folder_of(record, tuned):
+    """The primed body a fine-tuned run started from: its recorded folder's name in the runs folder the
+    fine-tuned run sits in (compare.py keeps both there; a fresh checkout restores both from
+    --records), else the recorded path. The recorded path alone names the machine that ran it."""
+    recorded = Path(record["init_path"])
+    beside = Path(tuned).parent / recorded.name
+    return beside if beside.exists() else recorded
 
 
 def priming_seconds(primed):

@@ -475,6 +475,37 @@ def test_a_clone_elsewhere_with_the_data_elsewhere_continues_from_the_records(tm
     assert rows["adapter | MTL priming"]["runs"] == 2 and rows["adapter | no priming"]["runs"] == 2
 
 
+def test_a_clone_elsewhere_reads_priming_time_and_curves_from_the_restored_records(tmp_path, fake):
+    """The fine-tuning records name their primed body by the path of the machine that ran it; a clone
+    elsewhere finds it by name in its own runs folder (cost column, priming curves)."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    argv = ["--pefts", "adapter", "--conditions", "no priming,MTL priming", "--finetune-seeds", "2", "--no-full",
+            "--budget", "smoke", "--data-dir", str(tmp_path)]
+    compare.main([*argv, "--out", str(here / "out"), "--runs", str(here / "runs")])
+    shutil.copytree(here / "out" / "records", there / "records")
+    shutil.rmtree(here)                                                    # the machine that ran it is gone
+    primed = next((there / "records").glob("primed-*"))                    # its log: 150 s of priming
+    log = [{"step": 1, "seconds": 100.0, "held_out_query_loss": 1.5}, {"step": 2, "seconds": 50.0, "held_out_query_loss": 1.0}]
+    (primed / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in log))
+    compare.main([*argv, "--out", str(there / "out"), "--runs", str(there / "runs"), "--records",
+                  str(there / "records"), "--report-only"])
+    rows = json.loads((there / "out" / "results.json").read_text())["rows"]
+    assert rows["adapter | MTL priming"]["priming_seconds"] == 150.0
+    tuned = next((there / "runs").glob("ft-adapter-MTL_priming-*"))
+    assert compare_report.read_run(next(tuned.glob("eval-*.json")))["primed"] == there / "runs" / primed.name
+
+
+def test_a_curve_is_averaged_step_by_step_over_the_runs_that_logged_the_step(tmp_path):
+    from experiments import compare_plots
+    for name, points in {"a": [(1, 1.0), (2, 3.0)], "b": [(1, 2.0), (2, 5.0)], "running": []}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": s, "loss": v}) + "\n" for s, v in points) + json.dumps({"step": 3}) + "\n")
+    assert compare_plots.mean_curve([tmp_path / n for n in ("a", "b", "running")], "loss") == ([1, 2], [1.5, 4.0])
+    (tmp_path / "b" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")   # b logged step 1 only
+    assert compare_plots.mean_curve([tmp_path / "a", tmp_path / "b"], "loss") == ([1, 2], [1.5, 3.0])
+
+
 def legacy_run(runs, prefix, flags, old_runs, status="finished"):
     """A run folder as compare.py named it before identities were location free: the hash of the raw
     flags (absolute paths of the machine that ran it); its run.json records the stage command."""
