@@ -424,8 +424,8 @@ def baselines_of(condition):
         bases.append("MTL priming")
     if condition == "MAML priming":
         bases.append(EQUAL_COMPUTE)
-    if condition in OPT_IN:   # does a faithful simulation of the fine-tuning change the answer?
-        bases += ["MTL priming", "MAML priming"] + (["implicit MAML priming"] if "first order" in condition else [])
+    if condition in OPT_IN:   # does a faithful simulation of the fine-tuning change the answer? and at what cost?
+        bases += ["MTL priming", "MAML priming", EQUAL_COMPUTE] + (["implicit MAML priming"] if "first order" in condition else [])
     if condition.startswith("ablation:"):
         bases.append("MAML priming")
     if condition in ("MTL priming", "MAML priming", EQUAL_COMPUTE):

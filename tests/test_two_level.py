@@ -212,6 +212,12 @@ def test_the_equal_compute_row_pairs_with_multi_source_fine_tuning():
     assert compare.MULTI_SOURCE in compare.baselines_of(compare.EQUAL_COMPUTE)
 
 
+def test_the_implicit_rows_pair_with_mtl_given_unrolled_maml_s_time():
+    """The implicit loop costs more than unrolled MAML: is it worth more than MTL given MAML's time?"""
+    for condition in compare.OPT_IN:
+        assert compare.EQUAL_COMPUTE in compare.baselines_of(condition)
+
+
 def test_the_cost_column_is_priming_seconds_and_f1_per_priming_hour(tmp_path, fake):
     compare.main(base_argv(tmp_path))
     for primed in (tmp_path / "runs").glob("primed-*MAML*"):   # the fake logs no time; give MAML 1800 s
