@@ -69,12 +69,19 @@ def mean_curve(folders, key):
     return steps, [statistics.mean(by_step[s]) for s in steps]
 
 
+def condition_colors(row_runs, conditions):
+    """One colour per condition plotted, in `conditions`' order: matplotlib's 10-colour cycle, so
+    up to 10 conditions never share one (numbering every known condition would wrap around)."""
+    plotted = {condition for _, condition in row_runs}
+    return {condition: f"C{i % 10}" for i, condition in enumerate(c for c in conditions if c in plotted)}
+
+
 def plot_curves(row_runs, conditions, path):
     """Held-out query loss during priming and en dev F1 during fine-tuning: one line per table
     row, the mean over its runs. row_runs: {(peft, condition): [compare.read_run(...), ...]}."""
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    colors = {condition: f"C{i}" for i, condition in enumerate(conditions)}
+    colors = condition_colors(row_runs, conditions)
     for (peft, condition), runs in row_runs.items():
         # one colour per condition, one line style per PEFT method: the same condition reads across
         label = f"{peft}: {condition.replace('ablation: ', '')}"
@@ -83,7 +90,7 @@ def plot_curves(row_runs, conditions, path):
         left.plot(*mean_curve([f for f in primed if f.exists()], "held_out_query_loss"), marker="o", ms=3,
                   label=label, **style)
         right.plot(*mean_curve([r["tuned"] for r in runs], "dev_f1_default"), marker="o", ms=3, label=label, **style)
-    left.set(title="priming: held-out query loss (de/es dev, fresh PEFT adapted on en)", xlabel="meta-step", ylabel="loss")
+    left.set(title="priming: held-out de/es query loss after each row's inner loop on en", xlabel="meta-step", ylabel="loss")
     right.set(title="fine-tuning: en dev F1, seqeval default (mean over runs)", xlabel="step", ylabel="F1")
     right.legend(fontsize=6)
     fig.tight_layout()

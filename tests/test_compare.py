@@ -506,6 +506,14 @@ def test_a_curve_is_averaged_step_by_step_over_the_runs_that_logged_the_step(tmp
     assert compare_plots.mean_curve([tmp_path / "a", tmp_path / "b"], "loss") == ([1, 2], [1.5, 3.0])
 
 
+def test_the_conditions_plotted_get_distinct_colours():
+    from experiments import compare_plots
+    rows = {("adapter", c): [] for c in ("no priming", "MTL priming", "MAML priming", compare.EQUAL_COMPUTE,
+                                         "implicit MAML priming", "implicit MAML priming (first order)")}
+    colors = compare_plots.condition_colors(rows, list(compare.CONDITIONS))
+    assert set(colors) == {c for _, c in rows} and len(set(colors.values())) == len(rows)
+
+
 def legacy_run(runs, prefix, flags, old_runs, status="finished"):
     """A run folder as compare.py named it before identities were location free: the hash of the raw
     flags (absolute paths of the machine that ran it); its run.json records the stage command."""
