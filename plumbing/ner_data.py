@@ -36,6 +36,8 @@ import torch
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]  # the hub's wikiann order
 SPLITS = ("train", "dev", "test")
 HUB_DATASET = "unimelb-nlp/wikiann"  # the hub's wikiann; its "validation" is PAN-X's "dev"
+HUB_WAYS_OUT = ("connect to huggingface.co for the hub route, or pass --data-dir (or set WIKIANN_DIR) "
+                "to a local PAN-X folder (README: The data)")
 PAD_MULTIPLE = 8  # on a GPU, batch lengths are rounded up to this (tensor cores work in tiles of 8)
 IGNORE = -100  # label of sub-words that carry no prediction (torch's cross-entropy ignore_index)
 TYPES = sorted({label[2:] for label in LABELS if label != "O"})  # entity types the models predict
@@ -213,7 +215,7 @@ def _load_from_hub(lang, split, max_sentences):
     from plumbing.pretrained import hub_reachable
     if not hub_reachable():  # fail at once, not after the datasets library's retries
         raise ValueError(f"could not load {HUB_DATASET} ({lang}, {split}): the hub is unreachable from here; "
-                         f"pass --data-dir or set WIKIANN_DIR to a PAN-X folder")
+                         f"{HUB_WAYS_OUT}")
     hub_split = {"dev": "validation"}.get(split, split)
     if max_sentences is not None:
         hub_split += f"[:{max_sentences}]"
@@ -221,8 +223,24 @@ def _load_from_hub(lang, split, max_sentences):
         ds = load_dataset(HUB_DATASET, lang, split=hub_split)
     except Exception as e:  # offline, unknown config, ...: one clear line, not a hub traceback
         raise ValueError(f"could not load {HUB_DATASET} ({lang}, {split}) from the hub ({type(e).__name__}); "
-                         f"pass --data-dir or set WIKIANN_DIR to a PAN-X folder") from None
-    return ds.select_columns(["tokens", "ner_tags"])
+                         f"{HUB_WAYS_OUT}") from None
+    return from_hub_rows(ds)
+
+
+def from_hub_rows(ds):
+    """The hub's wikiann rows (`tokens`, `ner_tags` as a ClassLabel, `langs`, `spans`) as this
+    project's sentences: `tokens` and `ner_tags` with ids in LABELS' order. The ids are mapped by
+    the ClassLabel's names, so a hub release that ordered its labels otherwise is still read right."""
+    missing = [c for c in ("tokens", "ner_tags") if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{HUB_DATASET}: the rows have no {', '.join(missing)} column (columns: "
+                         f"{', '.join(ds.column_names)}); pass --data-dir with a PAN-X folder instead")
+    names = getattr(ds.features["ner_tags"].feature, "names", None)
+    if names is None or not set(names) <= set(LABELS):
+        raise ValueError(f"{HUB_DATASET}: ner_tags name {names}, not IOB2 over PER/ORG/LOC ({', '.join(LABELS)}); "
+                         f"pass --data-dir with a PAN-X folder instead")
+    to_ours = [LABELS.index(name) for name in names]
+    return _as_dataset([(tokens, [to_ours[t] for t in tags]) for tokens, tags in zip(ds["tokens"], ds["ner_tags"])])
 
 
 # ----------------------------------------------------------------------------------------

@@ -88,11 +88,32 @@ def tiny_model_dir(tmp_path_factory, default_tokenizer):
     return save_tiny_body(tmp_path_factory.mktemp("tiny-bert"), default_tokenizer)
 
 
+# The tests' own corpus (synthetic, PAN-X layout; tests/data/make_wikiann_fixture.py): every test of the
+# README's command reads it, never a folder outside the clone, so a fresh clone passes with nothing beside it.
+FIXTURE_DATA = Path(__file__).resolve().parent / "data" / "wikiann"
+
+
+def full_corpus():
+    """The real WikiANN folder for the tests that need it (marked slow): $WIKIANN_DIR, else
+    ../shared/data/wikiann beside the clone (where CI has it); None when neither exists."""
+    import os
+    folder = Path(os.environ.get("WIKIANN_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "wikiann")
+    return folder.resolve() if (folder / "en" / "train").is_file() else None
+
+
 @pytest.fixture(scope="session")
 def data_dir():
-    import os
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikiann"
-    return str(Path(os.environ.get("WIKIANN_DIR", shared)).resolve())  # absolute: some tests change directory
+    """The tests' own small corpus (absolute: some tests change directory)."""
+    return str(FIXTURE_DATA)
+
+
+@pytest.fixture(scope="session")
+def full_data_dir():
+    """The full WikiANN corpus; the test is skipped, saying why, where there is none."""
+    folder = full_corpus()
+    if folder is None:
+        pytest.skip("needs the full WikiANN corpus: set WIKIANN_DIR to a PAN-X folder (README: The data)")
+    return str(folder)
 
 
 def prime_argv(model, data, out, *extra):

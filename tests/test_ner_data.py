@@ -1,15 +1,17 @@
 """The foundation's data path: PAN-X parsing, label alignment, bucketed batching."""
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from plumbing.ner_data import (IGNORE, LABELS, BatchStream, bucketed_batches, collate, encode_sentences,
+import plumbing.ner_data as ner_data
+from plumbing.ner_data import (IGNORE, LABELS, BatchStream, bucketed_batches, collate, encode_sentences, from_hub_rows,
                                 load_wikiann, padding_efficiency, parse_languages, read_panx_file, word_predictions)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikiann"
-DATA_DIR = Path(os.environ.get("WIKIANN_DIR", SHARED))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_panx(root, lang="xx", split="train", text="xx:Ada\tB-PER\nxx:Lovelace\tI-PER\n\nxx:Paris\tB-LOC\n"):
@@ -79,9 +81,27 @@ def test_missing_data_folder_says_what_to_pass(tmp_path):
         parse_languages("de,,es")
 
 
-def test_shared_data_reads():
-    ds = load_wikiann("de", "dev", data_dir=DATA_DIR, max_sentences=50)
-    assert len(ds) == 50 and all(len(t) == len(g) for t, g in zip(ds["tokens"], ds["ner_tags"]))
+def test_the_tests_own_corpus_reads_in_every_language_and_tag(data_dir):
+    for lang in ("en", "de", "es", "fr", "nl", "pt"):
+        ds = load_wikiann(lang, "dev", data_dir=data_dir, max_sentences=50)
+        assert len(ds) == 50 and all(len(t) == len(g) for t, g in zip(ds["tokens"], ds["ner_tags"]))
+    assert {tag for tags in load_wikiann("en", "train", data_dir=data_dir)["ner_tags"] for tag in tags} == set(range(7))
+
+
+def test_the_tests_own_corpus_is_what_its_generator_writes(tmp_path, data_dir):
+    """The committed fixture is reproducible: regenerating it changes no byte."""
+    script = (ROOT / "tests" / "data" / "make_wikiann_fixture.py").read_text()
+    (tmp_path / "make.py").write_text(script)                      # writes beside itself: tmp_path/wikiann
+    subprocess.run([sys.executable, str(tmp_path / "make.py")], check=True, capture_output=True)
+    committed = sorted(p.relative_to(data_dir) for p in Path(data_dir).rglob("*") if p.is_file())
+    assert committed == sorted(p.relative_to(tmp_path / "wikiann") for p in (tmp_path / "wikiann").rglob("*") if p.is_file())
+    assert all((Path(data_dir) / f).read_bytes() == (tmp_path / "wikiann" / f).read_bytes() for f in committed)
+
+
+@pytest.mark.slow
+def test_the_full_corpus_reads(full_data_dir):
+    ds = load_wikiann("de", "dev", data_dir=full_data_dir)
+    assert len(ds) == 10000 and all(len(t) == len(g) for t, g in zip(ds["tokens"], ds["ner_tags"]))
 
 
 def test_label_alignment_multi_piece_and_empty_words():
@@ -156,5 +176,70 @@ def test_hub_unreachable_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("WIKIANN_DIR", raising=False)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ValueError, match="could not load .*wikiann.*pass --data-dir or set WIKIANN_DIR"):
+    with pytest.raises(ValueError, match="could not load .*wikiann.*connect to huggingface.co.*pass --data-dir "
+                                         r"\(or set WIKIANN_DIR\)") as raised:
         load_wikiann("en", "dev", max_sentences=5)
+    assert "\n" not in str(raised.value)
+
+
+def test_hub_unreachable_from_a_stage_is_one_line_naming_both_ways_out(tmp_path):
+    """A newcomer with neither the hub nor a folder: exit 2, one line, both routes named."""
+    env = {k: v for k, v in os.environ.items() if k != "WIKIANN_DIR"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    done = subprocess.run([sys.executable, str(ROOT / "finetune_peft.py"), "--out", str(tmp_path / "ft"), "--steps", "1"],
+                          env=env, capture_output=True, text=True, cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert lines[-1].startswith("error: could not load unimelb-nlp/wikiann") and "Traceback" not in done.stderr
+    assert "connect to huggingface.co" in lines[-1] and "--data-dir" in lines[-1] and "WIKIANN_DIR" in lines[-1]
+
+
+def hub_rows(names=tuple(LABELS)):
+    """Rows as the hub's wikiann serves them: tokens, ner_tags (a ClassLabel with the hub's names), langs, spans."""
+    from datasets import ClassLabel, Dataset, Features, Sequence, Value
+    features = Features({"tokens": Sequence(Value("string")), "ner_tags": Sequence(ClassLabel(names=list(names))),
+                         "langs": Sequence(Value("string")), "spans": Sequence(Value("string"))})
+    tags = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG", "I-ORG", "O"], []]
+    return Dataset.from_dict({"tokens": [["Ada", "Lovelace", "in", "London"], ["Banco", "Santander", "."], []],
+                              "ner_tags": [[names.index(t) for t in row] for row in tags],
+                              "langs": [["en"] * 4, ["en"] * 3, []],
+                              "spans": [["PER: Ada Lovelace", "LOC: London"], ["ORG: Banco Santander"], []]},
+                             features=features)
+
+
+def test_hub_rows_become_sentences_with_our_label_ids():
+    ds = from_hub_rows(hub_rows())
+    assert ds.column_names == ["tokens", "ner_tags"]
+    assert ds.features["ner_tags"].feature.names == LABELS
+    assert ds["tokens"][0] == ["Ada", "Lovelace", "in", "London"]
+    assert [[LABELS[i] for i in row] for row in ds["ner_tags"]] == [["B-PER", "I-PER", "O", "B-LOC"],
+                                                                    ["B-ORG", "I-ORG", "O"], []]
+
+
+def test_hub_rows_in_another_label_order_are_mapped_by_name():
+    shuffled = ["B-LOC", "O", "I-ORG", "B-PER", "I-LOC", "B-ORG", "I-PER"]
+    ds = from_hub_rows(hub_rows(shuffled))
+    assert [[LABELS[i] for i in row] for row in ds["ner_tags"]][:2] == [["B-PER", "I-PER", "O", "B-LOC"],
+                                                                         ["B-ORG", "I-ORG", "O"]]
+
+
+def test_hub_rows_with_other_labels_or_columns_are_a_clear_error():
+    with pytest.raises(ValueError, match="not IOB2 over PER/ORG/LOC.*--data-dir"):
+        from_hub_rows(hub_rows(["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC"]))
+    with pytest.raises(ValueError, match="no ner_tags column.*--data-dir"):
+        from_hub_rows(hub_rows().remove_columns("ner_tags"))
+
+
+def test_the_hub_route_asks_for_the_right_split_and_converts_its_rows(monkeypatch):
+    """load_wikiann without a folder: the hub's name, language and split ('dev' is the hub's
+    'validation', max_sentences a slice), then the rows converted; offline up to the download."""
+    import datasets
+    asked = []
+    monkeypatch.delenv("WIKIANN_DIR", raising=False)
+    monkeypatch.setattr("plumbing.pretrained.hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: asked.append((a, k)) or hub_rows())
+    ds = load_wikiann("nl", "dev", max_sentences=3)
+    assert asked == [((ner_data.HUB_DATASET, "nl"), {"split": "validation[:3]"})]
+    assert ds["tokens"][1] == ["Banco", "Santander", "."] and ds.features["ner_tags"].feature.names == LABELS
+    load_wikiann("nl", "test")
+    assert asked[-1][1] == {"split": "test"}
