@@ -125,8 +125,8 @@ def build_parser():
     p.add_argument("--pefts", default="adapter,prefix", help="PEFT methods to compare")
     p.add_argument("--priming-seeds", type=int, default=1,
                    help="priming runs per primed condition (seeds 0..N-1); with 2 or more, differences between rows "
-                        "are tested over priming runs (stats.two_level_difference; against an unprimed row the "
-                        "baseline's fine-tuning noise is added)")
+                        "are tested over priming runs (stats.two_level_difference; against an unprimed row: the "
+                        "priming-run means against the baseline's mean over all its seeds, Welch)")
     p.add_argument("--replicate-finetune-seeds", type=int, default=None,
                    help="fine-tuning seeds (0..N-1) of priming seeds 1.. (default: as many as priming seed 0 gets): "
                         "e.g. 5 priming runs x 2 fine-tuning seeds, seed 0 keeping its 5")
@@ -534,7 +534,7 @@ def half_width_hint(name, d, target=0.7):
     priming runs against an unprimed row (its width is not sd(D) alone)."""
     if d["n"] < 2 or d["half_width"] is None or d["half_width"] <= target:
         return None
-    if d.get("baseline_noise_df") is not None:
+    if d.get("baseline_seeds") is not None:
         return None   # against an unprimed row the width also holds the baseline's seeds: no simple count
     unit = "priming runs" if d["priming_seeds"] > 1 else "fine-tuning seeds"
     needed = seeds_for_half_width(d["sd"], target)

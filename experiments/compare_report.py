@@ -25,7 +25,39 @@ def read_run(result):
     return {"results": scores["results"], "finetune_seed": record.get("args", {}).get("seed"),
             "priming_seed": primed.get("args", {}).get("seed") if primed else None,
             "versions": sorted(versions), "tuned": tuned, "primed": primed_folder,
-            "body_change": primed.get("body_change"), "priming_seconds": priming_seconds(primed_folder)}
+            "body_change": primed.get("body_change"), "priming_seconds": priming_seconds(primed_folder),
+            "exposure": data_exposure(primed.get("args") if primed else None, record.get("args", {}))}
+
+
+def data_exposure(priming, tuning):
+    """Labelled priming-language sentences a row's training saw and the passes over their pool
+    (priming: --max-sentences of each priming language), from the runs' recorded flags; None where
+    the batches are by tokens (--max-tokens) and so not a fixed count of sentences.
+    - primed rows: every (meta-)step reads tasks-per-step query batches of batch-size sentences in
+      the priming languages (MTL priming trains on the same batches); --query same: none;
+    - multi-source fine-tuning: batches drawn from en (--max-sentences) plus the pool
+      (--extra-sentences per extra language): the expected share of steps x batch-size ("expected");
+    - no priming: 0."""
+    try:
+        return _data_exposure(priming, tuning)
+    except (KeyError, TypeError, AttributeError):   # a record of older code without these flags
+        return None
+
+
+def _data_exposure(priming, tuning):
+    if priming:
+        if priming.get("max_tokens") or priming.get("query") == "same":
+            return None if priming.get("max_tokens") else {"sentences": 0, "passes": 0.0, "expected": False}
+        seen = priming["steps"] * priming["tasks_per_step"] * priming["batch_size"]
+        pool = priming["max_sentences"] * len(priming["priming_langs"].split(","))
+        return {"sentences": seen, "passes": seen / pool, "expected": False}
+    if tuning.get("extra_langs"):
+        if tuning.get("max_tokens"):
+            return None
+        pool = tuning["extra_sentences"] * len(tuning["extra_langs"].split(","))
+        seen = tuning["steps"] * tuning["batch_size"] * pool / (tuning["max_sentences"] + pool)
+        return {"sentences": round(seen), "passes": seen / pool, "expected": True}
+    return {"sentences": 0, "passes": 0.0, "expected": False}
 
 
 def primed_folder_of(record, tuned):
@@ -58,6 +90,7 @@ def collect(runs_of_row, langs):
     seconds = {r["primed"]: r["priming_seconds"] for r in runs_of_row if r["priming_seconds"] is not None}
     row["priming_seconds"] = min(seconds.values()) if seconds else None
     row["runs"] = len(runs_of_row)
+    row["exposure"] = runs_of_row[0].get("exposure")   # the same flags in every run of a row
     row["sentences"] = sorted({r["results"][lang]["sentences"] for r in runs_of_row for lang in langs})
     row["code_versions"] = sorted({v for r in runs_of_row for v in r["versions"]})
     return row
@@ -79,10 +112,11 @@ def paired_rows(table, baselines):
 def markdown(table, langs):
     """One row per condition: runs (and how many priming runs), F1 mean ± std over its runs,
     sigma_p, the priming cost (seconds of meta-steps of the fastest priming run; F1 gained over no
-    priming per priming hour)
+    priming per priming hour), the labelled priming-language sentences seen (data_exposure)
     and, where known, how far priming moved the body."""
-    header = "| PEFT | condition | runs | priming runs | " + " | ".join(langs) + " | average | σp | priming s | F1 / priming h |"
-    rows = [header, "|---|---|---:|---:|" + "---:|" * (len(langs) + 4)]
+    header = ("| PEFT | condition | runs | priming runs | " + " | ".join(langs)
+              + " | average | σp | priming s | F1 / priming h | priming-language sentences (passes) |")
+    rows = [header, "|---|---|---:|---:|" + "---:|" * (len(langs) + 5)]
     changes = any("body_change" in r for r in table.values())
     if changes:  # how far priming moved the body (add_body_change)
         rows = [rows[0] + " body change |", rows[1] + "---:|"]
@@ -98,8 +132,15 @@ def markdown(table, langs):
                 per_hour = f"{(r['average'][0] - base['average'][0]) / (r['priming_seconds'] / 3600):+.1f}"
         change = (f" {r['body_change']:.1e} |" if "body_change" in r else " - |") if changes else ""
         rows.append(f"| {peft} | {condition} | {r['runs']} | {r.get('priming_runs', 0) or '-'} | {cells} | {sigma} "
-                    f"| {seconds} | {per_hour} |{change}")
+                    f"| {seconds} | {per_hour} | {exposure_cell(r.get('exposure'))} |{change}")
     return "\n".join(rows)
+
+
+def exposure_cell(exposure):
+    """'3,200 (0.80)'; '~2,667 (0.67)' for an expected count; '-' where unknown."""
+    if exposure is None:
+        return "-"
+    return f"{'~' if exposure['expected'] else ''}{exposure['sentences']:,} ({exposure['passes']:.2f})"
 
 
 def paired_markdown(paired):

@@ -20,6 +20,14 @@ def flag(command, name, default=None):
     return command[command.index(name) + 1] if name in command else default
 
 
+def stage_args(script, command):
+    """The flags as the stage would record them (its own parser, its defaults)."""
+    if script not in ("meta_pretrain.py", "finetune_peft.py"):
+        return {"seed": int(flag(command, "--seed", 0))}
+    stage = __import__(script[:-3])
+    return vars(stage.build_parser().parse_args(command[2:]))
+
+
 class FakeStages:
     """Stands in for subprocess.run: records each stage command and writes what the stage would."""
 
@@ -29,7 +37,7 @@ class FakeStages:
     def __call__(self, command, *a, **k):
         script, out = Path(command[1]).name, Path(flag(command, "--out"))
         self.commands.append(command)
-        record = {"args": {"seed": int(flag(command, "--seed", 0))}, "code_version": self.version}
+        record = {"args": stage_args(script, command), "code_version": self.version}
         if script == "meta_pretrain.py":
             out.mkdir(parents=True, exist_ok="--resume" in command or "--overwrite" in command)
             (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "held_out_query_loss": 1.5}) + "\n")
