@@ -5,6 +5,7 @@ defaults, its meta-gradient, its meta-validation. The algorithm itself is implic
     python meta_pretrain.py --inner-loop implicit --first-order           # only dL_Q/dtheta at phi_hat, no CG
     python meta_pretrain.py --inner-loop implicit --fresh-every 1         # no warm start: 100 steps every meta-step
     python meta_pretrain.py --inner-loop implicit --cg-damping 1.0        # a damped CG system (implicit.py)
+    python meta_pretrain.py --inner-loop implicit --curvature hessian     # the exact Hessian (indefinite: see below)
 
 One meta-step: the inner loop is a fine-tuning of phi (the PEFT tensors and head) on its own
 stream of source-language batches, Adam by default as in finetune_peft.py, dropout on, on
@@ -17,19 +18,25 @@ and query batch) is averaged into theta's .grad, and meta_pretrain.py's AdamW st
 Logged per meta-step (metrics.jsonl): query_loss and support_loss_after (at phi_hat, dropout
 off), fine_tune_loss_first / _last (G on the first and last fine-tuning batch), inner_grad_norm
 (||grad_phi G(phi_hat)|| on the support batch: the hypergradient's bias grows with it),
-cg_iterations, cg_residual, negative_curvature (tasks whose CG met it), cg_min_curvature,
-fine_tune_steps, phi_age (meta-steps served by this phi_0), phi_distance (||phi_hat - phi_0||);
+cg_iterations, cg_residual (the largest over tasks), negative_curvature (tasks whose CG met it),
+cg_min_curvature, and per task, averaged over the step's tasks: cg_converged_share (tasks whose CG
+reached --cg-tol), correction_ratio (||second-order term|| / ||dL_Q/dtheta||) and cosine_to_first_order
+(of the hypergradient with dL_Q/dtheta); a warning when CG fails in most tasks; fine_tune_steps, phi_age (meta-steps served by this phi_0), phi_distance (||phi_hat - phi_0||);
 at each evaluation, the inner-loop strength of phi_hat (`held_out_losses`).
 """
+
+import warnings
 
 import torch
 
 import episodes
 import implicit
+import maml
 from plumbing import peft_state
 from plumbing.runs import check_at_least, check_positive
 
 # --------------------------------------------------------------------- defaults -----
+CG_DAMPING = 1e-1  # lambda of the CG system: the smallest of 1e-3 .. 1 whose CG converges in >= 90% of tasks
 # (strength: of phi_hat at the first meta-step, held-out de/es dev, the default fine-tuning as reference; RESULTS.md)
 IMPLICIT = {
     "implicit_optimizer": "adam",  # what finetune_peft.py fine-tunes with (AdamW; no weight decay on phi here)
@@ -44,10 +51,10 @@ IMPLICIT = {
                                    # the fine-tuning stays nearly free
     "cg_steps": 5,                 # as iMAML (Rajeswaran et al. 2019); each is about one backward
     "cg_tol": 1e-2,                # the hypergradient needs no more than the inner solve's own accuracy
-    "cg_damping": None,            # None: --damping, the exact formula (*) of implicit.py. Measured with these
-                                   # defaults: CG meets negative curvature within 0-3 iterations (cg_residual ~1,
-                                   # so u ~ 0, close to first order), with --cg-damping 1.0 too (cg_min_curvature
-                                   # -0.31): watch cg_residual in metrics.jsonl
+    "curvature": "ggn",            # the exact Hessian of L_S in phi is indefinite at phi_hat on e5-small (smallest
+                                   # eigenvalue ~ -5): CG stopped at u = 0 in 80 of 80 tasks, i.e. first order.
+                                   # The Gauss-Newton matrix is PSD (implicit.py); "hessian" keeps the exact one
+    "cg_damping": CG_DAMPING,      # of the Gauss-Newton system (measured: RESULTS.md, the Gauss-Newton curvature)
 }
 
 
@@ -76,10 +83,14 @@ def add_flags(p):
                    help="most conjugate-gradient iterations for the hypergradient " + when % IMPLICIT["cg_steps"])
     p.add_argument("--cg-tol", type=float, default=None,
                    help="CG stops at this relative residual " + when % IMPLICIT["cg_tol"])
+    p.add_argument("--curvature", choices=implicit.CURVATURES, default=None,
+                   help="the CG system's matrix: ggn, the generalized Gauss-Newton J^T H_out J (positive semi-definite), "
+                        "or hessian, the exact Hessian of the support loss (indefinite on a real encoder: CG then stops "
+                        "at u = 0, first order) " + when % IMPLICIT["curvature"])
     p.add_argument("--cg-damping", type=float, default=None,
                    help="lambda of the CG system only, (H + lambda I) u = dL_Q/dphi: a larger one than --damping "
                         "when H + damping I is indefinite (CG then stops at once; see cg_min_curvature in "
-                        "metrics.jsonl) " + when % "--damping")
+                        "metrics.jsonl) " + when % f"{CG_DAMPING} with ggn, --damping with hessian")
 
 
 def check_flags(args, world, unrolled_defaults):
@@ -100,15 +111,17 @@ def check_flags(args, world, unrolled_defaults):
         if bad:
             raise ValueError(f"{flag} is an --inner-loop unrolled option; with --inner-loop implicit leave it out "
                              f"(the inner fine-tuning takes the --implicit-* flags)")
-    if args.first_order and any(v is not None for v in (args.cg_steps, args.cg_tol, args.cg_damping)):
-        raise ValueError("--cg-steps / --cg-tol / --cg-damping have no meaning with --first-order (no linear "
-                         "system is solved): leave them out")
+    if args.first_order and any(v is not None for v in (args.cg_steps, args.cg_tol, args.cg_damping, args.curvature)):
+        raise ValueError("--cg-steps / --cg-tol / --cg-damping / --curvature have no meaning with --first-order (no "
+                         "linear system is solved): leave them out")
     if world > 1:
         raise ValueError("--inner-loop implicit runs in one process only (its fine-tuning is not shared across "
                          "torchrun processes)")
     for flag, default in IMPLICIT.items():  # (first order solves no linear system: the CG flags stay None)
-        if getattr(args, flag) is None and not (args.first_order and flag.startswith("cg_")):
+        if getattr(args, flag) is None and not (args.first_order and (flag.startswith("cg_") or flag == "curvature")):
             setattr(args, flag, default)
+    if args.curvature == "hessian" and "--cg-damping" not in given:
+        args.cg_damping = args.damping   # the exact formula (*): the system's lambda is the inner problem's
     check_at_least(args, 1, "implicit_batch_size", "implicit_steps", "implicit_warm_steps", "fresh_every", "cg_steps")
     check_positive(args, "implicit_lr")
     if "--implicit-warm-steps" in given and args.fresh_every == 1:
@@ -118,7 +131,6 @@ def check_flags(args, world, unrolled_defaults):
         raise ValueError(f"--damping must be positive (got {args.damping}): it keeps the CG system positive "
                          f"definite; 0 is allowed with --first-order only")
     if not args.first_order:
-        args.cg_damping = args.damping if args.cg_damping is None else args.cg_damping
         check_positive(args, "cg_damping")
         if not 0 <= args.cg_tol < 1:
             raise ValueError(f"--cg-tol must be in [0, 1) (got {args.cg_tol})")
@@ -142,26 +154,43 @@ def meta_gradient(model, loss_fn, tasks, source, carried, phi_rng, args):
                                         state=carried["optimizer"], losses=losses)
     carried.update(phi=phi_hat, optimizer=state, age=carried["age"] + 1)
     theta = [p for p in peft_state.body_parameters(model).values() if p.requires_grad]
+    logits_fn = maml.functional_logits(model)
     was_training, infos = model.training, []
-    model.eval()
+    model.eval()   # CG needs one fixed linear operator: no dropout masks
     for support, query in tasks:
         grads, info = implicit.hypergradient(loss_fn, theta, phi_hat, carried["phi_0"], support, query, args.damping,
                                              args.cg_steps, args.cg_tol, first_order=args.first_order,
-                                             cg_damping=args.cg_damping)
+                                             cg_damping=args.cg_damping, curvature=args.curvature or "hessian",
+                                             logits_fn=logits_fn)
         for p, g in zip(theta, grads):
             if g is not None:
                 p.grad = g / len(tasks) if p.grad is None else p.grad + g / len(tasks)
         infos.append(info)
     model.train(was_training)
-    mean = lambda key: sum(i[key] for i in infos) / len(infos)
-    return {"query_loss": mean("query_loss"), "support_loss_after": mean("support_loss"),
+    return {"query_loss": mean(infos, "query_loss"), "support_loss_after": mean(infos, "support_loss"),
             "fine_tune_loss_first": losses[0].item(), "fine_tune_loss_last": losses[-1].item(),
-            "inner_grad_norm": mean("inner_grad_norm"), "cg_iterations": mean("cg_iterations"),
+            "inner_grad_norm": mean(infos, "inner_grad_norm"), "cg_iterations": mean(infos, "cg_iterations"),
             "cg_residual": max(i["cg_residual"] for i in infos),
             "negative_curvature": sum(i["negative_curvature"] for i in infos),
-            **({} if args.first_order else {"cg_min_curvature": min(i["cg_min_curvature"] for i in infos)}),
+            **({} if args.first_order else correction_metrics(infos)),
             "fine_tune_steps": steps, "phi_age": carried["age"],
             "phi_distance": phi_distance(phi_hat, carried["phi_0"])}
+
+
+def mean(infos, key):
+    return sum(i[key] for i in infos) / len(infos)
+
+
+def correction_metrics(infos):
+    """Per-task accounting of the second-order term, averaged over the meta-step's tasks; a warning
+    when CG failed in most of them (the hypergradient is then CG's best iterate, not the solution)."""
+    converged = mean(infos, "cg_converged")
+    if converged < 0.5:
+        warnings.warn(f"CG reached --cg-tol in {converged:.0%} of this meta-step's tasks: raise --cg-damping or "
+                      f"--cg-steps (metrics.jsonl: cg_converged_share, cg_residual)", stacklevel=3)
+    return {"cg_min_curvature": min(i["cg_min_curvature"] for i in infos), "cg_converged_share": converged,
+            "correction_ratio": sum(i["correction_norm"] / max(i["direct_norm"], 1e-30) for i in infos) / len(infos),
+            "cosine_to_first_order": mean(infos, "cosine_to_first_order")}
 
 
 def phi_distance(phi, phi_0):

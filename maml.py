@@ -74,16 +74,31 @@ def functional_loss(model: torch.nn.Module) -> Callable[[dict, dict], Tensor]:
     Other parameters are the model's own Parameters, so a backward reaches them (this is
     how theta gets its meta-gradient). The model itself is never written to.
     """
-    known = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    known |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    known = tensor_names(model)
 
     def loss_fn(fast: dict, batch: dict) -> Tensor:
-        unknown = fast.keys() - known
-        if unknown:  # functional_call would silently ignore a misspelled name
-            raise KeyError(f"fast tensors not in the model: {sorted(unknown)}")
-        return functional_call(model, dict(fast), args=(), kwargs=batch, strict=False).loss
+        return functional_outputs(model, known, fast, batch).loss
 
     return loss_fn
+
+
+def functional_logits(model: torch.nn.Module) -> Callable[[dict, dict], tuple]:
+    """Return logits_fn(fast, batch) -> (logits, labels): as functional_loss, the model's logits and
+    the batch's labels, for curvature in the logits (implicit.py's Gauss-Newton products)."""
+    known = tensor_names(model)
+    return lambda fast, batch: (functional_outputs(model, known, fast, batch).logits, batch["labels"])
+
+
+def tensor_names(model):
+    return ({name for name, _ in model.named_parameters(remove_duplicate=False)}
+            | {name for name, _ in model.named_buffers(remove_duplicate=False)})
+
+
+def functional_outputs(model, known, fast, batch):
+    unknown = fast.keys() - known
+    if unknown:  # functional_call would silently ignore a misspelled name
+        raise KeyError(f"fast tensors not in the model: {sorted(unknown)}")
+    return functional_call(model, dict(fast), args=(), kwargs=batch, strict=False)
 
 
 @contextmanager

@@ -87,11 +87,12 @@ CONDITIONS = {
     "ablation: outer update of initial PEFT": ["--outer-peft"],
     "MTL priming at MAML's compute": ["--method", "mtl"],                  # + EQUAL_COMPUTE's --steps
     "multi-source fine-tuning (en + priming languages)": None,          # + MULTI_SOURCE's fine-tuning flags
-    "implicit MAML priming": ["--inner-loop", "implicit"],               # the inner loop is a fine-tuning
+    "implicit MAML priming": ["--inner-loop", "implicit", "--curvature", "hessian"],   # the inner loop is a fine-tuning
     "implicit MAML priming (first order)": ["--inner-loop", "implicit", "--first-order"],
+    "implicit MAML priming (Gauss-Newton)": ["--inner-loop", "implicit", "--curvature", "ggn"],
 }
 # Run only when --conditions names them: an implicit meta-step costs ~2x an unrolled one (RESULTS.md).
-OPT_IN = ("implicit MAML priming", "implicit MAML priming (first order)")
+OPT_IN = ("implicit MAML priming", "implicit MAML priming (first order)", "implicit MAML priming (Gauss-Newton)")
 MAIN_ROWS = ("no priming", "MTL priming", "MAML priming")
 # The practitioner's baseline: no priming; the PEFT tensors and head fine-tuned on en plus the
 # priming languages' train sentences (the pool priming draws from: the budget's --max-sentences).
@@ -240,19 +241,30 @@ def recorded_flags(folder):
     return argv[1:out], Path(argv[out + 1]).parent
 
 
+def with_curvature(flags):
+    """A second-order implicit run recorded before --curvature existed (2026-12-03) solved the exact
+    Hessian's system: its flags as they would be written now."""
+    for i in range(len(flags) - 1):
+        if flags[i:i + 2] == ["--inner-loop", "implicit"] and "--first-order" not in flags and "--curvature" not in flags:
+            return flags[:i + 2] + ["--curvature", "hessian"] + flags[i + 2:]
+    return flags
+
+
 def existing_run(folder, flags, runs):
     """`folder`, or the run of the same flags recorded under an older name: before 2026-12-02 a
     run's identity hashed absolute paths (the data folder, the primed body), so the verdict's
-    records carry names of the machine that ran them. A candidate counts only if its name is the
-    hash of its own recorded flags (so a changed TRAINING_CODE still makes a new run) and its
-    location-free flags are these; a finished one is preferred. A reused run must have read the
+    records carry names of the machine that ran them; and second-order implicit runs recorded before
+    --curvature existed lack it (with_curvature). A candidate counts only if its name is the hash of
+    its own recorded flags, as they were hashed then (so a changed TRAINING_CODE still makes a new
+    run), and its location-free flags are these; a finished one is preferred. A reused run must have read the
     bytes of this --data-dir (check_data)."""
     if not folder.exists():
         prefix, want, found = folder.name[:-HASH_CHARS], location_free(flags, runs), []
         for other in sorted(folder.parent.glob(prefix + "?" * HASH_CHARS)):
             recorded = recorded_flags(other)
-            if (recorded is not None and other.name.endswith(flags_hash(recorded[0]))
-                    and location_free(*recorded) == want):
+            if (recorded is not None
+                    and other.name[-HASH_CHARS:] in (flags_hash(recorded[0]), flags_hash(location_free(*recorded)))
+                    and location_free(with_curvature(recorded[0]), recorded[1]) == want):
                 found.append(other)
         found.sort(key=lambda other: not is_finished(read_record(other)))
         folder = found[0] if found else folder

@@ -629,3 +629,20 @@ def test_a_reused_run_must_have_read_the_same_data_bytes(tmp_path):
     shutil.copy(tmp_path / "a" / "wikiann" / "en" / "train", tmp_path / "b" / "wikiann" / "en" / "train")
     compare.current_sha256.cache_clear()
     assert plan("b")[1] == folder                                   # same bytes elsewhere: reused
+
+
+def test_second_order_implicit_records_from_before_curvature_are_the_exact_hessian_row(tmp_path, monkeypatch):
+    """Committed implicit runs ran the exact Hessian's system before --curvature existed: the row that
+    says --curvature hessian finds them; the Gauss-Newton row (the new default) does not reuse them."""
+    monkeypatch.setattr(compare, "check_data", lambda *a: None)      # the data's bytes: not what this tests
+    records = compare.ROOT / "experiments" / "results" / "verdict-cpu" / "records"
+    args = compare.build_parser().parse_args(["--data-dir", str(tmp_path / "wikiann"), "--pefts", "adapter"])
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    compare.restore_records(records, runs)
+    _, exact = compare.prime_plan(args, runs, "adapter", "implicit MAML priming", 0)
+    _, ggn = compare.prime_plan(args, runs, "adapter", "implicit MAML priming (Gauss-Newton)", 0)
+    assert exact.name in {p.name for p in records.iterdir()} and "--curvature" not in compare.read_record(exact)["command"]
+    assert not ggn.exists()
+    _, first = compare.prime_plan(args, runs, "adapter", "implicit MAML priming (first order)", 0)
+    assert first.name in {p.name for p in records.iterdir()}                 # first order: untouched

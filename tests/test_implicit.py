@@ -313,8 +313,8 @@ def test_an_unrolled_run_recorded_before_inner_loop_existed_resumes(tiny_model_d
     (["--inner-loop", "implicit", "--damping", "0"], "--damping must be positive"),
     (["--inner-loop", "implicit", "--damping", "-1e-3"], "--damping must be positive"),
     (["--inner-loop", "implicit", "--first-order", "--damping", "-1"], "--damping must be positive"),
-    (["--inner-loop", "implicit", "--first-order", "--cg-steps", "3"], "--cg-steps / --cg-tol / --cg-damping have"),
-    (["--inner-loop", "implicit", "--first-order", "--cg-damping", "1"], "--cg-steps / --cg-tol / --cg-damping have"),
+    (["--inner-loop", "implicit", "--first-order", "--cg-steps", "3"], "--cg-steps / --cg-tol / --cg-damping / --curvature have"),
+    (["--inner-loop", "implicit", "--first-order", "--cg-damping", "1"], "--cg-steps / --cg-tol / --cg-damping / --curvature have"),
     (["--inner-loop", "implicit", "--cg-damping", "0"], "--cg-damping must be a positive"),
     (["--cg-damping", "0.1"], "--cg-damping is an --inner-loop implicit option"),
     (["--inner-loop", "implicit", "--cg-tol", "1"], "--cg-tol must be in"),
@@ -335,8 +335,20 @@ def test_coherent_inner_loop_flags_pass(argv):
     meta_pretrain.check_args(args)
     implicit_run, first_order = "implicit" in argv, "--first-order" in argv
     for flag in implicit_priming.IMPLICIT:          # filled in for an implicit run, the CG ones unless first order
-        assert (getattr(args, flag) is not None) is (implicit_run and not (first_order and flag.startswith("cg_")))
-    assert args.cg_damping == (args.damping if implicit_run and not first_order else None)
+        cg_flag = flag.startswith("cg_") or flag == "curvature"
+        assert (getattr(args, flag) is not None) is (implicit_run and not (first_order and cg_flag))
+    assert args.cg_damping == (implicit_priming.CG_DAMPING if implicit_run and not first_order else None)
+    assert args.curvature == ("ggn" if implicit_run and not first_order else None)
+
+
+def test_the_exact_hessian_keeps_the_inner_problems_damping_in_its_system():
+    args = meta_pretrain.build_parser().parse_args(["--inner-loop", "implicit", "--curvature", "hessian"])
+    meta_pretrain.check_args(args)
+    assert args.cg_damping == args.damping == implicit_priming.IMPLICIT["damping"]
+    args = meta_pretrain.build_parser().parse_args(["--inner-loop", "implicit", "--curvature", "hessian",
+                                                    "--cg-damping", "2"])
+    meta_pretrain.check_args(args)
+    assert args.cg_damping == 2.0
 
 
 def test_refusal_is_one_line(tmp_path):
@@ -355,3 +367,179 @@ def test_a_non_finite_loss_names_the_implicit_flags():
         meta_pretrain.check_losses({"fine_tune_loss_last": float("nan")}, 3, "implicit")
     with pytest.raises(ValueError, match="lower --inner-lr / --outer-lr or set --inner-clip"):
         meta_pretrain.check_losses({"query_loss": float("inf")}, 3)
+
+
+# ---------------------------------------------------------------- the Gauss-Newton curvature (curvature="ggn")
+
+def model_logits(theta, phi, batch):
+    x, _ = batch
+    h = torch.tanh(x @ theta["w"] + theta["b"])
+    h = h + torch.tanh(h @ phi["a"])
+    return h @ phi["head"] + phi["bias"]
+
+
+def logits_fn_of(theta):
+    return lambda phi, batch: (model_logits(theta, phi, batch), batch[1])
+
+
+def dense_ggn(theta, phi, batch):
+    """(GGN in phi, its mixed block in phi x theta) of the mean cross-entropy, dense: J^T H_out J
+    with J by torch.func.jacrev and H_out the softmax's Hessian per example."""
+    t0, p0 = flat(theta).detach(), flat(phi).detach()
+    z = lambda t, p: model_logits(unflat(t, theta), unflat(p, phi), batch)
+    j_phi, j_theta = torch.func.jacrev(z, argnums=(1, 0))(t0, p0)        # [n, C, P], [n, C, T]
+    prob = torch.softmax(z(t0, p0), dim=-1)
+    h_out = (torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]) / len(prob)
+    return (torch.einsum("ncp,ncd,ndq->pq", j_phi, h_out, j_phi), torch.einsum("ncp,ncd,ndt->pt", j_phi, h_out, j_theta))
+
+
+def dense_ggn_hypergradient(theta, phi_hat, support, query, lam):
+    """dF/dtheta of the linearised inner problem: d_theta L_Q - M_GN^T (GGN + lambda I)^{-1} d_phi L_Q."""
+    ggn, mixed = dense_ggn(theta, phi_hat, support)
+    L_q = lambda t, p: model_loss(unflat(t, theta), unflat(p, phi_hat), query)
+    g_theta, g_phi = torch.func.grad(L_q, argnums=(0, 1))(flat(theta).detach(), flat(phi_hat).detach())
+    u = torch.linalg.solve(ggn + lam * torch.eye(len(g_phi), dtype=torch.float64), g_phi)
+    return g_theta - mixed.T @ u
+
+
+def test_cross_entropy_hessian_product_is_the_hessian_in_the_logits():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 7, (2, 5), generator=g)
+    labels[0, 1] = labels[1, 4] = implicit.IGNORE                # the loss leaves these tokens out
+    ce = lambda z: F.cross_entropy(z.reshape(-1, 7), labels.reshape(-1), ignore_index=implicit.IGNORE)
+    hessian = torch.func.hessian(ce)(logits).reshape(70, 70)
+    y = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    product = implicit.cross_entropy_hessian_product(logits, labels, y)
+    assert torch.allclose(product.reshape(-1), hessian @ y.reshape(-1), atol=1e-12)
+
+
+def test_ggn_vector_products_equal_the_dense_ggn(solved):
+    theta, phi_hat, _, support, _ = solved
+    ggn, mixed = dense_ggn(theta, phi_hat, support)
+    phi = OrderedDict((n, t.detach().requires_grad_(True)) for n, t in phi_hat.items())
+    logits, labels = logits_fn_of(theta)(phi, support)
+    matvec, mixed_product = implicit.ggn_products(logits, labels, list(phi.values()), list(theta.values()), 0.25)
+    v = unflat(torch.randn(len(flat(phi_hat)), generator=torch.Generator().manual_seed(0), dtype=torch.float64), phi)
+    got = torch.cat([t.reshape(-1) for t in matvec(list(v.values()))])
+    assert torch.allclose(got, (ggn + 0.25 * torch.eye(len(got), dtype=torch.float64)) @ flat(v), rtol=1e-6, atol=1e-12)
+    got_mixed = torch.cat([t.reshape(-1) for t in mixed_product(list(v.values()))])
+    assert torch.allclose(got_mixed, mixed.T @ flat(v), rtol=1e-6, atol=1e-12)
+    assert torch.linalg.eigvalsh(ggn).min() > -1e-12                              # PSD by construction
+
+
+def test_ggn_hypergradient_equals_the_dense_linearised_formula(solved):
+    theta, phi_hat, phi_0, support, query = solved
+    grad, info = hyper(theta, phi_hat, phi_0, support, query, cg_steps=100, cg_tol=1e-12, cg_damping=0.1,
+                       curvature="ggn", logits_fn=logits_fn_of(theta))
+    assert relative_error(grad, dense_ggn_hypergradient(theta, phi_hat, support, query, 0.1)) < 1e-6
+    assert info["cg_converged"] == 1 and info["negative_curvature"] == 0
+    first, _ = hyper(theta, phi_hat, phi_0, support, query, first_order=True)
+    assert info["correction_norm"] == pytest.approx(torch.linalg.vector_norm(grad - first).item(), rel=1e-9)
+    assert info["direct_norm"] == pytest.approx(torch.linalg.vector_norm(first).item(), rel=1e-12)
+    cosine = (grad @ first / (torch.linalg.vector_norm(grad) * torch.linalg.vector_norm(first))).item()
+    assert info["cosine_to_first_order"] == pytest.approx(cosine, rel=1e-9) and cosine < 0.999
+
+
+def test_where_the_hessian_is_indefinite_ggn_cg_still_converges():
+    """The failure on the real model, in miniature: at a phi where the support loss's Hessian has a
+    negative eigenvalue, CG on the exact system stops at u = 0 (first order); on the GGN it converges."""
+    theta, phi_0, support, query = tiny_problem(seed=4)
+    phi = OrderedDict((n, 3 * t) for n, t in phi_0.items())      # far from a minimum
+    G = lambda p: model_loss(theta, unflat(p, phi), support)
+    assert torch.linalg.eigvalsh(torch.func.hessian(G)(flat(phi).detach())).min() < -1e-3   # the premise
+    _, exact = hyper(theta, phi, phi_0, support, query, damping=1e-4, cg_steps=50, cg_tol=1e-8)
+    _, ggn = hyper(theta, phi, phi_0, support, query, damping=1e-4, cg_steps=50, cg_tol=1e-8, cg_damping=1e-2,
+                   curvature="ggn", logits_fn=logits_fn_of(theta))
+    assert exact["negative_curvature"] == 1 and exact["cg_converged"] == 0
+    assert ggn["negative_curvature"] == 0 and ggn["cg_converged"] == 1 and ggn["correction_norm"] > 0
+
+
+# ---------------------------------------------------------------- implicit_priming.meta_gradient's wiring
+
+def wiring_setup(dropout=0.1):
+    """A tiny BERT with adapters (dropout on), two tasks of distinct support and query batches, a
+    fine-tuning stream, and the implicit settings with an exactly solved CG system."""
+    import types
+    from conftest import tiny_classifier
+    from adapters import add_peft
+    from peft_config import PeftConfig
+    from plumbing import peft_state
+    torch.manual_seed(0)
+    model = add_peft(tiny_classifier(dropout=dropout, hidden=16, heads=2), PeftConfig("adapter", reduction_factor=8),
+                     seed=0).double()
+    for p in peft_state.body_parameters(model).values():
+        p.requires_grad_(True)                                            # theta: the meta-gradient's target
+    g = torch.Generator().manual_seed(1)
+
+    def batch(n=3, length=6):
+        labels = torch.randint(0, 7, (n, length), generator=g)
+        labels[:, 0] = implicit.IGNORE
+        return {"input_ids": torch.randint(5, 120, (n, length), generator=g),
+                "attention_mask": torch.ones(n, length, dtype=torch.long), "labels": labels}
+    tasks = [(batch(), batch()), (batch(), batch())]
+    stream = [batch() for _ in range(4)]
+    source = types.SimpleNamespace(fine_tune_batches=lambda: iter(stream))
+    args = types.SimpleNamespace(fresh_every=1, implicit_steps=4, implicit_warm_steps=1, implicit_optimizer="sgd",
+                                 implicit_lr=0.05, damping=0.01, cg_steps=200, cg_tol=1e-10, first_order=False,
+                                 cg_damping=0.3, curvature="ggn")
+    return model, tasks, source, args
+
+
+def expected_meta_gradient(model, tasks, phi_hat, phi_0, args, theta):
+    """By hand: dropout off, each task's GGN hypergradient on ITS support (curvature, mixed block) and
+    query, the proximal term anchored at phi_0, averaged over the tasks; and the mean inner gradient norm."""
+    from plumbing import peft_state
+    model.eval()
+    loss_fn, logits_fn = maml.functional_loss(model), maml.functional_logits(model)
+    total, norms = None, []
+    for support, query in tasks:
+        phi = OrderedDict((n, t.detach().requires_grad_(True)) for n, t in phi_hat.items())
+        logits, labels = logits_fn(phi, support)
+        fast = list(phi.values())
+        s_loss = F.cross_entropy(logits.reshape(-1, 7), labels.reshape(-1), ignore_index=implicit.IGNORE)
+        prox = 0.5 * args.damping * sum(((phi[n] - phi_0[n]) ** 2).sum() for n in phi)
+        inner = torch.autograd.grad(s_loss + prox, fast, retain_graph=True)
+        norms.append(torch.sqrt(sum((g ** 2).sum() for g in inner)).item())
+        q = loss_fn(phi, query)
+        g_all = torch.autograd.grad(q, fast + theta, allow_unused=True)
+        g_phi = torch.cat([g.reshape(-1) for g in g_all[:len(fast)]])
+        # the dense GGN over phi (a tiny phi), solved exactly
+        jac = torch.autograd.functional.jacobian(lambda *p: logits_fn(OrderedDict(zip(phi, p)), support)[0], tuple(fast))
+        J = torch.cat([j.reshape(logits.numel(), -1) for j in jac], dim=1)          # [tokens * C, P]
+        prob = torch.softmax(logits.detach(), -1).reshape(-1, 7)
+        keep = (labels.reshape(-1) != implicit.IGNORE).double()
+        h_out = torch.block_diag(*[(torch.diag(p) - torch.outer(p, p)) * k for p, k in zip(prob, keep)]) / keep.sum()
+        ggn = J.T @ h_out @ J
+        u = torch.linalg.solve(ggn + args.cg_damping * torch.eye(len(g_phi), dtype=ggn.dtype), g_phi)
+        ju = J @ u
+        mixed = torch.autograd.grad(logits.reshape(-1), theta, grad_outputs=h_out @ ju, allow_unused=True)
+        grads = [(d if d is not None else torch.zeros_like(t)) - (m if m is not None else torch.zeros_like(t))
+                 for d, m, t in zip(g_all[len(fast):], mixed, theta)]
+        total = grads if total is None else [a + b for a, b in zip(total, grads)]
+    model.train()
+    return [t / len(tasks) for t in total], sum(norms) / len(norms)
+
+
+def test_meta_gradient_wiring_equals_the_hand_computed_meta_gradient():
+    """Catches: support and query swapped, no averaging over the tasks, dropout left on during the
+    hypergradient, the proximal anchor at phi_hat instead of phi_0 (seen in inner_grad_norm)."""
+    import implicit_priming
+    from plumbing import peft_state
+    model, tasks, source, args = wiring_setup()
+    model.train()
+    theta = [p for p in peft_state.body_parameters(model).values() if p.requires_grad]
+    carried = {}
+    metrics = implicit_priming.meta_gradient(model, maml.functional_loss(model), tasks, source, carried,
+                                             torch.Generator().manual_seed(2), args)
+    got = [p.grad for p in theta]
+    for p in theta:
+        p.grad = None
+    want, norm = expected_meta_gradient(model, tasks, carried["phi"], carried["phi_0"], args, theta)
+    flat_got = torch.cat([g.reshape(-1) for g in got])
+    flat_want = torch.cat([w.reshape(-1) for w in want])
+    assert relative_error(flat_got, flat_want) < 1e-6
+    assert metrics["inner_grad_norm"] == pytest.approx(norm, rel=1e-6)
+    assert model.training                                                  # its mode restored
+    assert metrics["cg_converged_share"] == 1.0 and 0 < metrics["correction_ratio"]
+    assert -1 <= metrics["cosine_to_first_order"] < 1
