@@ -31,9 +31,9 @@ from plumbing.ner_data import (LABELS, BatchStream, add_data_flags, check_langua
                                data_provenance, encode_sentences, load_wikiann, parse_languages)
 from plumbing.pretrained import (DEFAULT_MODEL, PRECISIONS, check_max_len, load_token_classifier, load_tokenizer,
                                  model_config, pick_device, precision_context, resolve_model)
-from plumbing.runs import (MetricsLog, check_at_least, check_finite, check_positive, check_seed, claim_run_folder,
-                           derive_seed, is_finished, parser_taking_negative_numbers, read_record, run_cli,
-                           save_model_atomic, set_seed, weights_sha256, write_record)
+from plumbing.runs import (MetricsLog, check_at_least, check_finite, check_out_is_not_input, check_positive, check_seed,
+                           claim_run_folder, derive_seed, is_finished, parser_taking_negative_numbers, read_record,
+                           run_cli, save_model_atomic, set_seed, weights_sha256, write_record)
 from plumbing.scoring import score_model
 
 # --------------------------------------------------------------------- defaults -----
@@ -156,12 +156,6 @@ def save_checkpoint(model, tokenizer, out, extra):
         peft_state.save_peft(model, out, extra=extra)
 
 
-def check_out_is_not_init(out, init_path):
-    """--out must not be the body: --overwrite would delete the body before it is read."""
-    if Path(init_path).is_dir() and Path(out).resolve() == Path(init_path).resolve():
-        raise ValueError(f"--out {out} is the body that --init names: choose another --out (nothing was changed)")
-
-
 def init_record(init_path):
     """The record of the body's run (a primed folder), which must be finished; None for a plain model."""
     record = read_record(init_path) if Path(init_path).is_dir() else None
@@ -177,7 +171,7 @@ def main(argv=None):
     fmt = data_format_from_flags(args)
     device = pick_device(args.gpu)
     init_path = resolve_model(args.init)
-    check_out_is_not_init(args.out, init_path)
+    check_out_is_not_input(args.out, init_path, "--init", "the body")
     body_config = model_config(init_path)  # before the tokenizer, which reads config.json too: the error names it
     tokenizer = load_tokenizer(args.init)
     check_max_len(args.max_len, body_config, tokenizer)

@@ -314,6 +314,14 @@ def check_same_data(record, data, out):
                          f"or start a new --out")
 
 
+def check_out_is_not_input(out, path, flag, what="the folder"):
+    """--out must not be a folder the run reads (`path`, given by `flag`): --overwrite would delete it
+    before it is read. Checked before anything is claimed or deleted."""
+    if path is not None and Path(path).expanduser().is_dir() and \
+            Path(out).resolve() == Path(path).expanduser().resolve():
+        raise ValueError(f"--out {out} is {what} that {flag} names: choose another --out (nothing was changed)")
+
+
 def clear_folder(folder):
     """Remove a run folder's contents (not its lock): --overwrite."""
     import shutil

@@ -1,0 +1,36 @@
+"""Nothing of the user's touched, every score from what it names (issue 38): a stage never deletes
+its own input, a language counts once, a mistaken data format or a body without its tokenizer is
+named, scores land only where they belong and name the data and body that were scored. One fault
+injected per test, on a tiny model."""
+import json
+import shutil
+
+import pytest
+
+from test_provenance import contents, evaluate_argv
+from test_robustness import error_of, prime_argv, primed, tune_argv, tuned  # noqa: F401 (fixtures)
+
+import evaluate_ner
+import meta_pretrain
+
+
+# ----------------------------------------------------------------------------- deleting its own input
+
+def test_priming_refuses_out_equal_to_its_model_even_with_overwrite(data_dir, primed, tmp_path, capsys):
+    body = tmp_path / "p"
+    shutil.copytree(primed, body)
+    before = contents(body)
+    message = error_of(meta_pretrain.main, prime_argv(body, data_dir, body, "--overwrite"), capsys)
+    assert "is the body that --model names" in message and "choose another --out" in message
+    assert contents(body) == before
+
+
+def test_priming_refuses_out_equal_to_its_reference_even_with_overwrite(tiny_model_dir, data_dir, tuned, tmp_path,
+                                                                        capsys):
+    reference = tmp_path / "ft"
+    shutil.copytree(tuned, reference)
+    before = contents(reference)
+    message = error_of(meta_pretrain.main, prime_argv(tiny_model_dir, data_dir, reference, "--reference-ft",
+                                                      str(reference), "--overwrite"), capsys)
+    assert "is the reference fine-tuning that --reference-ft names" in message
+    assert contents(reference) == before
