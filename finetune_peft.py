@@ -110,8 +110,8 @@ def check_extra_langs(lang, extra_langs, extra_sentences):
         if extra_sentences is not None:
             raise ValueError("--extra-sentences needs --extra-langs (e.g. --extra-langs de,es)")
         return None
-    langs = parse_languages(extra_langs)
-    if lang in langs or len(set(langs)) < len(langs):
+    langs = parse_languages(extra_langs, "--extra-langs")
+    if lang in langs:
         raise ValueError(f"--extra-langs {extra_langs}: give languages other than --lang {lang}, each once")
     return ",".join(langs)
 

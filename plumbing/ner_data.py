@@ -103,12 +103,15 @@ def check_language(code, flag="--langs"):
 
 
 def parse_languages(text, flag="--langs"):
-    """'de,es' -> ['de', 'es'] (a flag value; empty items and non-codes are clear errors)."""
+    """'de,es' -> ['de', 'es'] (a flag value; empty items, non-codes and a code given twice are clear
+    errors: a repeated language would be scored, averaged or sampled twice)."""
     langs = [l.strip() for l in text.split(",")]
     if not all(langs):
         raise ValueError(f"bad language list {text!r}: give codes separated by commas, e.g. de,es")
-    for lang in langs:
+    for i, lang in enumerate(langs):
         check_language(lang, flag)
+        if lang in langs[:i]:
+            raise ValueError(f"{flag} {text}: {lang} is given twice: list each once")
     return langs
 
 

@@ -34,3 +34,26 @@ def test_priming_refuses_out_equal_to_its_reference_even_with_overwrite(tiny_mod
                                                       str(reference), "--overwrite"), capsys)
     assert "is the reference fine-tuning that --reference-ft names" in message
     assert contents(reference) == before
+
+
+# ----------------------------------------------------------------------------- a language counts once
+
+def test_a_language_given_twice_is_refused_by_evaluation(tuned, data_dir, tmp_path, capsys):
+    out = tmp_path / "scores.json"
+    message = error_of(evaluate_ner.main, evaluate_argv(tuned, data_dir, "--langs", "fr,fr,nl", "--out", str(out)),
+                       capsys)
+    assert "--langs fr,fr,nl: fr is given twice" in message and not out.exists()
+
+
+def test_a_language_given_twice_is_refused_by_priming(tiny_model_dir, data_dir, tmp_path, capsys):
+    message = error_of(meta_pretrain.main, prime_argv(tiny_model_dir, data_dir, tmp_path / "p", "--priming-langs",
+                                                      "de,de,es"), capsys)
+    assert "--priming-langs de,de,es: de is given twice" in message and not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("flag, value, twice", [("--langs", "fr,fr", "fr"), ("--priming-langs", "de,de,es", "de")])
+def test_a_language_given_twice_is_refused_by_compare(data_dir, flag, value, twice):
+    from experiments import compare
+    args = compare.build_parser().parse_args(["--data-dir", data_dir, flag, value])
+    with pytest.raises(ValueError, match=f"{flag} {value}: {twice} is given twice"):
+        compare.check_args(args)                                  # before anything runs
