@@ -306,6 +306,7 @@ def parse_tag_map(text):
 def read_conll_file(path, fmt, max_sentences=None):
     """Sentences of one CoNLL column file as (tokens, tag ids), tags in IOB2 over LABELS."""
     sentences = read_conll_columns(path, fmt, max_sentences)
+    check_not_panx(sentences, path)
     scheme = detect_tag_scheme(sentences) if fmt.tag_scheme == "auto" else fmt.tag_scheme
     tag_map = dict(fmt.tag_map)
     result = []
@@ -316,6 +317,18 @@ def read_conll_file(path, fmt, max_sentences=None):
                for (prefix, kind), (_, _, _, lineno) in zip(tags, sentence)]
         result.append(([token for token, *_ in sentence], ids))
     return result
+
+
+PANX_TOKEN = re.compile(r"^[a-z]{2,3}(-[a-z0-9]+)*:.")  # PAN-X's `lang:token`, e.g. nl:Word
+
+
+def check_not_panx(sentences, path):
+    """A PAN-X file read as CoNLL columns: every token keeps its `lang:` prefix, none is in the
+    vocabulary and the scores are silently near 0; refused when every token carries one."""
+    tokens = [token for sentence in sentences for token, *_ in sentence]
+    if tokens and all(PANX_TOKEN.match(token) for token in tokens):
+        raise ValueError(f"{path}: every token starts with a language code ({tokens[0]!r}): a PAN-X file; "
+                         f"read it with --data-format panx")
 
 
 def read_conll_columns(path, fmt, max_sentences=None):

@@ -57,3 +57,12 @@ def test_a_language_given_twice_is_refused_by_compare(data_dir, flag, value, twi
     args = compare.build_parser().parse_args(["--data-dir", data_dir, flag, value])
     with pytest.raises(ValueError, match=f"{flag} {value}: {twice} is given twice"):
         compare.check_args(args)                                  # before anything runs
+
+
+# ----------------------------------------------------------------------------- the data and the body named
+
+def test_panx_files_read_as_conll_are_named(tuned, data_dir, tmp_path, capsys):
+    out = tmp_path / "scores.json"
+    message = error_of(evaluate_ner.main, evaluate_argv(tuned, data_dir, "--data-format", "conll", "--out", str(out)),
+                       capsys)
+    assert f"{data_dir}/fr/test" in message and "--data-format panx" in message and not out.exists()
