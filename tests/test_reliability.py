@@ -11,6 +11,7 @@ from test_provenance import contents, evaluate_argv
 from test_robustness import error_of, prime_argv, primed, tune_argv, tuned  # noqa: F401 (fixtures)
 
 import evaluate_ner
+import finetune_peft
 import meta_pretrain
 
 
@@ -66,3 +67,26 @@ def test_panx_files_read_as_conll_are_named(tuned, data_dir, tmp_path, capsys):
     message = error_of(evaluate_ner.main, evaluate_argv(tuned, data_dir, "--data-format", "conll", "--out", str(out)),
                        capsys)
     assert f"{data_dir}/fr/test" in message and "--data-format panx" in message and not out.exists()
+
+
+def body_without_tokenizer(source, folder):
+    shutil.copytree(source, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    return folder
+
+
+def test_a_body_without_its_tokenizer_is_refused_by_fine_tuning(tiny_model_dir, data_dir, tmp_path, capsys):
+    body = body_without_tokenizer(tiny_model_dir, tmp_path / "body")
+    message = error_of(finetune_peft.main, tune_argv(body, data_dir, tmp_path / "ft"), capsys)
+    assert f"{body}" in message and "tokenizer.json" in message and not (tmp_path / "ft").exists()
+
+
+def test_a_body_that_lost_its_tokenizer_is_refused_by_evaluation(tiny_model_dir, data_dir, tmp_path, capsys):
+    body, ft = tmp_path / "body", tmp_path / "ft"
+    shutil.copytree(tiny_model_dir, body)
+    finetune_peft.main(tune_argv(body, data_dir, ft))
+    shutil.rmtree(body)
+    body_without_tokenizer(tiny_model_dir, body)
+    message = error_of(evaluate_ner.main, evaluate_argv(ft, data_dir), capsys)
+    assert f"{body}" in message and "tokenizer.json" in message and not (ft / "eval-test.json").exists()
