@@ -71,6 +71,7 @@ def check_args(args):
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder: give a file name, e.g. {out / f'eval-{args.split}.json'}")
     check_output_file(out, args.overwrite)
+    check_output_belongs(out, ckpt, args.overwrite)
     writable_folder(out.parent, "--out")
     langs = parse_languages(args.langs)
     if args.predictions:
@@ -100,6 +101,20 @@ def check_output_file(out, overwrite):
     if out.exists() and not overwrite and not is_evaluation(out):
         raise ValueError(f"--out {out} exists and holds no scores of evaluate_ner.py: give a new file name "
                          f"(or --overwrite to replace it)")
+
+
+def check_output_belongs(out, ckpt, overwrite):
+    """Without --overwrite, --out never lands in another run's folder (scores there are taken for that
+    run's: compare.py reads them so) nor replaces the scores of another checkpoint."""
+    if overwrite or out.parent.resolve() == ckpt.resolve():
+        return
+    if (out.parent / RECORD).is_file():
+        raise ValueError(f"--out {out} is in another run's folder ({out.parent}), where scores are taken for that "
+                         f"run's: give a file outside it, e.g. {ckpt / out.name} (or --overwrite)")
+    scored = json.loads(out.read_text())["ckpt"] if out.exists() else None  # an evaluation's (check_output_file)
+    if scored is not None and scored != str(ckpt.resolve()):
+        raise ValueError(f"--out {out} holds the scores of another checkpoint ({scored}): give a new file name "
+                         f"(or --overwrite to replace them)")
 
 
 def check_body_unchanged(ckpt, body, saved_sha256):

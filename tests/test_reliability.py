@@ -90,3 +90,24 @@ def test_a_body_that_lost_its_tokenizer_is_refused_by_evaluation(tiny_model_dir,
     body_without_tokenizer(tiny_model_dir, body)
     message = error_of(evaluate_ner.main, evaluate_argv(ft, data_dir), capsys)
     assert f"{body}" in message and "tokenizer.json" in message and not (ft / "eval-test.json").exists()
+
+
+# ----------------------------------------------------------------------------- scores where they belong
+
+def test_evaluation_never_replaces_another_checkpoints_scores_without_overwrite(tiny_model_dir, data_dir, tuned,
+                                                                                 tmp_path, capsys):
+    other = tmp_path / "ft-other"
+    finetune_peft.main(tune_argv(tiny_model_dir, data_dir, other, "--seed", "1"))
+    evaluate_ner.main(evaluate_argv(tuned, data_dir))
+    theirs = (tuned / "eval-test.json").read_bytes()
+    message = error_of(evaluate_ner.main, evaluate_argv(other, data_dir, "--out", str(tuned / "eval-test.json")), capsys)
+    assert f"{tuned}" in message and "--overwrite" in message
+    assert (tuned / "eval-test.json").read_bytes() == theirs
+    message = error_of(evaluate_ner.main, evaluate_argv(other, data_dir, "--out", str(tuned / "eval-new.json")), capsys)
+    assert "another run's folder" in message and not (tuned / "eval-new.json").exists()
+    scores = tmp_path / "scores.json"                             # outside any run: another checkpoint's scores
+    evaluate_ner.main(evaluate_argv(tuned, data_dir, "--out", str(scores)))
+    message = error_of(evaluate_ner.main, evaluate_argv(other, data_dir, "--out", str(scores)), capsys)
+    assert "holds the scores of another checkpoint" in message
+    evaluate_ner.main(evaluate_argv(other, data_dir, "--out", str(scores), "--overwrite"))
+    assert json.loads(scores.read_text())["ckpt"] == str(other.resolve())
