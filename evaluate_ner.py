@@ -223,12 +223,25 @@ def write_scores(ckpt, record_bytes, out, scores):
         write_json(out, scores)
 
 
+def read_data(args, langs, fmt):
+    """The target languages' data and its provenance for the record, hashed before and after reading
+    (not after scoring): the hash recorded is that of the bytes scored, and a file replaced while
+    it was read is refused."""
+    files = [(lang, args.split) for lang in langs]
+    before = data_provenance(args.data_dir, files, fmt)
+    datasets = {lang: load_wikiann(lang, args.split, args.data_dir, args.max_sentences, fmt) for lang in langs}
+    if data_provenance(args.data_dir, files, fmt) != before:
+        raise ValueError(f"the data in {before['dir']} changed while it was read ({', '.join(before['files'])}): "
+                         f"nothing was scored; evaluate again once the files are complete")
+    return datasets, before | (data_description(fmt) if fmt else {})
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     langs, out, fmt = check_args(args)
     version = code_version()  # the code that scores, read now
     device = pick_device(args.gpu)
-    datasets = {lang: load_wikiann(lang, args.split, args.data_dir, args.max_sentences, fmt) for lang in langs}
+    datasets, provenance = read_data(args, langs, fmt)
     record_bytes = record_snapshot(args.ckpt)  # the run these scores belong to (checked again when writing)
     model, tokenizer, record = load_finetuned(args.ckpt, device)
     check_max_len(args.max_len, model.config, tokenizer)
@@ -252,8 +265,7 @@ def main(argv=None):
         "f1_mode": "f1_default: seqeval default mode (conlleval-like, as XTREME); f1_strict: strict IOB2",
         "code_version": version, "predictions": args.predictions,
         "ckpt_record_sha256": hashlib.sha256(record_bytes or b"").hexdigest(),
-        "data": data_provenance(args.data_dir, [(lang, args.split) for lang in langs], fmt)
-        | (data_description(fmt) if fmt else {})})
+        "data": provenance})
     print(markdown_table(results))
     print(f"scores written to {out} ({', '.join(f'{l} {s}s' for l, s in seconds.items())})")
 

@@ -111,3 +111,34 @@ def test_evaluation_never_replaces_another_checkpoints_scores_without_overwrite(
     assert "holds the scores of another checkpoint" in message
     evaluate_ner.main(evaluate_argv(other, data_dir, "--out", str(scores), "--overwrite"))
     assert json.loads(scores.read_text())["ckpt"] == str(other.resolve())
+
+
+def test_evaluation_records_the_hash_of_the_data_it_scored(tuned, data_dir, tmp_path, monkeypatch):
+    from plumbing.ner_data import data_provenance
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    scored = data_provenance(str(copy), [("fr", "test")])["sha256"]
+    real = evaluate_ner.predict_words
+
+    def replace_the_file(*args, **kwargs):                        # the test file replaced while it is scored
+        (copy / "fr" / "test").write_text("fr:Paris\tB-LOC\n")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(evaluate_ner, "predict_words", replace_the_file)
+    out = tmp_path / "scores.json"
+    evaluate_ner.main(evaluate_argv(tuned, str(copy), "--out", str(out)))
+    assert json.loads(out.read_text())["data"]["sha256"] == scored
+
+
+def test_data_that_changes_while_it_is_read_is_not_scored(tuned, data_dir, tmp_path, capsys, monkeypatch):
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    real = evaluate_ner.load_wikiann
+
+    def replace_after_reading(*args, **kwargs):                   # replaced between its hash and its scores
+        data = real(*args, **kwargs)
+        (copy / "fr" / "test").write_text("fr:Paris\tB-LOC\n")
+        return data
+    monkeypatch.setattr(evaluate_ner, "load_wikiann", replace_after_reading)
+    out = tmp_path / "scores.json"
+    message = error_of(evaluate_ner.main, evaluate_argv(tuned, str(copy), "--out", str(out)), capsys)
+    assert "changed while it was read" in message and f"{copy}" in message and not out.exists()
