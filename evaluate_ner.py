@@ -169,14 +169,22 @@ def unfinished_advice(ckpt, record):
             f"--overwrite --out {ckpt}")
 
 
+def languages_seen(record):
+    """Every language a checkpoint's chain of runs trained on: its fine-tuning, the body's priming,
+    and that body's own input when it was primed in turn (init_record / input_record, to the end)."""
+    seen = set()
+    while record:
+        args = record.get("args", {})
+        seen |= {args.get("lang"), args.get("source_lang")}
+        seen |= set((args.get("extra_langs") or "").split(",")) | set((args.get("priming_langs") or "").split(","))
+        record = record.get("init_record") or record.get("input_record")
+    return seen - {None, ""}
+
+
 def not_zero_shot(record, langs):
     """The languages of `langs` seen in fine-tuning or priming (their scores are not zero-shot),
     each with a warning."""
-    if not record:
-        return []
-    seen = {record["args"].get("lang")} | set((record["args"].get("extra_langs") or "").split(","))
-    primed = (record.get("init_record") or {}).get("args", {})
-    seen |= set(primed.get("priming_langs", "").split(",")) | {primed.get("source_lang")}
+    seen = languages_seen(record)
     for lang in langs:
         if lang in seen:
             warnings.warn(f"{lang} was used in fine-tuning or priming of this checkpoint: "

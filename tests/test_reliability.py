@@ -142,3 +142,14 @@ def test_data_that_changes_while_it_is_read_is_not_scored(tuned, data_dir, tmp_p
     out = tmp_path / "scores.json"
     message = error_of(evaluate_ner.main, evaluate_argv(tuned, str(copy), "--out", str(out)), capsys)
     assert "changed while it was read" in message and f"{copy}" in message and not out.exists()
+
+
+def test_chained_priming_counts_every_levels_languages_as_not_zero_shot(tiny_model_dir, data_dir, tmp_path):
+    first, second, ft = tmp_path / "p1", tmp_path / "p2", tmp_path / "ft"
+    meta_pretrain.main(prime_argv(tiny_model_dir, data_dir, first, "--priming-langs", "fr"))
+    meta_pretrain.main(prime_argv(first, data_dir, second))                # primed again on de,es
+    finetune_peft.main(tune_argv(second, data_dir, ft))
+    with pytest.warns(UserWarning, match="fr was used in fine-tuning or priming"):
+        evaluate_ner.main(evaluate_argv(ft, data_dir, "--langs", "fr,nl"))
+    saved = json.loads((ft / "eval-test.json").read_text())
+    assert saved["not_zero_shot"] == ["fr"] and saved["average_of"] == ["nl"]
