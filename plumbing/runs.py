@@ -199,13 +199,16 @@ def try_lock(path):
 
 def lock_briefly(path, wait=10.0):
     """The lock on `path` within `wait` seconds (another evaluation holds it for a moment), else None
-    (a run holds it for its whole life); a lock that does nothing where the folder is read-only
-    (nothing can write it then)."""
+    (a run holds it for its whole life); a lock that does nothing where the folder cannot be written,
+    for want of permission or on a read-only mount (EROFS: nothing can write it then either)."""
+    import errno
     deadline = time.monotonic() + wait
     while True:
         try:
             handle = try_lock(path)
-        except PermissionError:
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
             return contextlib.nullcontext()
         if handle is not None or time.monotonic() > deadline:
             return handle

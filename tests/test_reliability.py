@@ -153,3 +153,17 @@ def test_chained_priming_counts_every_levels_languages_as_not_zero_shot(tiny_mod
         evaluate_ner.main(evaluate_argv(ft, data_dir, "--langs", "fr,nl"))
     saved = json.loads((ft / "eval-test.json").read_text())
     assert saved["not_zero_shot"] == ["fr"] and saved["average_of"] == ["nl"]
+
+
+@pytest.mark.parametrize("errno_name", ["EROFS", "EACCES"])
+def test_a_checkpoint_on_a_read_only_mount_is_evaluated(tuned, data_dir, tmp_path, monkeypatch, errno_name):
+    import errno
+    import os
+    from plumbing import runs
+
+    def read_only(path):                                          # the lock file cannot be created there
+        raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)), str(path))
+    monkeypatch.setattr(runs, "try_lock", read_only)
+    out = tmp_path / "scores.json"
+    evaluate_ner.main(evaluate_argv(tuned, data_dir, "--out", str(out)))
+    assert json.loads(out.read_text())["ckpt"] == str(tuned.resolve())
