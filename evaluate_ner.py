@@ -27,7 +27,7 @@ from plumbing.ner_data import (LABELS, SPLITS, add_data_flags, data_description,
                                data_provenance, encode_sentences, load_wikiann, parse_languages)
 from plumbing.pretrained import (PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, pick_device,
                                  precision_context)
-from plumbing.runs import (LOCK, RECORD, check_at_least, code_version, is_finished, lock_briefly,
+from plumbing.runs import (LOCK, RECORD, check_at_least, code_version, config_sha256, is_finished, lock_briefly,
                            parser_taking_negative_numbers, read_json_object, read_record, run_cli, weights_sha256,
                            write_json)
 from plumbing.scoring import entity_scores, predict_words, write_conll
@@ -117,9 +117,15 @@ def check_output_belongs(out, ckpt, overwrite):
                          f"(or --overwrite to replace them)")
 
 
-def check_body_unchanged(ckpt, body, saved_sha256):
-    """The body's weights are the bytes the PEFT tensors were trained on (a re-primed or replaced
-    body would be scored with adapters that do not belong to it)."""
+def check_body_unchanged(ckpt, body, saved_sha256, saved_config_sha256=None):
+    """The body's weights and config.json are those the PEFT tensors were trained on (a re-primed or
+    replaced body, or an edited config, would be scored with adapters that do not belong to it)."""
+    if saved_config_sha256 is not None:  # None: a checkpoint older than the config hash, or a hub body
+        now = config_sha256(body)
+        if now != saved_config_sha256:
+            raise ValueError(f"{Path(body) / 'config.json'} changed since {ckpt} was fine-tuned on it (sha256 "
+                             f"{str(now)[:12]}, then {saved_config_sha256[:12]}): restore it, or fine-tune the body "
+                             f"as it is now into a new --out")
     if saved_sha256 is None:
         return None  # a checkpoint older than the body hash, or a hub body
     now = weights_sha256(body)
@@ -143,7 +149,7 @@ def load_finetuned(ckpt, device):
             raise ValueError(f"{ckpt}/peft_config.json does not say which body it was trained on")
         if saved.get("labels", LABELS) != LABELS:
             raise ValueError(f"{ckpt} predicts labels {saved['labels']}, but the data uses {LABELS}")
-        check_body_unchanged(ckpt, body, saved.get("body_sha256"))
+        check_body_unchanged(ckpt, body, saved.get("body_sha256"), saved.get("body_config_sha256"))
         model = load_token_classifier(body, num_labels=len(LABELS), id2label=LABELS, device=device)
         peft_state.load_peft(model, ckpt)
         return model, load_tokenizer(body), record

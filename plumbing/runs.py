@@ -9,7 +9,8 @@
         resume.pt                    the latest resumable state (model, optimizer, data streams, RNGs)
       ft-<init>-adapter-en-s0/       finetune_peft.py --out: PEFT tensors + head only (megabytes)
         peft.safetensors, peft_config.json, run.json (its "init" points to the body, "init_sha256"
-        names the body's weights: evaluation refuses a body that changed since), metrics.jsonl
+        names the body's weights and "init_config_sha256" its config.json: evaluation refuses a
+        body that changed since), metrics.jsonl
         eval-test.json               evaluate_ner.py's scores for that checkpoint
 
 So every number in a results table traces back: eval-*.json -> its fine-tuning folder's run.json
@@ -117,6 +118,14 @@ def weights_sha256(folder):
     for f in files:
         digest.update(f"{f.name}\0{file_sha256(f)}\0".encode())
     return digest.hexdigest()
+
+
+def config_sha256(folder):
+    """The sha256 of a model folder's config.json (None for a hub id, or a folder without one): what
+    shapes the body's outputs beside its weights (hidden_act, layer norm eps ...). A field of its own
+    beside weights_sha256, so records written before it still check their weights."""
+    path = Path(folder) / "config.json"
+    return file_sha256(path) if path.is_file() else None
 
 
 def is_disk_full(error):

@@ -167,3 +167,26 @@ def test_a_checkpoint_on_a_read_only_mount_is_evaluated(tuned, data_dir, tmp_pat
     out = tmp_path / "scores.json"
     evaluate_ner.main(evaluate_argv(tuned, data_dir, "--out", str(out)))
     assert json.loads(out.read_text())["ckpt"] == str(tuned.resolve())
+
+
+# ----------------------------------------------------------------------------- the body's identity
+
+def test_evaluation_refuses_a_body_whose_config_changed_after_fine_tuning(data_dir, primed, tmp_path, capsys):
+    body, ft = tmp_path / "p", tmp_path / "ft"
+    shutil.copytree(primed, body)
+    finetune_peft.main(tune_argv(body, data_dir, ft))
+    config = json.loads((body / "config.json").read_text())
+    (body / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))  # weights unchanged
+    message = error_of(evaluate_ner.main, evaluate_argv(ft, data_dir), capsys)
+    assert f"{body.resolve() / 'config.json'} changed since {ft} was fine-tuned" in message
+    assert not (ft / "eval-test.json").exists()
+
+
+def test_a_checkpoint_older_than_the_config_hash_is_still_evaluated(data_dir, tuned, tmp_path):
+    old = tmp_path / "ft"
+    shutil.copytree(tuned, old)
+    saved = json.loads((old / "peft_config.json").read_text())
+    saved["extra"].pop("body_config_sha256", None)              # as written before the config hash existed
+    (old / "peft_config.json").write_text(json.dumps(saved))
+    evaluate_ner.main(evaluate_argv(old, data_dir))
+    assert (old / "eval-test.json").is_file()
