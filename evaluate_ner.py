@@ -53,7 +53,8 @@ def build_parser():
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
     p.add_argument("--out", default=None, help="JSON output (default: <ckpt>/eval-<split>.json)")
     p.add_argument("--overwrite", action="store_true",
-                   help="let --out replace an existing file that is not an evaluation's scores, and --predictions its <lang>.conll files")
+                   help="let --out replace an existing file that is not this checkpoint's scores or write into "
+                        "another run's folder, and --predictions replace its <lang>.conll files")
     p.add_argument("--predictions", default=None,
                    help="folder for one <lang>.conll per language (token gold predicted; conlleval/seqeval re-score it)")
     return parser_taking_negative_numbers(p)
