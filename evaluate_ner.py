@@ -27,7 +27,7 @@ from plumbing.ner_data import (LABELS, SPLITS, add_data_flags, data_description,
                                data_provenance, encode_sentences, load_wikiann, parse_languages)
 from plumbing.pretrained import (PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, pick_device,
                                  precision_context)
-from plumbing.runs import (LOCK, RECORD, check_at_least, code_version, is_finished, lock_briefly,
+from plumbing.runs import (LOCK, RECORD, check_at_least, code_version, config_sha256, is_finished, lock_briefly,
                            parser_taking_negative_numbers, read_json_object, read_record, run_cli, weights_sha256,
                            write_json)
 from plumbing.scoring import entity_scores, predict_words, write_conll
@@ -53,7 +53,8 @@ def build_parser():
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
     p.add_argument("--out", default=None, help="JSON output (default: <ckpt>/eval-<split>.json)")
     p.add_argument("--overwrite", action="store_true",
-                   help="let --out replace an existing file that is not an evaluation's scores, and --predictions its <lang>.conll files")
+                   help="let --out replace an existing file that is not this checkpoint's scores or write into "
+                        "another run's folder, and --predictions replace its <lang>.conll files")
     p.add_argument("--predictions", default=None,
                    help="folder for one <lang>.conll per language (token gold predicted; conlleval/seqeval re-score it)")
     return parser_taking_negative_numbers(p)
@@ -71,6 +72,7 @@ def check_args(args):
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder: give a file name, e.g. {out / f'eval-{args.split}.json'}")
     check_output_file(out, args.overwrite)
+    check_output_belongs(out, ckpt, args.overwrite)
     writable_folder(out.parent, "--out")
     langs = parse_languages(args.langs)
     if args.predictions:
@@ -102,9 +104,29 @@ def check_output_file(out, overwrite):
                          f"(or --overwrite to replace it)")
 
 
-def check_body_unchanged(ckpt, body, saved_sha256):
-    """The body's weights are the bytes the PEFT tensors were trained on (a re-primed or replaced
-    body would be scored with adapters that do not belong to it)."""
+def check_output_belongs(out, ckpt, overwrite):
+    """Without --overwrite, --out never lands in another run's folder (scores there are taken for that
+    run's: compare.py reads them so) nor replaces the scores of another checkpoint."""
+    if overwrite or out.parent.resolve() == ckpt.resolve():
+        return
+    if (out.parent / RECORD).is_file():
+        raise ValueError(f"--out {out} is in another run's folder ({out.parent}), where scores are taken for that "
+                         f"run's: give a file outside it, e.g. {ckpt / out.name} (or --overwrite)")
+    scored = json.loads(out.read_text())["ckpt"] if out.exists() else None  # an evaluation's (check_output_file)
+    if scored is not None and scored != str(ckpt.resolve()):
+        raise ValueError(f"--out {out} holds the scores of another checkpoint ({scored}): give a new file name "
+                         f"(or --overwrite to replace them)")
+
+
+def check_body_unchanged(ckpt, body, saved_sha256, saved_config_sha256=None):
+    """The body's weights and config.json are those the PEFT tensors were trained on (a re-primed or
+    replaced body, or an edited config, would be scored with adapters that do not belong to it)."""
+    if saved_config_sha256 is not None:  # None: a checkpoint older than the config hash, or a hub body
+        now = config_sha256(body)
+        if now != saved_config_sha256:
+            raise ValueError(f"{Path(body) / 'config.json'} changed since {ckpt} was fine-tuned on it (sha256 "
+                             f"{str(now)[:12]}, then {saved_config_sha256[:12]}): restore it, or fine-tune the body "
+                             f"as it is now into a new --out")
     if saved_sha256 is None:
         return None  # a checkpoint older than the body hash, or a hub body
     now = weights_sha256(body)
@@ -128,7 +150,7 @@ def load_finetuned(ckpt, device):
             raise ValueError(f"{ckpt}/peft_config.json does not say which body it was trained on")
         if saved.get("labels", LABELS) != LABELS:
             raise ValueError(f"{ckpt} predicts labels {saved['labels']}, but the data uses {LABELS}")
-        check_body_unchanged(ckpt, body, saved.get("body_sha256"))
+        check_body_unchanged(ckpt, body, saved.get("body_sha256"), saved.get("body_config_sha256"))
         model = load_token_classifier(body, num_labels=len(LABELS), id2label=LABELS, device=device)
         peft_state.load_peft(model, ckpt)
         return model, load_tokenizer(body), record
@@ -154,14 +176,22 @@ def unfinished_advice(ckpt, record):
             f"--overwrite --out {ckpt}")
 
 
+def languages_seen(record):
+    """Every language a checkpoint's chain of runs trained on: its fine-tuning, the body's priming,
+    and that body's own input when it was primed in turn (init_record / input_record, to the end)."""
+    seen = set()
+    while record:
+        args = record.get("args", {})
+        seen |= {args.get("lang"), args.get("source_lang")}
+        seen |= set((args.get("extra_langs") or "").split(",")) | set((args.get("priming_langs") or "").split(","))
+        record = record.get("init_record") or record.get("input_record")
+    return seen - {None, ""}
+
+
 def not_zero_shot(record, langs):
     """The languages of `langs` seen in fine-tuning or priming (their scores are not zero-shot),
     each with a warning."""
-    if not record:
-        return []
-    seen = {record["args"].get("lang")} | set((record["args"].get("extra_langs") or "").split(","))
-    primed = (record.get("init_record") or {}).get("args", {})
-    seen |= set(primed.get("priming_langs", "").split(",")) | {primed.get("source_lang")}
+    seen = languages_seen(record)
     for lang in langs:
         if lang in seen:
             warnings.warn(f"{lang} was used in fine-tuning or priming of this checkpoint: "
@@ -208,12 +238,25 @@ def write_scores(ckpt, record_bytes, out, scores):
         write_json(out, scores)
 
 
+def read_data(args, langs, fmt):
+    """The target languages' data and its provenance for the record, hashed before and after reading
+    (not after scoring): the hash recorded is that of the bytes scored, and a file replaced while
+    it was read is refused."""
+    files = [(lang, args.split) for lang in langs]
+    before = data_provenance(args.data_dir, files, fmt)
+    datasets = {lang: load_wikiann(lang, args.split, args.data_dir, args.max_sentences, fmt) for lang in langs}
+    if data_provenance(args.data_dir, files, fmt) != before:
+        raise ValueError(f"the data in {before['dir']} changed while it was read ({', '.join(before['files'])}): "
+                         f"nothing was scored; evaluate again once the files are complete")
+    return datasets, before | (data_description(fmt) if fmt else {})
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     langs, out, fmt = check_args(args)
     version = code_version()  # the code that scores, read now
     device = pick_device(args.gpu)
-    datasets = {lang: load_wikiann(lang, args.split, args.data_dir, args.max_sentences, fmt) for lang in langs}
+    datasets, provenance = read_data(args, langs, fmt)
     record_bytes = record_snapshot(args.ckpt)  # the run these scores belong to (checked again when writing)
     model, tokenizer, record = load_finetuned(args.ckpt, device)
     check_max_len(args.max_len, model.config, tokenizer)
@@ -237,8 +280,7 @@ def main(argv=None):
         "f1_mode": "f1_default: seqeval default mode (conlleval-like, as XTREME); f1_strict: strict IOB2",
         "code_version": version, "predictions": args.predictions,
         "ckpt_record_sha256": hashlib.sha256(record_bytes or b"").hexdigest(),
-        "data": data_provenance(args.data_dir, [(lang, args.split) for lang in langs], fmt)
-        | (data_description(fmt) if fmt else {})})
+        "data": provenance})
     print(markdown_table(results))
     print(f"scores written to {out} ({', '.join(f'{l} {s}s' for l, s in seconds.items())})")
 

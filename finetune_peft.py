@@ -31,9 +31,9 @@ from plumbing.ner_data import (LABELS, BatchStream, add_data_flags, check_langua
                                data_provenance, encode_sentences, load_wikiann, parse_languages)
 from plumbing.pretrained import (DEFAULT_MODEL, PRECISIONS, check_max_len, load_token_classifier, load_tokenizer,
                                  model_config, pick_device, precision_context, resolve_model)
-from plumbing.runs import (MetricsLog, check_at_least, check_finite, check_positive, check_seed, claim_run_folder,
-                           derive_seed, is_finished, parser_taking_negative_numbers, read_record, run_cli,
-                           save_model_atomic, set_seed, weights_sha256, write_record)
+from plumbing.runs import (MetricsLog, check_at_least, check_finite, check_out_is_not_input, check_positive, check_seed,
+                           claim_run_folder, config_sha256, derive_seed, is_finished, parser_taking_negative_numbers,
+                           read_record, run_cli, save_model_atomic, set_seed, weights_sha256, write_record)
 from plumbing.scoring import score_model
 
 # --------------------------------------------------------------------- defaults -----
@@ -110,8 +110,8 @@ def check_extra_langs(lang, extra_langs, extra_sentences):
         if extra_sentences is not None:
             raise ValueError("--extra-sentences needs --extra-langs (e.g. --extra-langs de,es)")
         return None
-    langs = parse_languages(extra_langs)
-    if lang in langs or len(set(langs)) < len(langs):
+    langs = parse_languages(extra_langs, "--extra-langs")
+    if lang in langs:
         raise ValueError(f"--extra-langs {extra_langs}: give languages other than --lang {lang}, each once")
     return ",".join(langs)
 
@@ -156,12 +156,6 @@ def save_checkpoint(model, tokenizer, out, extra):
         peft_state.save_peft(model, out, extra=extra)
 
 
-def check_out_is_not_init(out, init_path):
-    """--out must not be the body: --overwrite would delete the body before it is read."""
-    if Path(init_path).is_dir() and Path(out).resolve() == Path(init_path).resolve():
-        raise ValueError(f"--out {out} is the body that --init names: choose another --out (nothing was changed)")
-
-
 def init_record(init_path):
     """The record of the body's run (a primed folder), which must be finished; None for a plain model."""
     record = read_record(init_path) if Path(init_path).is_dir() else None
@@ -177,7 +171,7 @@ def main(argv=None):
     fmt = data_format_from_flags(args)
     device = pick_device(args.gpu)
     init_path = resolve_model(args.init)
-    check_out_is_not_init(args.out, init_path)
+    check_out_is_not_input(args.out, init_path, "--init", "the body")
     body_config = model_config(init_path)  # before the tokenizer, which reads config.json too: the error names it
     tokenizer = load_tokenizer(args.init)
     check_max_len(args.max_len, body_config, tokenizer)
@@ -185,7 +179,8 @@ def main(argv=None):
     dev = load_wikiann(args.lang, "dev", args.data_dir, args.dev_sentences, fmt)
     extra = [(lang, "train") for lang in parse_languages(args.extra_langs)] if args.extra_langs else []
     record = dict(init=args.init, init_path=init_path, init_record=init_record(init_path),
-                  init_sha256=weights_sha256(init_path),  # evaluation checks the body against it
+                  init_sha256=weights_sha256(init_path),  # evaluation checks the body against them
+                  init_config_sha256=config_sha256(init_path),
                   data=data_provenance(args.data_dir, [(args.lang, "train"), (args.lang, "dev"), *extra], fmt))
     set_seed(args.seed)
     model = build_model(args.init, config, args.seed, device)  # a body that does not load: an error before any write
@@ -235,7 +230,9 @@ def fine_tune(args, model, tokenizer, train, dev, out, record, device):
             if metrics["dev_f1_default"] > best["dev_f1_default"]:  # model selection on source-language dev F1
                 best = {"dev_f1_default": metrics["dev_f1_default"], "step": step}
                 save_checkpoint(model, tokenizer, out, {"best": best, "body": args.init, "body_path": record["init_path"],
-                                                        "body_sha256": record["init_sha256"], "labels": LABELS})
+                                                        "body_sha256": record["init_sha256"],
+                                                        "body_config_sha256": record["init_config_sha256"],
+                                                        "labels": LABELS})
             model.train()
         log.write(**metrics)
         bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", best_dev_f1=f"{best['dev_f1_default']:.1f}")

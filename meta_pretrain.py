@@ -43,11 +43,11 @@ import peft_config
 from plumbing import distributed, model_card, peft_state, resume_state
 from plumbing.ner_data import (LABELS, add_data_flags, check_language, data_format_from_flags, data_provenance,
                                parse_languages)
-from plumbing.pretrained import (DEFAULT_MODEL, PRECISIONS, check_max_len, load_token_classifier, load_tokenizer,
-                                 model_config, pick_device, precision_context, resolve_model)
-from plumbing.runs import (MetricsLog, check_at_least, check_finite, check_positive, check_seed, claim_run_folder,
-                           code_version, derive_seed, parser_taking_negative_numbers, read_json_object, read_record,
-                           run_cli, save_model_atomic, set_seed, write_record)
+from plumbing.pretrained import (DEFAULT_ALIASES, DEFAULT_MODEL, PRECISIONS, check_max_len, load_token_classifier,
+                                 load_tokenizer, model_config, pick_device, precision_context, resolve_model)
+from plumbing.runs import (MetricsLog, check_at_least, check_finite, check_out_is_not_input, check_positive, check_seed,
+                           claim_run_folder, code_version, derive_seed, parser_taking_negative_numbers,
+                           read_json_object, read_record, run_cli, save_model_atomic, set_seed, write_record)
 
 # --------------------------------------------------------------------- defaults -----
 # Budget: the README's main job; a meta-step of these defaults takes ~5 s on a quiet CPU core (RESULTS.md).
@@ -167,6 +167,9 @@ def check_args(args):
     check_reference_ft(args)
     if args.out is None:
         args.out = f"checkpoints/primed-{Path(args.model).name}-{args.method}-{args.peft}-s{args.seed}"
+    # the folders this run reads: --overwrite (or a resumed run's first save) would delete them
+    check_out_is_not_input(args.out, None if args.model in DEFAULT_ALIASES else args.model, "--model", "the body")
+    check_out_is_not_input(args.out, args.reference_ft, "--reference-ft", "the reference fine-tuning")
     return peft_config.peft_config_from_flags(args, args.peft)
 
 

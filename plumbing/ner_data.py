@@ -103,12 +103,15 @@ def check_language(code, flag="--langs"):
 
 
 def parse_languages(text, flag="--langs"):
-    """'de,es' -> ['de', 'es'] (a flag value; empty items and non-codes are clear errors)."""
+    """'de,es' -> ['de', 'es'] (a flag value; empty items, non-codes and a code given twice are clear
+    errors: a repeated language would be scored, averaged or sampled twice)."""
     langs = [l.strip() for l in text.split(",")]
     if not all(langs):
         raise ValueError(f"bad language list {text!r}: give codes separated by commas, e.g. de,es")
-    for lang in langs:
+    for i, lang in enumerate(langs):
         check_language(lang, flag)
+        if lang in langs[:i]:
+            raise ValueError(f"{flag} {text}: {lang} is given twice: list each once")
     return langs
 
 
@@ -303,6 +306,7 @@ def parse_tag_map(text):
 def read_conll_file(path, fmt, max_sentences=None):
     """Sentences of one CoNLL column file as (tokens, tag ids), tags in IOB2 over LABELS."""
     sentences = read_conll_columns(path, fmt, max_sentences)
+    check_not_panx(sentences, path)
     scheme = detect_tag_scheme(sentences) if fmt.tag_scheme == "auto" else fmt.tag_scheme
     tag_map = dict(fmt.tag_map)
     result = []
@@ -313,6 +317,18 @@ def read_conll_file(path, fmt, max_sentences=None):
                for (prefix, kind), (_, _, _, lineno) in zip(tags, sentence)]
         result.append(([token for token, *_ in sentence], ids))
     return result
+
+
+PANX_TOKEN = re.compile(r"^[a-z]{2,3}(-[a-z0-9]+)*:.")  # PAN-X's `lang:token`, e.g. nl:Word
+
+
+def check_not_panx(sentences, path):
+    """A PAN-X file read as CoNLL columns: every token keeps its `lang:` prefix, none is in the
+    vocabulary and the scores are silently near 0; refused when every token carries one."""
+    tokens = [token for sentence in sentences for token, *_ in sentence]
+    if tokens and all(PANX_TOKEN.match(token) for token in tokens):
+        raise ValueError(f"{path}: every token starts with a language code ({tokens[0]!r}): a PAN-X file; "
+                         f"read it with --data-format panx")
 
 
 def read_conll_columns(path, fmt, max_sentences=None):

@@ -165,12 +165,22 @@ def load_tokenizer(name_or_path=DEFAULT_MODEL):
     from transformers import AutoTokenizer
     path = resolve_model(name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:
         if Path(path).is_dir():  # a truncated tokenizer.json, a damaged tokenizer_config.json
             raise ValueError(f"the tokenizer in {path} does not load ({type(e).__name__}: {str(e)[:80]}): "
                              f"{damaged_model_fix(Path(path), 'tokenizer files (tokenizer.json)')}") from None
         raise
+    check_has_vocabulary(tokenizer, path)
+    return tokenizer
+
+
+def check_has_vocabulary(tokenizer, path):
+    """A folder without its tokenizer files still loads (transformers builds an empty tokenizer of
+    the config's model type), but every word becomes [UNK]: training and scores would be garbage."""
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        raise ValueError(f"{path} holds no tokenizer vocabulary (tokenizer.json, tokenizer_config.json missing?): "
+                         f"{damaged_model_fix(Path(path), 'tokenizer files (tokenizer.json, tokenizer_config.json)')}")
 
 
 def load_token_classifier(name_or_path=DEFAULT_MODEL, num_labels=7, id2label=None, device="cpu",

@@ -9,7 +9,8 @@
         resume.pt                    the latest resumable state (model, optimizer, data streams, RNGs)
       ft-<init>-adapter-en-s0/       finetune_peft.py --out: PEFT tensors + head only (megabytes)
         peft.safetensors, peft_config.json, run.json (its "init" points to the body, "init_sha256"
-        names the body's weights: evaluation refuses a body that changed since), metrics.jsonl
+        names the body's weights and "init_config_sha256" its config.json: evaluation refuses a
+        body that changed since), metrics.jsonl
         eval-test.json               evaluate_ner.py's scores for that checkpoint
 
 So every number in a results table traces back: eval-*.json -> its fine-tuning folder's run.json
@@ -119,6 +120,14 @@ def weights_sha256(folder):
     return digest.hexdigest()
 
 
+def config_sha256(folder):
+    """The sha256 of a model folder's config.json (None for a hub id, or a folder without one): what
+    shapes the body's outputs beside its weights (hidden_act, layer norm eps ...). A field of its own
+    beside weights_sha256, so records written before it still check their weights."""
+    path = Path(folder) / "config.json"
+    return file_sha256(path) if path.is_file() else None
+
+
 def is_disk_full(error):
     """A write that failed for want of space: ENOSPC (or EDQUOT), or torch.save's own wording of it."""
     import errno
@@ -199,13 +208,16 @@ def try_lock(path):
 
 def lock_briefly(path, wait=10.0):
     """The lock on `path` within `wait` seconds (another evaluation holds it for a moment), else None
-    (a run holds it for its whole life); a lock that does nothing where the folder is read-only
-    (nothing can write it then)."""
+    (a run holds it for its whole life); a lock that does nothing where the folder cannot be written,
+    for want of permission or on a read-only mount (EROFS: nothing can write it then either)."""
+    import errno
     deadline = time.monotonic() + wait
     while True:
         try:
             handle = try_lock(path)
-        except PermissionError:
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
             return contextlib.nullcontext()
         if handle is not None or time.monotonic() > deadline:
             return handle
@@ -312,6 +324,14 @@ def check_same_data(record, data, out):
         raise ValueError(f"--resume: the data files in {data['dir']} changed since the run in {out} started "
                          f"(content hash {data['sha256'][:12]} here, {was['sha256'][:12]} then): restore them, "
                          f"or start a new --out")
+
+
+def check_out_is_not_input(out, path, flag, what="the folder"):
+    """--out must not be a folder the run reads (`path`, given by `flag`): --overwrite would delete it
+    before it is read. Checked before anything is claimed or deleted."""
+    if path is not None and Path(path).expanduser().is_dir() and \
+            Path(out).resolve() == Path(path).expanduser().resolve():
+        raise ValueError(f"--out {out} is {what} that {flag} names: choose another --out (nothing was changed)")
 
 
 def clear_folder(folder):

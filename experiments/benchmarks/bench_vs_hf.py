@@ -88,7 +88,8 @@ def ours_train(args, train, seed):
             model = finetune_peft.build_model(args.model, config, seed, torch.device("cpu"))
             tokenizer = finetune_peft.load_tokenizer(args.model)
             finetune_peft.fine_tune(ft_args, model, tokenizer, train, train.select(range(8)), Path(out),
-                                    {"init_path": None, "init_sha256": None}, torch.device("cpu"))
+                                    {"init_path": None, "init_sha256": None, "init_config_sha256": None},
+                                    torch.device("cpu"))
         finally:
             finetune_peft.MetricsLog = real_log
     return clock.durations(args.steps, args.warmup)
