@@ -28,6 +28,7 @@ def parse():
     p.add_argument("--dampings", default="0.001,0.01,0.1,1", help="--cg-damping values to try")
     p.add_argument("--curvature", default="ggn", choices=["ggn", "hessian"], help="the CG system's matrix")
     p.add_argument("--steps", type=int, default=10, help="meta-steps a damping (2 tasks each)")
+    p.add_argument("--cg-steps", type=int, default=None, help="most CG iterations (default: the stage's)")
     p.add_argument("--seed", type=int, default=0, help="the runs' seed (the same data and phi_0 for every damping)")
     p.add_argument("--out", default="runs/implicit-curvature", help="folder of the runs (one per damping)")
     return p.parse_args()
@@ -48,18 +49,20 @@ def main():
     args = parse()
     rows = []
     for damping in args.dampings.split(","):
-        out = Path(args.out) / f"{args.curvature}-{damping}"
+        out = Path(args.out) / (f"{args.curvature}-{damping}" + (f"-cg{args.cg_steps}" if args.cg_steps else ""))
         argv = ["--inner-loop", "implicit", "--curvature", args.curvature, "--cg-damping", damping,
                 "--steps", str(args.steps), "--eval-every", str(10 * args.steps), "--seed", str(args.seed),
-                "--out", str(out), "--overwrite", *(["--data-dir", args.data_dir] if args.data_dir else [])]
+                "--out", str(out), "--overwrite", *(["--data-dir", args.data_dir] if args.data_dir else []),
+                *(["--cg-steps", str(args.cg_steps)] if args.cg_steps else [])]
         meta_pretrain.main(argv)
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        rows.append({"curvature": args.curvature, "cg_damping": float(damping), **summary(metrics)})
+        rows.append({"curvature": args.curvature, "cg_damping": float(damping), "cg_steps": args.cg_steps or 5,
+                     **summary(metrics)})
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| curvature | cg damping | meta-steps | CG converged | correction / direct | cosine to first order "
-          "(min) | CG iterations | s / meta-step |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| curvature | cg damping | CG steps | meta-steps | CG converged | correction / direct | cosine to first order "
+          "(min) | CG iterations | s / meta-step |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['curvature']} | {r['cg_damping']:g} | {r['meta_steps']} | {r['cg_converged_share']:.0%} | "
+        print(f"| {r['curvature']} | {r['cg_damping']:g} | {r['cg_steps']} | {r['meta_steps']} | {r['cg_converged_share']:.0%} | "
               f"{r['correction_ratio']:.3f} | {r['cosine_to_first_order']:.3f} ({r['min_cosine']:.3f}) | "
               f"{r['cg_iterations']:.1f} | {r['seconds_per_meta_step']:.1f} |")
 
