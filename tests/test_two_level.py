@@ -348,3 +348,29 @@ def test_the_half_width_hint_counts_the_unit_the_interval_is_over():
     assert compare.half_width_hint("adapter | A vs B", narrow) is None
     unprimed = stats.two_level_difference(runs, {(None, f): 0.3 * f for f in range(2)})
     assert unprimed["half_width"] > 0.7 and compare.half_width_hint("adapter | A vs none", unprimed) is None
+
+
+def test_the_readme_headline_is_what_the_committed_records_give(tmp_path, data_dir, monkeypatch):
+    """Every "minus" cell of README.md's headline table (adapters) from the committed records, by the
+    report code (the Welch design of the simulation above): the README says what the records give."""
+    import re
+    from pathlib import Path
+    root = Path(compare.__file__).resolve().parents[1]
+    monkeypatch.setattr(compare, "check_data", lambda *a: None)   # the records name a folder "wikiann"; its bytes: not here
+    compare.main(["--data-dir", data_dir, "--pefts", "adapter", "--conditions",
+                  f"no priming,MTL priming,MAML priming,{compare.MULTI_SOURCE},{compare.EQUAL_COMPUTE}",
+                  "--priming-seeds", "5", "--replicate-finetune-seeds", "2", "--no-full", "--out", str(tmp_path / "out"),
+                  "--runs", str(tmp_path / "runs"), "--records", str(root / "experiments/results/verdict-cpu/records"),
+                  "--report-only"])
+    paired = json.loads((tmp_path / "out" / "results.json").read_text())["paired"]
+    cell = lambda d: f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+    headline = (root / "README.md").read_text().split("## The headline result")[1].split("In plain words")[0]
+    rows = {"MTL priming": "MTL priming", "MAML priming": "MAML priming",
+            "MTL priming for MAML's time (3 runs)": compare.EQUAL_COMPUTE}
+    for label, condition in rows.items():
+        line = next(l for l in headline.splitlines() if l.startswith(f"| {label} |"))
+        assert cell(paired[f"adapter | {condition} vs no priming"]) in line, label
+        assert cell(paired[f"adapter | {condition} vs {compare.MULTI_SOURCE}"]) in line, label
+    line = next(l for l in headline.splitlines() if l.startswith("| multi-source"))
+    assert cell(paired[f"adapter | {compare.MULTI_SOURCE} vs no priming"]) in line
+    assert re.search(r"\| MTL priming \| 77\.93 ", headline)
