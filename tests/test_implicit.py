@@ -345,10 +345,14 @@ def test_the_exact_hessian_keeps_the_inner_problems_damping_in_its_system():
     args = meta_pretrain.build_parser().parse_args(["--inner-loop", "implicit", "--curvature", "hessian"])
     meta_pretrain.check_args(args)
     assert args.cg_damping == args.damping == implicit_priming.IMPLICIT["damping"]
+    assert args.cg_steps == implicit_priming.HESSIAN_CG_STEPS == 5          # as its committed rows ran
     args = meta_pretrain.build_parser().parse_args(["--inner-loop", "implicit", "--curvature", "hessian",
                                                     "--cg-damping", "2"])
     meta_pretrain.check_args(args)
     assert args.cg_damping == 2.0
+    args = meta_pretrain.build_parser().parse_args(["--inner-loop", "implicit"])
+    meta_pretrain.check_args(args)
+    assert (args.cg_damping, args.cg_steps) == (implicit_priming.CG_DAMPING, implicit_priming.CG_STEPS) == (1.0, 10)
 
 
 def test_refusal_is_one_line(tmp_path):
