@@ -182,16 +182,19 @@ def test_hub_unreachable_is_a_clear_error(monkeypatch):
     assert "\n" not in str(raised.value)
 
 
-def test_hub_unreachable_from_a_stage_is_one_line_naming_both_ways_out(tmp_path):
+def test_hub_unreachable_from_a_stage_is_one_line_naming_both_ways_out(tmp_path, monkeypatch, capsys):
     """A newcomer with neither the hub nor a folder: exit 2, one line, both routes named."""
-    env = {k: v for k, v in os.environ.items() if k != "WIKIANN_DIR"}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    done = subprocess.run([sys.executable, str(ROOT / "finetune_peft.py"), "--out", str(tmp_path / "ft"), "--steps", "1"],
-                          env=env, capture_output=True, text=True, cwd=tmp_path)
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2, done.stderr
-    assert lines[-1].startswith("error: could not load unimelb-nlp/wikiann") and "Traceback" not in done.stderr
-    assert "connect to huggingface.co" in lines[-1] and "--data-dir" in lines[-1] and "WIKIANN_DIR" in lines[-1]
+    import finetune_peft
+    from plumbing.runs import run_cli
+    monkeypatch.delenv("WIKIANN_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(SystemExit) as exited:
+        run_cli(finetune_peft.main, ["--out", str(tmp_path / "ft"), "--steps", "1"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(lines) == 1
+    assert lines[0].startswith("error: could not load unimelb-nlp/wikiann")
+    assert "connect to huggingface.co" in lines[0] and "--data-dir" in lines[0] and "WIKIANN_DIR" in lines[0]
 
 
 def hub_rows(names=tuple(LABELS)):
