@@ -298,6 +298,12 @@ def shaping_flags(args):
     return sorted(shaping - {"inner_loop"} if args.inner_loop == "unrolled" else shaping)
 
 
+def run_identity(args):
+    """What resume.pt records of the run it belongs to: the flags a --resume must repeat (--seed,
+    --peft, --method ... as run.json holds them), so another run's resume.pt is refused."""
+    return {flag: getattr(args, flag) for flag in shaping_flags(args)}
+
+
 def prime(args, model, tokenizer, source, held_out, out, device, world, rank, data):
     """The priming loop (METHOD.md, "One priming episode"): --steps meta-steps from the start or
     from resume.pt, then the primed body (`model`: the input model with its initial PEFT tensors
@@ -357,7 +363,8 @@ def start_run(args, model, source, held_out, out, device, rank, data):
     reference_loss = (episodes.reference_query_loss(model, args.reference_ft, held_out, loss_fn)
                       if args.reference_ft else None)
     carried = {} if args.inner_loop == "implicit" else None  # the implicit loop's warm start (implicit_priming)
-    start = resume_state.load(out, model, optimizer, source, rngs, rank, rates, carried) if args.resume else 0
+    start = resume_state.load(out, model, optimizer, source, rngs, rank, rates, carried,
+                              run_identity(args)) if args.resume else 0
     if start > args.steps:  # the folder would hold `start` steps of training recorded as --steps
         raise ValueError(f"--resume --steps {args.steps}: the run in {out} has done {start} meta-steps already; "
                          f"give --steps {start} or more (nothing was changed)")
@@ -398,7 +405,7 @@ def save_resumable(args, model, run, source, out, step, world, rank):
         processes = distributed.rng_states(world)  # every process calls it (a collective); rank 0 saves
         if rank == 0:
             resume_state.save(out, step, model, run.optimizer, source, {**run.rngs, "processes": processes},
-                              run.rates, run.carried)
+                              run.rates, run.carried, run_identity(args))
         distributed.wait_for_all(world)
 
 
