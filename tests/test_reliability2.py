@@ -28,3 +28,33 @@ def test_another_runs_resume_state_is_refused(tiny_model_dir, data_dir, primed, 
                        capsys)
     assert f"{mine / 'resume.pt'} belongs to another run ({flag} {value} there" in message
     assert contents(mine) == before
+
+
+# ----------------------------------------------------------------------------- --overwrite deletes only a run's files
+
+@pytest.mark.parametrize("mine", ["notes.md", "plots", "sub"])
+def test_overwrite_refuses_a_run_folder_holding_what_no_run_wrote(tiny_model_dir, data_dir, tmp_path, capsys, mine):
+    out = tmp_path / "Fo"
+    finetune_peft.main(tune_argv(tiny_model_dir, data_dir, out))
+    evaluate_ner.main(evaluate_argv(out, data_dir))
+    if mine == "notes.md":
+        (out / mine).write_text("keep me")
+    elif mine == "plots":
+        (out / mine).mkdir()
+        (out / mine / "f1.png").write_bytes(b"png")
+    else:                                                         # a finished run nested inside the run
+        finetune_peft.main(tune_argv(tiny_model_dir, data_dir, out / mine))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    message = error_of(finetune_peft.main, tune_argv(tiny_model_dir, data_dir, out, "--overwrite", "--seed", "1"),
+                       capsys)
+    assert f"--overwrite: {out} holds what no run of this project wrote ({mine})" in message
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_still_replaces_a_run_and_its_scores(tiny_model_dir, data_dir, primed, tmp_path):
+    out = tmp_path / "p"
+    shutil.copytree(primed, out)
+    (out / "eval-test-0123456789.json").write_text("{}")           # compare.py's scores beside a run
+    meta_pretrain.main(prime_argv(tiny_model_dir, data_dir, out, "--overwrite", "--seed", "1"))
+    assert json.loads((out / "run.json").read_text())["args"]["seed"] == 1
+    assert not (out / "eval-test-0123456789.json").exists()
