@@ -58,3 +58,24 @@ def test_overwrite_still_replaces_a_run_and_its_scores(tiny_model_dir, data_dir,
     meta_pretrain.main(prime_argv(tiny_model_dir, data_dir, out, "--overwrite", "--seed", "1"))
     assert json.loads((out / "run.json").read_text())["args"]["seed"] == 1
     assert not (out / "eval-test-0123456789.json").exists()
+
+
+# ----------------------------------------------------------------------------- the HF peft export
+
+@pytest.fixture(scope="module")
+def tuned_lora(tiny_model_dir, data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "ft"
+    finetune_peft.main(tune_argv(tiny_model_dir, data_dir, out, "--peft", "lora", "--steps", "2"))
+    return out
+
+
+def test_the_export_never_replaces_a_users_weights_file_without_overwrite(tuned_lora, tmp_path, capsys):
+    from plumbing import hf_peft
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / hf_peft.HF_WEIGHTS_FILE).write_bytes(b"the user's own adapter")   # no adapter_config.json beside it
+    message = error_of(hf_peft.main, ["--ckpt", str(tuned_lora), "--out", str(out)], capsys)
+    assert f"--out {out} already holds {hf_peft.HF_WEIGHTS_FILE}" in message and "--overwrite" in message
+    assert contents(out) == {hf_peft.HF_WEIGHTS_FILE: b"the user's own adapter"}
+    hf_peft.main(["--ckpt", str(tuned_lora), "--out", str(out), "--overwrite"])
+    assert (out / hf_peft.HF_CONFIG_FILE).is_file()
