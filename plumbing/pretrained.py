@@ -39,8 +39,9 @@ CACHE_WRITE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errn
 
 
 def cache_root():
-    """The folder where converted models live: $PRIMING_CACHE or ~/.cache/peft-priming."""
-    return Path(os.environ.get("PRIMING_CACHE", Path.home() / ".cache" / "peft-priming"))
+    """The folder where converted models live: $PRIMING_CACHE or ~/.cache/peft-priming, absolute (records
+    name the body by this path: a relative one would point elsewhere from another directory)."""
+    return Path(os.environ.get("PRIMING_CACHE", Path.home() / ".cache" / "peft-priming")).expanduser().resolve()
 
 
 def default_model_dir():

@@ -79,3 +79,34 @@ def test_the_export_never_replaces_a_users_weights_file_without_overwrite(tuned_
     assert contents(out) == {hf_peft.HF_WEIGHTS_FILE: b"the user's own adapter"}
     hf_peft.main(["--ckpt", str(tuned_lora), "--out", str(out), "--overwrite"])
     assert (out / hf_peft.HF_CONFIG_FILE).is_file()
+
+
+# ----------------------------------------------------------------------------- the body found, or named
+
+def test_a_moved_body_is_named_by_evaluation(tiny_model_dir, data_dir, tmp_path, capsys):
+    body, ft = tmp_path / "body", tmp_path / "ft"
+    shutil.copytree(tiny_model_dir, body)
+    finetune_peft.main(tune_argv(body, data_dir, ft))
+    body.rename(tmp_path / "moved")
+    message = error_of(evaluate_ner.main, evaluate_argv(ft, data_dir), capsys)
+    assert f"is not at {body} any more (looked for {body})" in message and "--init" in message
+    assert not (ft / "eval-test.json").exists()
+
+
+def test_a_body_recorded_by_a_relative_path_is_named_from_another_directory(tuned, data_dir, tmp_path, capsys,
+                                                                            monkeypatch):
+    old = tmp_path / "ft"                                         # as an older record with a relative body path
+    shutil.copytree(tuned, old)
+    saved = json.loads((old / "peft_config.json").read_text())
+    saved["extra"]["body_path"] = "relcache/body"
+    (old / "peft_config.json").write_text(json.dumps(saved))
+    monkeypatch.chdir(tmp_path)
+    message = error_of(evaluate_ner.main, evaluate_argv(old, data_dir), capsys)
+    assert f"is not at relcache/body any more (looked for {tmp_path / 'relcache' / 'body'})" in message
+
+
+def test_a_relative_model_cache_is_recorded_absolute(tmp_path, monkeypatch):
+    from plumbing import pretrained
+    monkeypatch.setenv("PRIMING_CACHE", "relcache")
+    monkeypatch.chdir(tmp_path)
+    assert pretrained.cache_root() == tmp_path / "relcache"
