@@ -181,7 +181,8 @@ def check_reference_ft(args):
     if not config.is_file():
         raise ValueError(f"--reference-ft {args.reference_ft} holds no peft_config.json: give a finetune_peft.py "
                          f"folder of --peft {args.peft}")
-    method = read_json_object(config, "give another --reference-ft").get("peft_config", {}).get("method")
+    method = peft_state.saved_peft_config(read_json_object(config, "give another --reference-ft"), config,
+                                          "give another --reference-ft").method
     if method != args.peft:
         raise ValueError(f"--reference-ft {args.reference_ft} was fine-tuned with --peft {method}, but this run primes "
                          f"for --peft {args.peft}: give a reference of the same PEFT method")

@@ -110,3 +110,27 @@ def test_a_relative_model_cache_is_recorded_absolute(tmp_path, monkeypatch):
     monkeypatch.setenv("PRIMING_CACHE", "relcache")
     monkeypatch.chdir(tmp_path)
     assert pretrained.cache_root() == tmp_path / "relcache"
+
+
+# ----------------------------------------------------------------------------- damaged records named
+
+def without_peft_config_key(source, folder):
+    shutil.copytree(source, folder)
+    saved = json.loads((folder / "peft_config.json").read_text())
+    del saved["peft_config"]
+    (folder / "peft_config.json").write_text(json.dumps(saved))
+    return folder
+
+
+def test_a_peft_config_without_its_key_is_named_by_evaluation(tuned, data_dir, tmp_path, capsys):
+    ft = without_peft_config_key(tuned, tmp_path / "ft")
+    message = error_of(evaluate_ner.main, evaluate_argv(ft, data_dir), capsys)
+    assert f'{ft / "peft_config.json"} holds no "peft_config"' in message and "--overwrite" in message
+    assert not (ft / "eval-test.json").exists()
+
+
+def test_a_peft_config_without_its_key_is_named_by_the_export(tuned_lora, tmp_path, capsys):
+    from plumbing import hf_peft
+    ft = without_peft_config_key(tuned_lora, tmp_path / "ft")
+    message = error_of(hf_peft.main, ["--ckpt", str(ft), "--out", str(tmp_path / "hf")], capsys)
+    assert f'{ft / "peft_config.json"} holds no "peft_config"' in message and not (tmp_path / "hf").exists()
