@@ -82,6 +82,14 @@ def umask_mode(mode=0o666):
     return mode & ~mask
 
 
+def give_umask_modes(folder):
+    """Give every file in `folder` the umask's mode: a library may write its own (transformers writes
+    model.safetensors 0600), and what a run publishes is readable like its other files."""
+    for f in Path(folder).iterdir():
+        if f.is_file():
+            os.chmod(f, umask_mode())
+
+
 def write_atomic(path, write):
     """Call write(tmp_path), then rename tmp_path to path (atomic on one file system). The file
     gets the umask's mode like any new file (mkstemp alone would leave it 0600)."""
@@ -430,6 +438,7 @@ def save_model_atomic(model, tokenizer, folder):
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        give_umask_modes(tmp)
         files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")  # config.json last
         for f in files:
             os.replace(f, folder / f.name)

