@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adapters import CONFIG_FILE, HEAD, WEIGHTS_FILE, PeftConfig, PeftModule, add_peft, draw_phi, peft_config_of
-from plumbing.runs import check_finite_tensors, read_json_object, write_atomic  # write_atomic: temporary file + rename, never half a file
+from plumbing.runs import check_finite_tensors, few, read_json_object, write_atomic  # write_atomic: temporary file + rename, never half a file
 
 
 def _peft_names(model, include_head):
@@ -128,12 +128,15 @@ def read_peft(model, folder) -> tuple:
     elif current != saved:
         raise ValueError(f"load_peft: checkpoint config {saved} differs from the model's {current}")
     params = peft_parameters(model)
-    if set(tensors) != set(params):
-        raise ValueError(f"load_peft: tensor names differ: missing {sorted(set(params) - set(tensors))}, "
-                         f"unexpected {sorted(set(tensors) - set(params))}")
+    if set(tensors) != set(params):  # an edited method in peft_config.json, or a body of another model type
+        raise ValueError(f"{folder / WEIGHTS_FILE} does not fit the {saved.method} of {folder / CONFIG_FILE} on "
+                         f"this body ({type(model).__name__}): missing {few(sorted(set(params) - set(tensors)))}; "
+                         f"unexpected {few(sorted(set(tensors) - set(params)))}: restore those files (or the body's "
+                         f"config.json), or {fix}")
     for name, p in params.items():
         if tensors[name].shape != p.shape:
-            raise ValueError(f"load_peft: {name} has shape {tuple(tensors[name].shape)}, model {tuple(p.shape)}")
+            raise ValueError(f"{folder / WEIGHTS_FILE}: {name} has shape {tuple(tensors[name].shape)}, the model "
+                             f"{tuple(p.shape)}: restore it, or {fix}")
     return {n: t.to(params[n].device, params[n].dtype) for n, t in tensors.items()}, record
 
 

