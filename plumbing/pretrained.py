@@ -42,8 +42,9 @@ CACHE_WRITE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errn
 
 def cache_root():
     """The folder where converted models live: $PRIMING_CACHE or ~/.cache/peft-priming, absolute (records
-    name the body by this path: a relative one would point elsewhere from another directory)."""
-    return Path(os.environ.get("PRIMING_CACHE", Path.home() / ".cache" / "peft-priming")).expanduser().resolve()
+    name the body by this path: a relative one would point elsewhere from another directory). An empty
+    PRIMING_CACHE counts as unset (else the 465 MB model would land in the current directory)."""
+    return Path(os.environ.get("PRIMING_CACHE") or Path.home() / ".cache" / "peft-priming").expanduser().resolve()
 
 
 def default_model_dir():

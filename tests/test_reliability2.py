@@ -196,3 +196,11 @@ def test_a_full_checkpoint_whose_model_type_changed_is_refused(tiny_model_dir, d
     message = error_of(evaluate_ner.main, evaluate_argv(ft, data_dir), capsys)
     assert f"the weights in {ft} do not fit its config.json (model_type 'xlm-roberta'" in message
     assert " more" in message and len(message) < 800 and not (ft / "eval-test.json").exists()
+
+
+def test_an_empty_model_cache_variable_counts_as_unset(tmp_path, monkeypatch):
+    from pathlib import Path
+    from plumbing import pretrained
+    monkeypatch.setenv("PRIMING_CACHE", "")
+    monkeypatch.chdir(tmp_path)
+    assert pretrained.cache_root() == Path.home().resolve() / ".cache" / "peft-priming"
