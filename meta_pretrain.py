@@ -265,6 +265,7 @@ def main(argv=None):
     distributed.wait_for_all(world)
     tokenizer = load_tokenizer(args.model)
     check_max_len(args.max_len, model_config(resolve_model(args.model)), tokenizer)
+    peft_config.check_fits(config, model_config(resolve_model(args.model)))
     priming_langs = parse_languages(args.priming_langs)
     query_langs = episodes.query_languages(args.source_lang, priming_langs, args.query)
     source = episodes.EpisodeSource(tokenizer, args.source_lang, query_langs,  # bad data: an error before any write

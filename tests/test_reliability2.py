@@ -204,3 +204,15 @@ def test_an_empty_model_cache_variable_counts_as_unset(tmp_path, monkeypatch):
     monkeypatch.setenv("PRIMING_CACHE", "")
     monkeypatch.chdir(tmp_path)
     assert pretrained.cache_root() == Path.home().resolve() / ".cache" / "peft-priming"
+
+
+# ----------------------------------------------------------------------------- flags and data
+
+@pytest.mark.parametrize("stage", ["prime", "tune"])
+def test_a_lora_rank_above_the_layer_width_is_refused(tiny_model_dir, data_dir, tmp_path, capsys, stage):
+    out = tmp_path / "out"
+    argv = (prime_argv if stage == "prime" else tune_argv)(tiny_model_dir, data_dir, out, "--peft", "lora",
+                                                           "--lora-rank", "100000")
+    message = error_of(meta_pretrain.main if stage == "prime" else finetune_peft.main, argv, capsys)
+    assert "--lora-rank 100000 exceeds the layer width of the model (32): give --lora-rank 32 or less" in message
+    assert not out.exists()
