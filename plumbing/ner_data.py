@@ -299,6 +299,9 @@ def parse_tag_map(text):
         if new != "O" and new not in TYPES:
             raise ValueError(f"--tag-map {old}={new}: {new} is not a type the model predicts ({', '.join(TYPES)}) "
                              f"nor O")
+        if old in pairs:  # else the last one would win silently
+            raise ValueError(f"--tag-map {text}: {old} is mapped twice ({old}={pairs[old]} and {old}={new}): "
+                             f"give each type once")
         pairs[old] = new
     return tuple(sorted(pairs.items()))
 

@@ -216,3 +216,11 @@ def test_a_lora_rank_above_the_layer_width_is_refused(tiny_model_dir, data_dir, 
     message = error_of(meta_pretrain.main if stage == "prime" else finetune_peft.main, argv, capsys)
     assert "--lora-rank 100000 exceeds the layer width of the model (32): give --lora-rank 32 or less" in message
     assert not out.exists()
+
+
+def test_a_type_mapped_twice_by_tag_map_is_refused(tmp_path, capsys):
+    (tmp_path / "ckpt").mkdir()
+    argv = ["--ckpt", str(tmp_path / "ckpt"), "--data-format", "conll", "--data-dir", str(tmp_path),
+            "--tag-map", "MISC=O,MISC=PER"]
+    message = error_of(evaluate_ner.main, argv, capsys)
+    assert "--tag-map MISC=O,MISC=PER: MISC is mapped twice (MISC=O and MISC=PER)" in message
