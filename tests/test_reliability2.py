@@ -224,3 +224,20 @@ def test_a_type_mapped_twice_by_tag_map_is_refused(tmp_path, capsys):
             "--tag-map", "MISC=O,MISC=PER"]
     message = error_of(evaluate_ner.main, argv, capsys)
     assert "--tag-map MISC=O,MISC=PER: MISC is mapped twice (MISC=O and MISC=PER)" in message
+
+
+def test_a_byte_order_mark_is_dropped_in_conll_files(tmp_path):
+    from plumbing.ner_data import ConllFormat, read_conll_file
+    path = tmp_path / "test"
+    path.write_bytes("\ufeff-DOCSTART- -X- O O\n\nParis NNP B-LOC\n".encode("utf-8"))
+    assert [tokens for tokens, _ in read_conll_file(path, ConllFormat())] == [["Paris"]]
+
+
+def test_a_byte_order_mark_is_dropped_in_panx_files(tmp_path):
+    import warnings
+    from plumbing.ner_data import read_panx_file
+    path = tmp_path / "test"
+    path.write_bytes("\ufefffr:Paris\tB-LOC\n".encode("utf-8"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                            # no warning of a language "\ufefffr"
+        assert read_panx_file(path, expected_lang="fr") == [(["Paris"], [5])]
