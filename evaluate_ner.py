@@ -280,6 +280,7 @@ def main(argv=None):
     results["average"] = {k: sum(results[l][k] for l in averaged) / len(averaged) for k in keys}
     write_scores(args.ckpt, record_bytes, out, {
         "ckpt": str(Path(args.ckpt).resolve()), "split": args.split, "langs": langs, "results": results,
+        "max_len": args.max_len, "precision": args.precision, "max_sentences": args.max_sentences,  # shape the scores
         "average_of": averaged, "not_zero_shot": seen, "seconds": seconds, "device": str(device),
         "f1_mode": "f1_default: seqeval default mode (conlleval-like, as XTREME); f1_strict: strict IOB2",
         "code_version": version, "predictions": args.predictions,

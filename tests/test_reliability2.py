@@ -241,3 +241,10 @@ def test_a_byte_order_mark_is_dropped_in_panx_files(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")                            # no warning of a language "\ufefffr"
         assert read_panx_file(path, expected_lang="fr") == [(["Paris"], [5])]
+
+
+def test_the_evaluation_record_holds_what_shapes_its_scores(tuned, data_dir, tmp_path):
+    out = tmp_path / "scores.json"
+    evaluate_ner.main(evaluate_argv(tuned, data_dir, "--out", str(out), "--max-len", "24"))
+    saved = json.loads(out.read_text())
+    assert (saved["max_len"], saved["precision"], saved["max_sentences"]) == (24, "fp32", 5)
