@@ -256,6 +256,25 @@ def check_losses(metrics, step, inner_loop="unrolled"):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     config = check_args(args)
+    claimed = []  # filled once --out is this run's: what a Ctrl-C leaves depends on it
+    try:
+        run(args, config, claimed)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_advice(Path(args.out), args.save_every, bool(claimed))) from None
+
+
+def interrupted_advice(out, save_every, claimed):
+    """What a Ctrl-C leaves, truly said (run_cli prints it): --resume only where a resume.pt is there."""
+    if (out / resume_state.FILE).is_file():
+        return INTERRUPTED
+    if claimed:
+        return (f"no resumable checkpoint was saved yet in {out} (the first comes after --save-every {save_every} "
+                f"meta-steps), so --resume cannot continue it: start it again with --overwrite (same --out)")
+    return f"nothing in {out} was written or changed"
+
+
+def run(args, config, claimed):
+    """main's run: the model and data, then (rank 0) the run folder, then priming."""
     fmt = data_format_from_flags(args)
     world, rank, _ = distributed.torchrun_world()
     device = pick_device(args.gpu)
@@ -283,6 +302,7 @@ def main(argv=None):
         lock = claim_run_folder(out, "meta_pretrain", args, shaping=shaping_flags(args),
                                 resume=args.resume, overwrite=args.overwrite, data=data,
                                 defaults=vars(build_parser().parse_args([])))  # for records older than a flag
+    claimed.append(out)
     try:
         prime(args, model, tokenizer, source, held_out, out, device, world, rank, data)
     finally:

@@ -499,11 +499,12 @@ def user_error_message(e):
 def run_cli(main, argv=None, interrupted="the last complete checkpoint is kept"):
     """Run a stage's main(argv) (None: the command line); a user error (bad flag, missing folder,
     unknown language, unreadable file, ...) is one line on stderr and exit status 2, never a
-    traceback (PRIMING_DEBUG=1 shows it). `interrupted` is what Ctrl-C leaves, in the stage's words."""
+    traceback (PRIMING_DEBUG=1 shows it). `interrupted` is what Ctrl-C leaves, in the stage's words,
+    unless the stage re-raised the KeyboardInterrupt with its own words (what it knows was left)."""
     try:
         main(argv)
-    except KeyboardInterrupt:
-        print(f"interrupted: {interrupted}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {str(e) or interrupted}", file=sys.stderr)
         raise SystemExit(130)
     except Exception as e:
         message = user_error_message(e)

@@ -248,3 +248,34 @@ def test_the_evaluation_record_holds_what_shapes_its_scores(tuned, data_dir, tmp
     evaluate_ner.main(evaluate_argv(tuned, data_dir, "--out", str(out), "--max-len", "24"))
     saved = json.loads(out.read_text())
     assert (saved["max_len"], saved["precision"], saved["max_sentences"]) == (24, "fp32", 5)
+
+
+# ----------------------------------------------------------------------------- what Ctrl-C leaves
+
+def ctrl_c_message(argv, capsys):
+    from plumbing.runs import run_cli
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run_cli(meta_pretrain.main, argv, meta_pretrain.INTERRUPTED)
+    assert stop.value.code == 130
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_ctrl_c_before_the_first_resumable_checkpoint_does_not_offer_resume(tiny_model_dir, data_dir, tmp_path,
+                                                                            capsys, monkeypatch):
+    import maml
+    from test_robustness import interrupt
+    out = tmp_path / "p"
+    interrupt(monkeypatch, maml, "meta_step", after=0)                # in the first meta-step; --save-every 2
+    said = ctrl_c_message(prime_argv(tiny_model_dir, data_dir, out, "--save-every", "2"), capsys)
+    assert "no resumable checkpoint was saved yet" in said and "--overwrite" in said
+    assert "continue with --resume" not in said and not (out / "resume.pt").exists()
+
+
+def test_ctrl_c_before_the_run_folder_is_claimed_says_nothing_was_written(tiny_model_dir, data_dir, tmp_path, capsys,
+                                                                         monkeypatch):
+    from test_robustness import interrupt
+    out = tmp_path / "p"
+    interrupt(monkeypatch, meta_pretrain, "load_token_classifier")   # while the model loads
+    said = ctrl_c_message(prime_argv(tiny_model_dir, data_dir, out), capsys)
+    assert f"nothing in {out} was written or changed" in said and not out.exists()
