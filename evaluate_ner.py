@@ -121,6 +121,10 @@ def check_output_belongs(out, ckpt, overwrite):
 def check_body_unchanged(ckpt, body, saved_sha256, saved_config_sha256=None):
     """The body's weights and config.json are those the PEFT tensors were trained on (a re-primed or
     replaced body, or an edited config, would be scored with adapters that do not belong to it)."""
+    if (saved_sha256 or saved_config_sha256) is not None and not Path(body).is_dir():  # it was a folder then
+        raise ValueError(f"the body {ckpt} was fine-tuned on is not at {body} any more (looked for "
+                         f"{Path(body).expanduser().resolve()}): move it back there, or fine-tune the body where it "
+                         f"is now into a new --out (finetune_peft.py --init <its folder>)")
     if saved_config_sha256 is not None:  # None: a checkpoint older than the config hash, or a hub body
         now = config_sha256(body)
         if now != saved_config_sha256:
@@ -276,6 +280,7 @@ def main(argv=None):
     results["average"] = {k: sum(results[l][k] for l in averaged) / len(averaged) for k in keys}
     write_scores(args.ckpt, record_bytes, out, {
         "ckpt": str(Path(args.ckpt).resolve()), "split": args.split, "langs": langs, "results": results,
+        "max_len": args.max_len, "precision": args.precision, "max_sentences": args.max_sentences,  # shape the scores
         "average_of": averaged, "not_zero_shot": seen, "seconds": seconds, "device": str(device),
         "f1_mode": "f1_default: seqeval default mode (conlleval-like, as XTREME); f1_strict: strict IOB2",
         "code_version": version, "predictions": args.predictions,

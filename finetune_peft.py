@@ -175,6 +175,7 @@ def main(argv=None):
     body_config = model_config(init_path)  # before the tokenizer, which reads config.json too: the error names it
     tokenizer = load_tokenizer(args.init)
     check_max_len(args.max_len, body_config, tokenizer)
+    peft_config.check_fits(config, body_config)
     train = load_training_sentences(args, fmt)  # bad data: an error before any write
     dev = load_wikiann(args.lang, "dev", args.data_dir, args.dev_sentences, fmt)
     extra = [(lang, "train") for lang in parse_languages(args.extra_langs)] if args.extra_langs else []

@@ -181,7 +181,8 @@ def check_reference_ft(args):
     if not config.is_file():
         raise ValueError(f"--reference-ft {args.reference_ft} holds no peft_config.json: give a finetune_peft.py "
                          f"folder of --peft {args.peft}")
-    method = read_json_object(config, "give another --reference-ft").get("peft_config", {}).get("method")
+    method = peft_state.saved_peft_config(read_json_object(config, "give another --reference-ft"), config,
+                                          "give another --reference-ft").method
     if method != args.peft:
         raise ValueError(f"--reference-ft {args.reference_ft} was fine-tuned with --peft {method}, but this run primes "
                          f"for --peft {args.peft}: give a reference of the same PEFT method")
@@ -255,6 +256,25 @@ def check_losses(metrics, step, inner_loop="unrolled"):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     config = check_args(args)
+    claimed = []  # filled once --out is this run's: what a Ctrl-C leaves depends on it
+    try:
+        run(args, config, claimed)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_advice(Path(args.out), args.save_every, bool(claimed))) from None
+
+
+def interrupted_advice(out, save_every, claimed):
+    """What a Ctrl-C leaves, truly said (run_cli prints it): --resume only where a resume.pt is there."""
+    if (out / resume_state.FILE).is_file():
+        return INTERRUPTED
+    if claimed:
+        return (f"no resumable checkpoint was saved yet in {out} (the first comes after --save-every {save_every} "
+                f"meta-steps), so --resume cannot continue it: start it again with --overwrite (same --out)")
+    return f"nothing in {out} was written or changed"
+
+
+def run(args, config, claimed):
+    """main's run: the model and data, then (rank 0) the run folder, then priming."""
     fmt = data_format_from_flags(args)
     world, rank, _ = distributed.torchrun_world()
     device = pick_device(args.gpu)
@@ -264,6 +284,7 @@ def main(argv=None):
     distributed.wait_for_all(world)
     tokenizer = load_tokenizer(args.model)
     check_max_len(args.max_len, model_config(resolve_model(args.model)), tokenizer)
+    peft_config.check_fits(config, model_config(resolve_model(args.model)))
     priming_langs = parse_languages(args.priming_langs)
     query_langs = episodes.query_languages(args.source_lang, priming_langs, args.query)
     source = episodes.EpisodeSource(tokenizer, args.source_lang, query_langs,  # bad data: an error before any write
@@ -281,6 +302,7 @@ def main(argv=None):
         lock = claim_run_folder(out, "meta_pretrain", args, shaping=shaping_flags(args),
                                 resume=args.resume, overwrite=args.overwrite, data=data,
                                 defaults=vars(build_parser().parse_args([])))  # for records older than a flag
+    claimed.append(out)
     try:
         prime(args, model, tokenizer, source, held_out, out, device, world, rank, data)
     finally:
@@ -296,6 +318,12 @@ def shaping_flags(args):
     --implicit-* flags (None in an unrolled run) tell the two loops apart either way."""
     shaping = set(vars(args)) - NOT_SHAPING
     return sorted(shaping - {"inner_loop"} if args.inner_loop == "unrolled" else shaping)
+
+
+def run_identity(args):
+    """What resume.pt records of the run it belongs to: the flags a --resume must repeat (--seed,
+    --peft, --method ... as run.json holds them), so another run's resume.pt is refused."""
+    return {flag: getattr(args, flag) for flag in shaping_flags(args)}
 
 
 def prime(args, model, tokenizer, source, held_out, out, device, world, rank, data):
@@ -357,7 +385,8 @@ def start_run(args, model, source, held_out, out, device, rank, data):
     reference_loss = (episodes.reference_query_loss(model, args.reference_ft, held_out, loss_fn)
                       if args.reference_ft else None)
     carried = {} if args.inner_loop == "implicit" else None  # the implicit loop's warm start (implicit_priming)
-    start = resume_state.load(out, model, optimizer, source, rngs, rank, rates, carried) if args.resume else 0
+    start = resume_state.load(out, model, optimizer, source, rngs, rank, rates, carried,
+                              run_identity(args)) if args.resume else 0
     if start > args.steps:  # the folder would hold `start` steps of training recorded as --steps
         raise ValueError(f"--resume --steps {args.steps}: the run in {out} has done {start} meta-steps already; "
                          f"give --steps {start} or more (nothing was changed)")
@@ -398,7 +427,7 @@ def save_resumable(args, model, run, source, out, step, world, rank):
         processes = distributed.rng_states(world)  # every process calls it (a collective); rank 0 saves
         if rank == 0:
             resume_state.save(out, step, model, run.optimizer, source, {**run.rngs, "processes": processes},
-                              run.rates, run.carried)
+                              run.rates, run.carried, run_identity(args))
         distributed.wait_for_all(world)
 
 

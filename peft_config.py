@@ -80,6 +80,15 @@ def add_peft_flags(parser):
     parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")
 
 
+def check_fits(config, model_config):
+    """A LoRA rank above the layer width adds no expressiveness (B A is already full rank at the width)
+    and only memory: --lora-rank 100000 ran out of memory inside the model. One line naming the flag."""
+    width = getattr(model_config, "hidden_size", None)
+    if config is not None and config.method == "lora" and width is not None and config.lora_rank > width:
+        raise ValueError(f"--lora-rank {config.lora_rank} exceeds the layer width of the model ({width}): give "
+                         f"--lora-rank {width} or less (LoRA is low-rank by design: 8 is the default)")
+
+
 def peft_config_from_flags(args, method):
     """The PeftConfig of add_peft_flags' flags (checked: each bad value names its flag)."""
     return PeftConfig(method=method, placement=args.adapter_placement, adapter_non_linearity=args.adapter_non_linearity,

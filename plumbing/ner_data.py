@@ -139,7 +139,7 @@ def read_panx_file(path, max_sentences=None, expected_lang=None):
 def _read_panx_lines(path, max_sentences, expected_lang):
     """read_panx_file's parser (text mode, as before: the same lines and sentences)."""
     sentences, tokens, tags, foreign = [], [], [], {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark at the start is dropped
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\n").rstrip("\r")
             if not line.strip():
@@ -299,6 +299,9 @@ def parse_tag_map(text):
         if new != "O" and new not in TYPES:
             raise ValueError(f"--tag-map {old}={new}: {new} is not a type the model predicts ({', '.join(TYPES)}) "
                              f"nor O")
+        if old in pairs:  # else the last one would win silently
+            raise ValueError(f"--tag-map {text}: {old} is mapped twice ({old}={pairs[old]} and {old}={new}): "
+                             f"give each type once")
         pairs[old] = new
     return tuple(sorted(pairs.items()))
 
@@ -350,8 +353,11 @@ def read_conll_columns(path, fmt, max_sentences=None):
 
 
 def decode_line(raw, path, lineno):
+    """A line as text; a UTF-8 byte-order mark at the start of the file is dropped (editors on Windows
+    write one: it would make "\ufeff-DOCSTART-" a token)."""
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
+        return text.removeprefix("\ufeff") if lineno == 1 else text
     except UnicodeDecodeError:
         raise ValueError(f"{path}:{lineno}: not UTF-8 text: convert the file, e.g. iconv -f latin1 -t utf-8 "
                          f"(CoNLL-2002's files are Latin-1)") from None

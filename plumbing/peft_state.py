@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adapters import CONFIG_FILE, HEAD, WEIGHTS_FILE, PeftConfig, PeftModule, add_peft, draw_phi, peft_config_of
-from plumbing.runs import check_finite_tensors, read_json_object, write_atomic  # write_atomic: temporary file + rename, never half a file
+from plumbing.runs import check_finite_tensors, few, read_json_object, write_atomic  # write_atomic: temporary file + rename, never half a file
 
 
 def _peft_names(model, include_head):
@@ -88,6 +88,18 @@ def save_peft(model, folder, extra: dict | None = None):
     write_atomic(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
 
 
+def saved_peft_config(record, path, fix) -> PeftConfig:
+    """The PeftConfig that a peft_config.json's record names, or one line naming the file (a record
+    without its "peft_config" key, or one whose fields are no PeftConfig's) and `fix`."""
+    value = record.get("peft_config")
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds no \"peft_config\" (the PEFT method and its sizes): {fix}")
+    try:
+        return PeftConfig.from_dict(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: its \"peft_config\" is no PEFT configuration ({e}): {fix}") from None
+
+
 def read_peft(model, folder) -> tuple:
     """phi saved by save_peft, checked against `model` (adding PEFT first if it has none), without
     loading it: ({name: tensor} on the model's device, the JSON record)."""
@@ -97,8 +109,9 @@ def read_peft(model, folder) -> tuple:
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (folder / name).is_file():
             raise ValueError(f"load_peft: {folder} has no {name}; is it a save_peft folder?")
-    record = read_json_object(folder / CONFIG_FILE, f"run finetune_peft.py again with --overwrite --out {folder}")
-    saved = PeftConfig.from_dict(record["peft_config"])
+    fix = f"run finetune_peft.py again with --overwrite --out {folder}"
+    record = read_json_object(folder / CONFIG_FILE, fix)
+    saved = saved_peft_config(record, folder / CONFIG_FILE, fix)
     try:
         tensors = load_file(str(folder / WEIGHTS_FILE))
     except Exception as e:  # truncated or damaged
@@ -115,12 +128,15 @@ def read_peft(model, folder) -> tuple:
     elif current != saved:
         raise ValueError(f"load_peft: checkpoint config {saved} differs from the model's {current}")
     params = peft_parameters(model)
-    if set(tensors) != set(params):
-        raise ValueError(f"load_peft: tensor names differ: missing {sorted(set(params) - set(tensors))}, "
-                         f"unexpected {sorted(set(tensors) - set(params))}")
+    if set(tensors) != set(params):  # an edited method in peft_config.json, or a body of another model type
+        raise ValueError(f"{folder / WEIGHTS_FILE} does not fit the {saved.method} of {folder / CONFIG_FILE} on "
+                         f"this body ({type(model).__name__}): missing {few(sorted(set(params) - set(tensors)))}; "
+                         f"unexpected {few(sorted(set(tensors) - set(params)))}: restore those files (or the body's "
+                         f"config.json), or {fix}")
     for name, p in params.items():
         if tensors[name].shape != p.shape:
-            raise ValueError(f"load_peft: {name} has shape {tuple(tensors[name].shape)}, model {tuple(p.shape)}")
+            raise ValueError(f"{folder / WEIGHTS_FILE}: {name} has shape {tuple(tensors[name].shape)}, the model "
+                             f"{tuple(p.shape)}: restore it, or {fix}")
     return {n: t.to(params[n].device, params[n].dtype) for n, t in tensors.items()}, record
 
 

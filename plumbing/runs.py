@@ -39,6 +39,12 @@ RECORD = "run.json"
 METRICS = "metrics.jsonl"
 LOCK = ".lock"
 TEMPORARY = (".save-tmp-*", "*.tmp-*")  # what write_atomic / save_model_atomic leave when killed
+# every file a stage of this project writes into its run folder (records, weights, tokenizer, model card,
+# scores of evaluate_ner.py and compare.py): all --overwrite may delete
+RUN_FILES = (RECORD, METRICS, LOCK, "resume.pt", "peft.safetensors", "peft_config.json", "config.json",
+             "generation_config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+             "tokenizer*", "special_tokens_map.json", "added_tokens.json", "sentencepiece*", "vocab*", "merges*",
+             "README.md", "eval-*.json", *TEMPORARY)
 
 
 def set_seed(seed):
@@ -74,6 +80,14 @@ def umask_mode(mode=0o666):
     mask = os.umask(0)
     os.umask(mask)
     return mode & ~mask
+
+
+def give_umask_modes(folder):
+    """Give every file in `folder` the umask's mode: a library may write its own (transformers writes
+    model.safetensors 0600), and what a run publishes is readable like its other files."""
+    for f in Path(folder).iterdir():
+        if f.is_file():
+            os.chmod(f, umask_mode())
 
 
 def write_atomic(path, write):
@@ -247,7 +261,8 @@ def claim_run_folder(out, stage, args, shaping=(), resume=False, overwrite=False
     run without --resume (the stage says whether it can resume); --resume whose flags in
     `shaping` differ from the run's (a flag that a record predates counts as its value in
     `defaults`, the parser's defaults), or whose data (`data`: ner_data.data_provenance) differ.
-    Nothing is deleted before the folder is known to be a run's. A refused folder keeps no
+    Nothing is deleted before the folder is known to be a run's, and --overwrite deletes only the files
+    a run writes (RUN_FILES): a folder holding anything else is refused whole. A refused folder keeps no
     .lock of ours. Returns the lock (keep it open while the run lasts)."""
     out = Path(out)
     if out.is_symlink() and not out.exists():
@@ -287,6 +302,7 @@ def check_ownership(out, stage, args, shaping, resume, overwrite, data, defaults
         return
     owner = f"{record.get('stage')} run"
     if overwrite:
+        check_only_run_files(out)
         clear_folder(out)
         return
     if record.get("stage") != stage:
@@ -334,8 +350,27 @@ def check_out_is_not_input(out, path, flag, what="the folder"):
         raise ValueError(f"--out {out} is {what} that {flag} names: choose another --out (nothing was changed)")
 
 
+def foreign_files(folder):
+    """What a folder holds that no stage of this project writes: a user's notes, plots, a run folder
+    nested inside (a folder is never a run's file, but for an interrupted save's temporary one)."""
+    from fnmatch import fnmatch
+    return sorted(p.name for p in Path(folder).iterdir()
+                  if not any(fnmatch(p.name, pattern) for pattern in RUN_FILES)
+                  or (p.is_dir() and not any(fnmatch(p.name, pattern) for pattern in TEMPORARY)))
+
+
+def check_only_run_files(folder):
+    """--overwrite deletes a run's files only: a folder that holds anything else is refused whole,
+    before anything is deleted."""
+    foreign = foreign_files(folder)
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise ValueError(f"--overwrite: {folder} holds what no run of this project wrote ({', '.join(foreign[:3])}"
+                         f"{more}): move it out of the folder, or choose another --out (nothing was deleted)")
+
+
 def clear_folder(folder):
-    """Remove a run folder's contents (not its lock): --overwrite."""
+    """Remove a run folder's contents (not its lock): --overwrite, once check_only_run_files passed."""
     import shutil
     for p in Path(folder).iterdir():
         if p.name != LOCK:
@@ -343,6 +378,14 @@ def clear_folder(folder):
 
 
 # ------------------------------------------------------------------ values and flags
+
+def few(names, shown=3):
+    """A list of names for a one-line error: the first `shown`, then how many more (a model's tensor
+    names run to kilobytes)."""
+    names = list(names)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(map(str, names[:shown])) + more
+
 
 def check_finite(value, what, fix):
     """Stop before an optimizer step (or a save) that a NaN or infinite loss would poison."""
@@ -403,6 +446,7 @@ def save_model_atomic(model, tokenizer, folder):
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        give_umask_modes(tmp)
         files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")  # config.json last
         for f in files:
             os.replace(f, folder / f.name)
@@ -455,11 +499,12 @@ def user_error_message(e):
 def run_cli(main, argv=None, interrupted="the last complete checkpoint is kept"):
     """Run a stage's main(argv) (None: the command line); a user error (bad flag, missing folder,
     unknown language, unreadable file, ...) is one line on stderr and exit status 2, never a
-    traceback (PRIMING_DEBUG=1 shows it). `interrupted` is what Ctrl-C leaves, in the stage's words."""
+    traceback (PRIMING_DEBUG=1 shows it). `interrupted` is what Ctrl-C leaves, in the stage's words,
+    unless the stage re-raised the KeyboardInterrupt with its own words (what it knows was left)."""
     try:
         main(argv)
-    except KeyboardInterrupt:
-        print(f"interrupted: {interrupted}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {str(e) or interrupted}", file=sys.stderr)
         raise SystemExit(130)
     except Exception as e:
         message = user_error_message(e)
