@@ -78,7 +78,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from peft_config import PeftConfig  # noqa: F401  (adapters.PeftConfig: the config of add_peft)
 
-
 HEAD = "classifier"  # name of the token-classification head in BERT / XLM-R models
 WEIGHTS_FILE, CONFIG_FILE = "peft.safetensors", "peft_config.json"
 _CONFIG_ATTR = "_scratch_peft_config"  # not `peft_config`, which transformers' peft integration owns

@@ -19,7 +19,6 @@ included), so their curves compare.
 
 import torch
 
-import maml
 from plumbing import peft_state
 from plumbing.ner_data import BatchStream, encode_sentences, load_wikiann
 from plumbing.runs import derive_seed
@@ -70,7 +69,7 @@ class EpisodeSource:
         return tasks
 
     def state(self):
-        state = {"support": self.support.state(), "query": {l: s.state() for l, s in self.query.items()}}
+        state = {"support": self.support.state(), "query": {line: s.state() for line, s in self.query.items()}}
         return state | ({"fine_tune": self.fine_tune.state()} if self.fine_tune else {})
 
     def load_state(self, state):

@@ -23,13 +23,40 @@ import warnings
 from pathlib import Path
 
 from plumbing import peft_state
-from plumbing.ner_data import (LABELS, SPLITS, add_data_flags, data_description, data_format_from_flags,
-                               data_provenance, encode_sentences, load_wikiann, parse_languages)
-from plumbing.pretrained import (PRECISIONS, check_max_len, load_token_classifier, load_tokenizer, pick_device,
-                                 precision_context)
-from plumbing.runs import (LOCK, RECORD, check_at_least, code_version, config_sha256, is_finished, lock_briefly,
-                           parser_taking_negative_numbers, read_json_object, read_record, run_cli, weights_sha256,
-                           write_json)
+from plumbing.ner_data import (
+    LABELS,
+    SPLITS,
+    add_data_flags,
+    data_description,
+    data_format_from_flags,
+    data_provenance,
+    encode_sentences,
+    load_wikiann,
+    parse_languages,
+)
+from plumbing.pretrained import (
+    PRECISIONS,
+    check_max_len,
+    load_token_classifier,
+    load_tokenizer,
+    pick_device,
+    precision_context,
+)
+from plumbing.runs import (
+    LOCK,
+    RECORD,
+    check_at_least,
+    code_version,
+    config_sha256,
+    is_finished,
+    lock_briefly,
+    parser_taking_negative_numbers,
+    read_json_object,
+    read_record,
+    run_cli,
+    weights_sha256,
+    write_json,
+)
 from plumbing.scoring import entity_scores, predict_words, write_conll
 
 LANGS = "fr,nl,pt"  # target languages: never used in the default priming (de,es) or training (en)
@@ -276,8 +303,8 @@ def main(argv=None):
             write_conll(Path(args.predictions) / f"{lang}.conll", data, predicted)
         seconds[lang] = round(time.perf_counter() - t0, 1)
     keys = [k for k in results[langs[0]] if k != "sentences"]
-    averaged = [l for l in langs if l not in seen] or langs  # zero-shot languages only, when there are any
-    results["average"] = {k: sum(results[l][k] for l in averaged) / len(averaged) for k in keys}
+    averaged = [lang for lang in langs if lang not in seen] or langs  # zero-shot languages only, when there are any
+    results["average"] = {k: sum(results[line][k] for line in averaged) / len(averaged) for k in keys}
     write_scores(args.ckpt, record_bytes, out, {
         "ckpt": str(Path(args.ckpt).resolve()), "split": args.split, "langs": langs, "results": results,
         "max_len": args.max_len, "precision": args.precision, "max_sentences": args.max_sentences,  # shape the scores
@@ -287,7 +314,7 @@ def main(argv=None):
         "ckpt_record_sha256": hashlib.sha256(record_bytes or b"").hexdigest(),
         "data": provenance})
     print(markdown_table(results))
-    print(f"scores written to {out} ({', '.join(f'{l} {s}s' for l, s in seconds.items())})")
+    print(f"scores written to {out} ({', '.join(f'{lang} {s}s' for lang, s in seconds.items())})")
 
 
 if __name__ == "__main__":

@@ -27,13 +27,47 @@ from tqdm import tqdm
 import adapters
 import peft_config
 from plumbing import peft_state
-from plumbing.ner_data import (LABELS, BatchStream, add_data_flags, check_language, data_format_from_flags,
-                               data_provenance, encode_sentences, load_wikiann, parse_languages)
-from plumbing.pretrained import (DEFAULT_MODEL, PRECISIONS, check_max_len, load_token_classifier, load_tokenizer,
-                                 model_config, pick_device, precision_context, resolve_model)
-from plumbing.runs import (MetricsLog, check_at_least, check_finite, check_out_is_not_input, check_positive, check_seed,
-                           claim_run_folder, config_sha256, derive_seed, is_finished, parser_taking_negative_numbers,
-                           read_record, run_cli, save_model_atomic, set_seed, weights_sha256, write_record)
+from plumbing.ner_data import (
+    LABELS,
+    BatchStream,
+    add_data_flags,
+    check_language,
+    data_format_from_flags,
+    data_provenance,
+    encode_sentences,
+    load_wikiann,
+    parse_languages,
+)
+from plumbing.pretrained import (
+    DEFAULT_MODEL,
+    PRECISIONS,
+    check_max_len,
+    load_token_classifier,
+    load_tokenizer,
+    model_config,
+    pick_device,
+    precision_context,
+    resolve_model,
+)
+from plumbing.runs import (
+    MetricsLog,
+    check_at_least,
+    check_finite,
+    check_out_is_not_input,
+    check_positive,
+    check_seed,
+    claim_run_folder,
+    config_sha256,
+    derive_seed,
+    is_finished,
+    parser_taking_negative_numbers,
+    read_record,
+    run_cli,
+    save_model_atomic,
+    set_seed,
+    weights_sha256,
+    write_record,
+)
 from plumbing.scoring import score_model
 
 # --------------------------------------------------------------------- defaults -----
@@ -122,8 +156,8 @@ def load_training_sentences(args, fmt=None):
     train = load_wikiann(args.lang, "train", args.data_dir, args.max_sentences, fmt)
     if args.extra_langs is None:
         return train
-    extra = [load_wikiann(l, "train", args.data_dir, args.extra_sentences or args.max_sentences, fmt)
-             for l in parse_languages(args.extra_langs)]
+    extra = [load_wikiann(lang, "train", args.data_dir, args.extra_sentences or args.max_sentences, fmt)
+             for lang in parse_languages(args.extra_langs)]
     return datasets.concatenate_datasets([train, *extra])  # BatchStream shuffles them together
 
 

@@ -41,13 +41,44 @@ import implicit_priming
 import maml
 import peft_config
 from plumbing import distributed, model_card, peft_state, resume_state
-from plumbing.ner_data import (LABELS, add_data_flags, check_language, data_format_from_flags, data_provenance,
-                               parse_languages)
-from plumbing.pretrained import (DEFAULT_ALIASES, DEFAULT_MODEL, PRECISIONS, check_max_len, load_token_classifier,
-                                 load_tokenizer, model_config, pick_device, precision_context, resolve_model)
-from plumbing.runs import (MetricsLog, check_at_least, check_finite, check_out_is_not_input, check_positive, check_seed,
-                           claim_run_folder, code_version, derive_seed, parser_taking_negative_numbers,
-                           read_json_object, read_record, run_cli, save_model_atomic, set_seed, write_record)
+from plumbing.ner_data import (
+    LABELS,
+    add_data_flags,
+    check_language,
+    data_format_from_flags,
+    data_provenance,
+    parse_languages,
+)
+from plumbing.pretrained import (
+    DEFAULT_ALIASES,
+    DEFAULT_MODEL,
+    PRECISIONS,
+    check_max_len,
+    load_token_classifier,
+    load_tokenizer,
+    model_config,
+    pick_device,
+    precision_context,
+    resolve_model,
+)
+from plumbing.runs import (
+    MetricsLog,
+    check_at_least,
+    check_finite,
+    check_out_is_not_input,
+    check_positive,
+    check_seed,
+    claim_run_folder,
+    code_version,
+    derive_seed,
+    parser_taking_negative_numbers,
+    read_json_object,
+    read_record,
+    run_cli,
+    save_model_atomic,
+    set_seed,
+    write_record,
+)
 
 # --------------------------------------------------------------------- defaults -----
 # Budget: the README's main job; a meta-step of these defaults takes ~5 s on a quiet CPU core (RESULTS.md).

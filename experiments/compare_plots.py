@@ -24,7 +24,7 @@ def plot_f1(table, path):
     means = [r["average"][0] for r in table.values()]
     stds = [r["average"][1] for r in table.values()]
     fig, ax = plt.subplots(figsize=(max(8, len(labels) * 0.9), 4.5))
-    ax.bar(range(len(labels)), means, yerr=stds, capsize=3, color=["C1" if l.startswith("prefix") else "C0" for l in labels])
+    ax.bar(range(len(labels)), means, yerr=stds, capsize=3, color=["C1" if label.startswith("prefix") else "C0" for label in labels])
     ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("average target F1 (seqeval default), ± 1 std")
     fig.tight_layout()

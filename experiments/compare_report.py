@@ -9,8 +9,8 @@ and the table that says where every number comes from.
 import json
 from pathlib import Path
 
-from plumbing.runs import read_record
 from experiments.stats import mean_std, priming_sd, two_level_difference
+from plumbing.runs import read_record
 
 
 def read_run(result):
@@ -121,8 +121,9 @@ def markdown(table, langs):
     if changes:  # how far priming moved the body (add_body_change)
         rows = [rows[0] + " body change |", rows[1] + "---:|"]
     for (peft, condition), r in table.items():
-        cells = " | ".join(f"{r[l][0]:.2f} ± {r[l][1]:.2f}" if r["runs"] > 1 else f"{r[l][0]:.2f}"  # 1 run: no std
-                           for l in [*langs, "average"])
+        # 1 run: no std
+        cells = " | ".join(f"{r[lang][0]:.2f} ± {r[lang][1]:.2f}" if r["runs"] > 1 else f"{r[lang][0]:.2f}"
+                           for lang in [*langs, "average"])
         sigma = "-" if r.get("priming_sd") is None else "0*" if r["priming_sd"] == 0 else f"{r['priming_sd']:.2f}"
         seconds, per_hour = "-", "-"
         if r.get("priming_seconds"):

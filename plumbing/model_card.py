@@ -34,8 +34,8 @@ def base_model_id(model):
 def held_out_losses(folder):
     """(first, last) metrics.jsonl lines that carry the held-out query loss; (None, None) without any."""
     path = Path(folder) / METRICS
-    lines = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
-    evaluated = [l for l in lines if "held_out_query_loss" in l]
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    evaluated = [line for line in lines if "held_out_query_loss" in line]
     return (evaluated[0], evaluated[-1]) if evaluated else (None, None)
 
 
@@ -82,8 +82,8 @@ def losses_section(folder, body_change):
     if first is not None:
         rows += ["| meta-step | query loss after the inner loop | query loss of fresh PEFT tensors |",
                  "|---:|---:|---:|"]
-        rows += [f"| {l['step']} | {l['held_out_query_loss']:.4f} | {l['held_out_query_loss_fresh']:.4f} |"
-                 for l in ([first, last] if last is not first else [first])]
+        rows += [f"| {line['step']} | {line['held_out_query_loss']:.4f} | {line['held_out_query_loss_fresh']:.4f} |"
+                 for line in ([first, last] if last is not first else [first])]
     else:
         rows.append("No held-out evaluation was logged (--eval-every 0).")
     if body_change is not None:

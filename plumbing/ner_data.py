@@ -105,7 +105,7 @@ def check_language(code, flag="--langs"):
 def parse_languages(text, flag="--langs"):
     """'de,es' -> ['de', 'es'] (a flag value; empty items, non-codes and a code given twice are clear
     errors: a repeated language would be scored, averaged or sampled twice)."""
-    langs = [l.strip() for l in text.split(",")]
+    langs = [lang.strip() for lang in text.split(",")]
     if not all(langs):
         raise ValueError(f"bad language list {text!r}: give codes separated by commas, e.g. de,es")
     for i, lang in enumerate(langs):
@@ -163,7 +163,7 @@ def _read_panx_lines(path, max_sentences, expected_lang):
     if tokens:
         sentences.append((tokens, tags))
     if foreign:
-        warnings.warn(f"{path}: tokens marked {', '.join(f'{l}: (first at line {n})' for l, n in foreign.items())} "
+        warnings.warn(f"{path}: tokens marked {', '.join(f'{lang}: (first at line {n})' for lang, n in foreign.items())} "
                       f"in a {expected_lang} file: they are read as {expected_lang}", stacklevel=3)
     return sentences
 

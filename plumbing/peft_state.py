@@ -21,7 +21,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adapters import CONFIG_FILE, HEAD, WEIGHTS_FILE, PeftConfig, PeftModule, add_peft, draw_phi, peft_config_of
-from plumbing.runs import check_finite_tensors, few, read_json_object, write_atomic  # write_atomic: temporary file + rename, never half a file
+from plumbing.runs import (  # write_atomic: temporary file + rename, never half a file
+    check_finite_tensors,
+    few,
+    read_json_object,
+    write_atomic,
+)
 
 
 def _peft_names(model, include_head):

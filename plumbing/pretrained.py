@@ -196,7 +196,7 @@ def load_token_classifier(name_or_path=DEFAULT_MODEL, num_labels=7, id2label=Non
     from transformers.utils import logging as hf_logging
     kwargs = dict(num_labels=num_labels)
     if id2label is not None:
-        kwargs.update(id2label=dict(enumerate(id2label)), label2id={l: i for i, l in enumerate(id2label)})
+        kwargs.update(id2label=dict(enumerate(id2label)), label2id={label: i for i, label in enumerate(id2label)})
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     verbosity = hf_logging.get_verbosity()

@@ -477,8 +477,8 @@ class MetricsLog:
     def truncate_after(self, step):
         """On resume, drop lines logged after the checkpoint's step (they will be redone)."""
         if self.path.is_file():
-            lines = [l for l in self.path.read_text().splitlines() if json.loads(l).get("step", 0) <= step]
-            write_atomic(self.path, lambda tmp: Path(tmp).write_text("".join(l + "\n" for l in lines)))
+            lines = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+            write_atomic(self.path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
 
 
 def user_error_message(e):

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: stages, components, plumbing/, experiments/
+# the project root: stages, components, plumbing/, experiments/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -26,6 +27,7 @@ def each_tokenizer_read_once():
     run folder holds a copy of it: a tokenizer is read once per content of its files (a changed
     file is read anew), and the stages get that same object, as they would get an equal one."""
     import hashlib
+
     from transformers import AutoTokenizer
     real, cache = AutoTokenizer.from_pretrained, {}
 

@@ -6,7 +6,6 @@ identity and by the rules phi / theta must follow (counts, freezing, second orde
 """
 
 import copy
-import json
 import math
 import os
 import sys
@@ -15,17 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import tiny_classifier  # noqa: E402
 
 import adapters  # noqa: E402
 from adapters import PeftConfig, add_peft, fold_prefix_mlp, peft_config_of  # noqa: E402
-from plumbing.peft_state import (body_parameters, freeze_body, fresh_peft_tensors, load_peft,  # noqa: E402
-                                 peft_parameters, save_peft)
-
+from plumbing.peft_state import body_parameters, freeze_body, fresh_peft_tensors, load_peft, peft_parameters, save_peft  # noqa: E402
 
 # helpers of these tests only
 

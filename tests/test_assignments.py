@@ -7,9 +7,7 @@ project as it is (that is the assignment) and are left out of the README's test 
 
 README.md, "Course assignments", says what each asks for.
 """
-import math
 import random
-import statistics
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ import torch
 import maml
 import meta_pretrain
 from experiments import stats
+
 pytestmark = pytest.mark.assignment
 
 

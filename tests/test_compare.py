@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments import compare
-from experiments import compare_report
-from experiments import stats
+from experiments import compare, compare_report, stats
+
 SEED_EFFECT = {0: 0.0, 1: -3.0, 2: 2.0, 3: -1.0, 4: 1.5}        # shared by every row: the pairing cancels it
 CONDITION_EFFECT = {"none": 0.0, "MTL_priming": 0.5, "MAML_priming": 1.0}
 
@@ -61,8 +60,8 @@ class FakeStages:
             effect = next((v for k, v in CONDITION_EFFECT.items() if k in name), 0.0)
             langs = flag(command, "--langs").split(",")
             n = int(flag(command, "--max-sentences", 10000))
-            results = {l: {"f1_default": 70.0 + SEED_EFFECT[f] + effect + i, "f1_strict": 0.0, "sentences": n}
-                       for i, l in enumerate(langs)}
+            results = {lang: {"f1_default": 70.0 + SEED_EFFECT[f] + effect + i, "f1_strict": 0.0, "sentences": n}
+                       for i, lang in enumerate(langs)}
             results["average"] = {"f1_default": sum(r["f1_default"] for r in results.values()) / len(langs)}
             out.write_text(json.dumps({"results": results, "code_version": self.version}))
         return subprocess.CompletedProcess(command, 0)
@@ -293,11 +292,11 @@ def test_the_main_rows_run_first_and_the_table_keeps_the_papers_order(tmp_path, 
     first_ablation = next(i for i, r in enumerate(rows) if r[1] not in main)
     assert all(r[1] in main for r in rows[:first_ablation]) and len(rows[:first_ablation]) == 2 * 6 * 2
     assert rows[-1][0] == "full"
-    lines = [l for l in (tmp_path / "out" / "table.md").read_text().splitlines() if l.startswith("| adapter |")
-             or l.startswith("| prefix |") or l.startswith("| full |")]
+    lines = [line for line in (tmp_path / "out" / "table.md").read_text().splitlines() if line.startswith("| adapter |")
+             or line.startswith("| prefix |") or line.startswith("| full |")]
     expected = [f"| {p} | {c} |" for p in ("adapter", "prefix") for c in compare.CONDITIONS
                 if c not in compare.OPT_IN] + ["| full | full"]                # the implicit rows: only when named
-    assert [l[:len(e)] for l, e in zip(lines, expected)] == expected
+    assert [line[:len(e)] for line, e in zip(lines, expected)] == expected
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -375,7 +374,7 @@ def test_the_dose_row_primes_a_quarter_of_the_steps_with_the_main_rows_seeds(tmp
     tuned = [Path(flag(c, "--out")).name for c in fake.commands if "finetune_peft.py" in c[1]]
     assert sum("dose_MAML_priming" in t for t in tuned) == 3  # the main rows' 3 fine-tuning seeds, not 1
     table = (tmp_path / "out" / "table.md").read_text()
-    ladder = [l.split("|")[2].strip() for l in table.split("Dose-response")[1].splitlines() if l.startswith("| adapter")]
+    ladder = [line.split("|")[2].strip() for line in table.split("Dose-response")[1].splitlines() if line.startswith("| adapter")]
     assert ladder == ["0", "2", "8"]
 
 
@@ -385,7 +384,7 @@ def test_priming_curve_averages_adaptation_between_its_rows(tmp_path):
     lines = [{"step": s, "support_loss_before": 2.0, "support_loss_after": a} for s, a in [(1, 1.0), (2, 0.6), (3, 0.2), (4, 0.4)]]
     lines[1] |= {"held_out_query_loss": 1.5, "body_change": 0.01}
     lines[3] |= {"held_out_query_loss": 1.2, "body_change": 0.02, "inner_loop_strength": 0.4}
-    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     rows = priming_curve.rows_of(tmp_path, every=1)
     assert [r[0] for r in rows] == [2, 4] and [r[1] for r in rows] == [1.5, 1.2]
     assert rows[0][2] == pytest.approx(0.4) and rows[1][2] == pytest.approx(0.15)  # (0.5+0.3)/2, (0.1+0.2)/2

@@ -5,13 +5,12 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
-
 from conftest import prime_argv, tune_argv
 
-from experiments import compare
 import evaluate_ner
 import finetune_peft
 import meta_pretrain
+from experiments import compare
 from plumbing.ner_data import LABELS, ConllFormat, load_wikiann, read_conll_file, read_panx_file
 from plumbing.runs import claim_run_folder, run_cli, write_json
 
@@ -34,7 +33,7 @@ def error_of(main, argv, capsys):
     with pytest.raises(SystemExit) as stop:
         run_cli(main, argv)
     said = capsys.readouterr().err
-    lines = [l for l in said.strip().splitlines() if "it/s]" not in l]
+    lines = [line for line in said.strip().splitlines() if "it/s]" not in line]
     assert stop.value.code == 2 and len(lines) == 1 and "Traceback" not in said, said
     return lines[0]
 
@@ -268,8 +267,8 @@ def test_priming_and_fine_tuning_read_a_conll_folder_like_panx(tiny_model_dir, d
         primed = tmp_path / f"primed-{layout}"
         meta_pretrain.main(prime_argv(tiny_model_dir, str(tmp_path / layout), primed, *extra))
         finetune_peft.main(tune_argv(primed, str(tmp_path / layout), tmp_path / f"ft-{layout}", *extra))
-        runs[layout] = [{k: v for k, v in json.loads(l).items() if k != "seconds"}
+        runs[layout] = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
                         for run in (primed, tmp_path / f"ft-{layout}")
-                        for l in (run / "metrics.jsonl").read_text().splitlines()]
+                        for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert runs["conll"] == runs["panx"]   # the same batches: the same losses and dev F1, step by step
-    assert any("held_out_query_loss" in l for l in runs["panx"]) and any("dev_f1_default" in l for l in runs["panx"])
+    assert any("held_out_query_loss" in line for line in runs["panx"]) and any("dev_f1_default" in line for line in runs["panx"])

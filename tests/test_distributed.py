@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import prime_argv, save_tiny_body
 from safetensors.torch import load_file
 
-from conftest import prime_argv, save_tiny_body
-
-from plumbing import distributed
 import meta_pretrain
+from plumbing import distributed
 from plumbing.runs import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +45,8 @@ def torchrun(argv, processes=2):
 
 
 def metrics(folder):
-    return [{k: v for k, v in json.loads(l).items() if k != "seconds"}
-            for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_same_run(one, several, input_model):

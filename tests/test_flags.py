@@ -3,7 +3,6 @@ copy of the CLI that ignored the flag fails here. One meta-step on a tiny model,
 project's own functions wrapped to record what they were given."""
 import pytest
 import torch
-
 from conftest import prime_argv
 
 import maml
@@ -62,7 +61,7 @@ def batch_rows(batch):
 @pytest.mark.parametrize("query, query_langs", [("cross", ["de", "es"]), ("same", ["en"])])
 def test_query_flag_chooses_the_query_language(tiny_model_dir, data_dir, tmp_path, record, query, query_langs):
     prime(tiny_model_dir, data_dir, tmp_path / "p", "--query", query)
-    allowed = set().union(*(sentences_of(tiny_model_dir, data_dir, l) for l in query_langs))
+    allowed = set().union(*(sentences_of(tiny_model_dir, data_dir, lang) for lang in query_langs))
     english = sentences_of(tiny_model_dir, data_dir, "en")
     for support, query_batch in record["meta_step"][0]["tasks"]:
         assert batch_rows(support) <= english                 # support: always the source language
@@ -122,8 +121,8 @@ def test_meta_sgd_rates_move_are_logged_and_resume(tiny_model_dir, data_dir, tmp
     import json
     flags = ["--meta-sgd", "--meta-sgd-lr", "0.01", "--inner-lr", "0.1", "--steps", "3", "--save-every", "1"]
     prime(tiny_model_dir, data_dir, tmp_path / "whole", *flags)
-    lines = [json.loads(l) for l in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
-    assert all("inner_lr_mean" in l for l in lines)
+    lines = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert all("inner_lr_mean" in line for line in lines)
     assert lines[-1]["inner_lr_max"] - lines[-1]["inner_lr_min"] > 1e-3 and lines[-1]["inner_lr_max"] != 0.1
     rates = json.loads((tmp_path / "whole" / "run.json").read_text())["meta_sgd_rates"]
     assert len(rates) > 2 and len(set(rates.values())) > 1         # one learned rate per fast tensor
@@ -186,8 +185,8 @@ def test_log_adaptation_every_skips_the_extra_forward(tiny_model_dir, data_dir, 
     monkeypatch.setattr(maml, "meta_step", lambda *a, **k: calls.append(k["measure_after"]) or real(*a, **k))
     prime(tiny_model_dir, data_dir, tmp_path / "p", "--steps", "4", "--log-adaptation-every", "2")
     assert calls == [False, True, False, True]
-    lines = [json.loads(l) for l in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
-    assert ["support_loss_after" in l for l in lines] == [False, True, False, True]
+    lines = [json.loads(line) for line in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
+    assert ["support_loss_after" in line for line in lines] == [False, True, False, True]
 
 
 def test_peft_shape_flags_reach_the_config():

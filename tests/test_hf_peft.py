@@ -5,14 +5,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import tiny_classifier, tune_argv
+from safetensors.torch import load_file, save_file
 
 import adapters
 import finetune_peft
-from plumbing import hf_peft
-from plumbing import peft_state
+from plumbing import hf_peft, peft_state
 from plumbing.ner_data import LABELS
 
 peft = pytest.importorskip("peft", reason="HF peft is optional: pip install --no-deps -r requirements-optional.txt")
@@ -99,8 +97,9 @@ def test_config_maps_every_lora_setting():
 def test_finetuned_folder_exports_from_the_command_line(tiny_model_dir, data_dir, tmp_path, capsys):
     """finetune_peft.py --peft lora, then hf_peft.py: PeftModel on the tiny body predicts what the
     project's own loader (evaluate_ner.load_finetuned) predicts."""
-    import evaluate_ner
     from transformers import AutoModelForTokenClassification
+
+    import evaluate_ner
     ft, out = tmp_path / "ft", tmp_path / "hf"
     finetune_peft.main(tune_argv(tiny_model_dir, data_dir, ft, "--peft", "lora"))
     hf_peft.main(["--ckpt", str(ft), "--out", str(out)])

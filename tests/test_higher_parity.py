@@ -8,6 +8,7 @@ from conftest import tiny_classifier
 import adapters
 import maml
 from plumbing import peft_state
+
 higher = pytest.importorskip("higher", reason="higher is not installed (pip install higher==0.2.1)")
 
 

@@ -14,7 +14,6 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import prime_argv
 
 import implicit
@@ -230,9 +229,10 @@ def metrics_of(out):
 
 @pytest.mark.parametrize("first_order", [False, True])
 def test_implicit_inner_loop_runs_end_to_end_and_logs(tiny_model_dir, data_dir, tmp_path, monkeypatch, first_order):
-    from safetensors.torch import load_file
-    import finetune_peft
     from conftest import tune_argv
+    from safetensors.torch import load_file
+
+    import finetune_peft
     reference = tmp_path / "ft"                       # a tiny "downstream fine-tuning", for the strength
     finetune_peft.main(tune_argv(tiny_model_dir, data_dir, reference, "--steps", "3"))
     calls = []
@@ -243,13 +243,13 @@ def test_implicit_inner_loop_runs_end_to_end_and_logs(tiny_model_dir, data_dir, 
                    *(["--first-order"] if first_order else ["--cg-steps", "3"]))
     assert calls == [first_order] * 8                  # 2 tasks x 4 meta-steps
     lines = metrics_of(out)
-    assert [l["fine_tune_steps"] for l in lines] == [3, 2, 2, 3]   # fresh, warm, warm, fresh (--fresh-every 3)
-    assert [l["phi_age"] for l in lines] == [1, 2, 3, 1]
-    for l in lines:
-        assert l["inner_grad_norm"] > 0 and 0 <= l["cg_residual"] <= 1   # never worse than u = 0
-        assert l["cg_iterations"] == 0 if first_order else 0 < l["cg_iterations"] <= 3
-        assert ("cg_min_curvature" in l) is not first_order
-    assert ["inner_loop_strength" in l for l in lines] == [False, True, False, True]   # --eval-every 2
+    assert [line["fine_tune_steps"] for line in lines] == [3, 2, 2, 3]   # fresh, warm, warm, fresh (--fresh-every 3)
+    assert [line["phi_age"] for line in lines] == [1, 2, 3, 1]
+    for line in lines:
+        assert line["inner_grad_norm"] > 0 and 0 <= line["cg_residual"] <= 1   # never worse than u = 0
+        assert line["cg_iterations"] == 0 if first_order else 0 < line["cg_iterations"] <= 3
+        assert ("cg_min_curvature" in line) is not first_order
+    assert ["inner_loop_strength" in line for line in lines] == [False, True, False, True]   # --eval-every 2
     assert lines[-1]["held_out_query_loss"] < lines[-1]["held_out_query_loss_fresh"]
     args = json.loads((out / "run.json").read_text())["args"]
     assert (args["inner_loop"], args["implicit_optimizer"], args["cg_tol"]) == \
@@ -278,7 +278,7 @@ def test_implicit_resume_equals_an_uninterrupted_run(tiny_model_dir, data_dir, t
     from safetensors.torch import load_file
     a, b = load_file(whole / "model.safetensors"), load_file(cut / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda out: [{k: v for k, v in l.items() if k != "seconds"} for l in metrics_of(out)]
+    strip = lambda out: [{k: v for k, v in line.items() if k != "seconds"} for line in metrics_of(out)]
     assert strip(whole) == strip(cut) and len(strip(cut)) == 4
     with pytest.raises(ValueError, match="--fresh-every is 4 here but 3"):   # the implicit flags shape the run
         implicit_prime(tiny_model_dir, data_dir, cut, "--steps", "5", "--cg-steps", "3", "--resume",
@@ -465,7 +465,9 @@ def wiring_setup(dropout=0.1):
     """A tiny BERT with adapters (dropout on), two tasks of distinct support and query batches, a
     fine-tuning stream, and the implicit settings with an exactly solved CG system."""
     import types
+
     from conftest import tiny_classifier
+
     from adapters import add_peft
     from peft_config import PeftConfig
     from plumbing import peft_state
@@ -493,7 +495,6 @@ def wiring_setup(dropout=0.1):
 def expected_meta_gradient(model, tasks, phi_hat, phi_0, args, theta):
     """By hand: dropout off, each task's GGN hypergradient on ITS support (curvature, mixed block) and
     query, the proximal term anchored at phi_0, averaged over the tasks; and the mean inner gradient norm."""
-    from plumbing import peft_state
     model.eval()
     loss_fn, logits_fn = maml.functional_loss(model), maml.functional_logits(model)
     total, norms = None, []

@@ -3,7 +3,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import tune_argv
 
 import adapters
@@ -11,8 +10,8 @@ import episodes
 import finetune_peft
 import maml
 import meta_pretrain
-from plumbing import peft_state
 from experiments import search_inner
+from plumbing import peft_state
 from plumbing.ner_data import LABELS
 from plumbing.pretrained import load_token_classifier, load_tokenizer
 

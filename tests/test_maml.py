@@ -9,7 +9,6 @@ from collections import OrderedDict
 
 import pytest
 import torch
-
 from conftest import tiny_classifier
 
 import maml  # the project root is on sys.path via tests/conftest.py

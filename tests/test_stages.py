@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import prime_argv, tune_argv
+from safetensors.torch import load_file
 
 import evaluate_ner
 import finetune_peft
@@ -27,10 +26,10 @@ def test_body_change_is_logged_and_agrees_with_the_saved_weights(tiny_model_dir,
     primed = tmp_path / "primed"
     meta_pretrain.main(prime_args(tiny_model_dir, data_dir, primed, "--outer-lr", "1e-3"))
     record = json.loads((primed / "run.json").read_text())
-    lines = [json.loads(l) for l in (primed / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (primed / "metrics.jsonl").read_text().splitlines()]
     measured = compare_report.body_change(primed, str(tiny_model_dir))  # from the two checkpoints' files
     assert measured > 1e-4 and abs(record["body_change"] - measured) < 1e-6 * measured
-    assert [("body_change" in l) for l in lines] == [False, True, True]  # at the evaluations (steps 2, 3)
+    assert [("body_change" in line) for line in lines] == [False, True, True]  # at the evaluations (steps 2, 3)
     assert lines[-1]["body_change"] == record["body_change"] and 0 < lines[1]["body_change"]
 
 
@@ -41,8 +40,8 @@ def test_three_stages_end_to_end(tiny_model_dir, data_dir, tmp_path, capsys):
     record = json.loads((primed / "run.json").read_text())
     assert record["args"]["method"] == "maml" and record["input_model"] == str(tiny_model_dir)
     assert record["code_version"] and record["args"]["seed"] == 0
-    lines = [json.loads(l) for l in (primed / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == [1, 2, 3] and "held_out_query_loss" in lines[1]
+    lines = [json.loads(line) for line in (primed / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3] and "held_out_query_loss" in lines[1]
     body = AutoModel.from_pretrained(primed)  # an ordinary checkpoint, no PEFT, no head
     assert not any("adapter" in n or "classifier" in n for n, _ in body.named_parameters())
     original = AutoModel.from_pretrained(tiny_model_dir)
@@ -80,7 +79,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_model_dir, data_dir, tmp_path, 
     a, b = load_file(whole / "model.safetensors"), load_file(cut / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (whole / "metrics.jsonl").read_text().count("\n") == (cut / "metrics.jsonl").read_text().count("\n") == 4
-    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in p.read_text().splitlines()]
+    strip = lambda p: [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in p.read_text().splitlines()]
     assert strip(whole / "metrics.jsonl") == strip(cut / "metrics.jsonl")
 
 
@@ -90,8 +89,8 @@ def two_meta_steps(model, data, out, *flags):
     meta_pretrain.main(prime_args(model, data, out, "--steps", "2", "--tasks-per-step", "1", "--inner-steps", "1",
                                   "--eval-every", "0", *flags))
     body = {k: v for k, v in load_file(out / "model.safetensors").items() if "word_embeddings" not in k}
-    metrics = [{k: v for k, v in json.loads(l).items() if k != "seconds"}
-               for l in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+               for line in (out / "metrics.jsonl").read_text().splitlines()]
     adapters = {k: v for k, v in torch.load(out / "resume.pt", weights_only=False)["model"].items() if "adapter" in k}
     return body, metrics, adapters
 

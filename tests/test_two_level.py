@@ -6,10 +6,9 @@ import random
 import statistics
 
 import pytest
-
-from experiments import compare
-from experiments import stats
 from test_compare import base_argv, fake, flag  # noqa: F401  (fake: a fixture)
+
+from experiments import compare, stats
 
 
 def test_two_level_difference_by_hand():
@@ -238,7 +237,8 @@ def test_data_exposure_by_hand():
     assert data_exposure(prime, {}) == {"sentences": 3200, "passes": 3200 / 3000, "expected": False}
     assert data_exposure(prime | {"query": "same"}, {})["sentences"] == 0        # the query in the support's language
     assert data_exposure(prime | {"max_tokens": 4000}, {}) is None                  # batches by tokens: no fixed count
-    assert data_exposure({"steps": 3}, {}) is None                                  # an older record: unknown, not a guess
+    # an older record: unknown, not a guess
+    assert data_exposure({"steps": 3}, {}) is None
 
 
 def test_the_equal_compute_row_pairs_with_multi_source_fine_tuning():
@@ -257,7 +257,7 @@ def test_the_cost_column_is_priming_seconds_and_f1_per_priming_hour(tmp_path, fa
     for primed in (tmp_path / "runs").glob("primed-*MAML*"):   # the fake logs no time; give MAML 1800 s
         (primed / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "seconds": 900.0}) for s in (1, 2)))
     compare.main(base_argv(tmp_path, "--report-only"))
-    row = next(l for l in (tmp_path / "out" / "table.md").read_text().splitlines() if "| MAML priming | 3 |" in l)
+    row = next(line for line in (tmp_path / "out" / "table.md").read_text().splitlines() if "| MAML priming | 3 |" in line)
     assert row.split("|")[-4:-2] == [" 1800 ", " +2.0 "]   # +1.00 F1 over no priming in half an hour
 
 
@@ -304,9 +304,10 @@ def test_bad_extra_language_flags_are_one_line(argv, message):
 
 
 def test_multi_source_fine_tuning_runs_and_its_languages_are_not_zero_shot(tiny_model_dir, data_dir, tmp_path):
+    from conftest import tune_argv
+
     import evaluate_ner
     import finetune_peft
-    from conftest import tune_argv
     assert "--extra-langs" in finetune_peft.build_parser().format_help()
     tuned = tmp_path / "tuned"
     finetune_peft.main(tune_argv(tiny_model_dir, data_dir, tuned, "--extra-langs", "de,es", "--extra-sentences", "5",
@@ -356,7 +357,8 @@ def test_the_readme_headline_is_what_the_committed_records_give(tmp_path, data_d
     import re
     from pathlib import Path
     root = Path(compare.__file__).resolve().parents[1]
-    monkeypatch.setattr(compare, "check_data", lambda *a: None)   # the records name a folder "wikiann"; its bytes: not here
+    # the records name a folder "wikiann"; its bytes: not here
+    monkeypatch.setattr(compare, "check_data", lambda *a: None)
     compare.main(["--data-dir", data_dir, "--pefts", "adapter", "--conditions",
                   f"no priming,MTL priming,MAML priming,{compare.MULTI_SOURCE},{compare.EQUAL_COMPUTE}",
                   "--priming-seeds", "5", "--replicate-finetune-seeds", "2", "--no-full", "--out", str(tmp_path / "out"),
@@ -368,9 +370,9 @@ def test_the_readme_headline_is_what_the_committed_records_give(tmp_path, data_d
     rows = {"MTL priming": "MTL priming", "MAML priming": "MAML priming",
             "MTL priming for MAML's time (3 runs)": compare.EQUAL_COMPUTE}
     for label, condition in rows.items():
-        line = next(l for l in headline.splitlines() if l.startswith(f"| {label} |"))
+        line = next(entry for entry in headline.splitlines() if entry.startswith(f"| {label} |"))
         assert cell(paired[f"adapter | {condition} vs no priming"]) in line, label
         assert cell(paired[f"adapter | {condition} vs {compare.MULTI_SOURCE}"]) in line, label
-    line = next(l for l in headline.splitlines() if l.startswith("| multi-source"))
+    line = next(entry for entry in headline.splitlines() if entry.startswith("| multi-source"))
     assert cell(paired[f"adapter | {compare.MULTI_SOURCE} vs no priming"]) in line
     assert re.search(r"\| MTL priming \| 77\.93 ", headline)

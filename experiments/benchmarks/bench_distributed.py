@@ -58,7 +58,7 @@ def prime(processes, threads, model, out, args):
     wall = time.perf_counter() - start
     if run.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{run.stderr[-3000:]}")
-    seconds = [json.loads(l)["seconds"] for l in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    seconds = [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
     return len(seconds) / sum(seconds), wall
 
 

@@ -38,13 +38,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_maml import peak_memory  # noqa: E402
+
 import adapters  # noqa: E402
 import episodes  # noqa: E402
 import implicit  # noqa: E402
 import implicit_priming  # noqa: E402
 import maml  # noqa: E402
 import meta_pretrain  # noqa: E402
-from bench_maml import peak_memory  # noqa: E402
 from plumbing.ner_data import LABELS, parse_languages  # noqa: E402
 from plumbing.pretrained import load_token_classifier, load_tokenizer, pick_device  # noqa: E402
 from plumbing.runs import derive_seed  # noqa: E402
@@ -145,7 +146,7 @@ def run_worker(cli):
 
 def run_config(cli, argv, name):
     run = subprocess.run([sys.executable, __file__, *argv, "--worker", name], capture_output=True, text=True)
-    lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     if run.returncode or not lines:
         raise RuntimeError(f"worker {name} failed:\n{run.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])

@@ -452,7 +452,7 @@ def memory_workers(args, argv, with_higher):
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--worker", name],
                               capture_output=True, text=True)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
             errors[name] = f"worker failed (exit {proc.returncode}): {tail}"
@@ -635,7 +635,7 @@ def main(argv=None):
               "patched model that requires grad (the body too, create_graph=True), then updates only the PEFT ones")
     check = memory.get("gradient_check")
     if check:
-        print(f"  meta-gradient check on the body (task 0, same phi_0, dropout off), higher vs maml.meta_step:")
+        print("  meta-gradient check on the body (task 0, same phi_0, dropout off), higher vs maml.meta_step:")
         for label, c in check.items():
             print(f"    {label:22s} max rel diff {c['max_rel']:.2e}  norm rel diff {c['norm_rel']:.2e}  "
                   f"worst tensor {c['worst_tensor']} {c['worst_tensor_rel']:.2e}")

@@ -34,9 +34,10 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)]
+from hf_peft_trainer import hf_lora_model, hf_trainer, trainer_dataset  # noqa: E402
+
 import adapters  # noqa: E402
 import finetune_peft  # noqa: E402
-from hf_peft_trainer import hf_lora_model, hf_trainer, trainer_dataset  # noqa: E402
 from plumbing.ner_data import LABELS, BatchStream, encode_sentences, load_wikiann  # noqa: E402
 from plumbing.pretrained import load_token_classifier, load_tokenizer  # noqa: E402
 from plumbing.runs import check_at_least, derive_seed, run_cli  # noqa: E402

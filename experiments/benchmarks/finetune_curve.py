@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def curve(folder):
     """(steps, en dev F1) of a fine-tuning folder; older runs logged the strict mode as dev_f1."""
-    lines = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
-    key = "dev_f1_default" if any("dev_f1_default" in l for l in lines) else "dev_f1"
-    points = [(l["step"], l[key]) for l in lines if key in l]
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    key = "dev_f1_default" if any("dev_f1_default" in line for line in lines) else "dev_f1"
+    points = [(line["step"], line[key]) for line in lines if key in line]
     return [s for s, _ in points], [f for _, f in points], "seqeval default" if key == "dev_f1_default" else "strict IOB2"
 
 

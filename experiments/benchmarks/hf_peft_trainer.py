@@ -18,21 +18,18 @@ orders the data the same way, so the two are compared paired (stats.paired_diffe
 """
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root
+from experiments.stats import mean_std, paired_difference  # noqa: E402
+from peft_config import PeftConfig  # noqa: E402
 from plumbing.hf_peft import hf_lora_config  # noqa: E402
 from plumbing.ner_data import LABELS, encode_sentences, load_wikiann, parse_languages  # noqa: E402
-from peft_config import PeftConfig  # noqa: E402
 from plumbing.pretrained import load_tokenizer, resolve_model  # noqa: E402
 from plumbing.runs import check_at_least, read_record, run_cli, write_json  # noqa: E402
 from plumbing.scoring import entity_scores, predict_words  # noqa: E402
-from experiments.stats import mean_std, paired_difference  # noqa: E402
 
 STEPS = 300            # a modest CPU budget; finetune_peft.py's default is 1000
 BATCH_SIZE = 16        # finetune_peft.py's
@@ -52,7 +49,7 @@ def hf_lora_model(body, lora_rank, seed):
     set_seed(seed)
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected
     model = AutoModelForTokenClassification.from_pretrained(
-        resolve_model(body), id2label=dict(enumerate(LABELS)), label2id={l: i for i, l in enumerate(LABELS)})
+        resolve_model(body), id2label=dict(enumerate(LABELS)), label2id={label: i for i, label in enumerate(LABELS)})
     config = hf_lora_config(PeftConfig("lora", lora_rank=lora_rank))
     config = {k: v for k, v in config.items() if k not in ("peft_type", "base_model_name_or_path")}
     return get_peft_model(model, LoraConfig(**{**config, "inference_mode": False}))
@@ -172,7 +169,7 @@ def main(argv=None):
             results[name][seed] = fine_tune_and_score(body, seed, args, train, targets, tokenizer.pad_token_id,
                                                       tokenizer)
             print(f"seed {seed} {name}: average F1 {results[name][seed]['average']:.2f} "
-                  f"({', '.join(f'{l} {f:.2f}' for l, f in results[name][seed]['f1'].items())}), "
+                  f"({', '.join(f'{lang} {f:.2f}' for lang, f in results[name][seed]['f1'].items())}), "
                   f"train loss {results[name][seed]['train_loss']:.3f}", flush=True)
     table, diff = report(results, seeds)
     print(table)

@@ -16,13 +16,13 @@ from pathlib import Path
 
 def rows_of(folder, every):
     """[(step, held-out query loss, support after/before, body change, strength)] of one run."""
-    lines = [json.loads(l) for l in (Path(folder) / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    lines = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines() if line.strip()]
     out, last = [], 0
     for line in lines:
         if "held_out_query_loss" not in line or line["step"] % every:
             continue
-        window = [l for l in lines if last < l["step"] <= line["step"] and "support_loss_after" in l]
-        ratio = sum(l["support_loss_after"] / l["support_loss_before"] for l in window) / len(window) if window else None
+        window = [entry for entry in lines if last < entry["step"] <= line["step"] and "support_loss_after" in entry]
+        ratio = sum(line["support_loss_after"] / line["support_loss_before"] for line in window) / len(window) if window else None
         out.append((line["step"], line["held_out_query_loss"], ratio, line.get("body_change"),
                     line.get("inner_loop_strength")))
         last = line["step"]
