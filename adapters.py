@@ -2,8 +2,8 @@
 
     import torch
     from transformers import BertConfig, BertForTokenClassification
-    from adapters import PeftConfig, add_peft
-    from plumbing.peft_state import freeze_body, peft_parameters, save_peft, load_peft
+    from adapters import PeftConfig, add_peft, freeze_body, peft_parameters
+    from peft_checkpoint import save_peft, load_peft
 
     model = BertForTokenClassification(BertConfig(num_labels=7)).eval()
     add_peft(model, PeftConfig("adapter", placement="houlsby"), seed=0)
@@ -56,8 +56,7 @@ MLP, shared by all layers as in Li & Liang,
     [P_k^1 ; P_v^1 ; ... ; P_k^L ; P_v^L] = W_2 tanh(W_1 E + b_1) + b_2,   E: P x d
 
 (E ~ N(0, 1) like nn.Embedding, W_1, W_2 PyTorch's default Linear init); each layer computes
-only its own rows of W_2, so no state is carried between layers. `fold_prefix_mlp` replaces
-the MLP by its output (Li & Liang drop the MLP after training). Without the MLP the prefixes
+only its own rows of W_2, so no state is carried between layers. Without the MLP the prefixes
 are drawn from N(0, initializer_range): small keys and values, a mild attention sink.
 
 LoRA (Hu et al. 2021) on the query and value projections: W x + (alpha / r) B A x, with A
@@ -68,6 +67,7 @@ step; B moves first, then A.
 
 import math
 import sys
+from collections import OrderedDict
 from dataclasses import replace
 from types import MethodType
 
@@ -181,7 +181,7 @@ class Prefix(PeftModule):
         return kv[:, 0], kv[:, 1]
 
     def all_key_values(self):
-        """All prefixes as one (layers, 2, P, d) tensor, the layout of the folded form."""
+        """All prefixes as one (layers, 2, P, d) tensor."""
         return torch.stack([torch.stack(self.key_value(layer)) for layer in range(self.num_layers)])
 
     def fresh(self, generator=None):
@@ -311,6 +311,46 @@ def peft_config_of(model) -> PeftConfig | None:
     return getattr(model, _CONFIG_ATTR, None)
 
 
+# ----------------------------------------------------------------------------- theta and phi
+# phi = the tensors of the PEFT modules that add_peft injected, plus the task head (HEAD);
+# theta = every other parameter of the model (METHOD.md's notation).
+
+def _peft_names(model, include_head):
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, PeftModule) or (include_head and prefix == HEAD):
+            names |= {f"{prefix}.{name}" for name, _ in module.named_parameters()}
+    return names
+
+
+def peft_parameters(model, include_head: bool = True) -> "OrderedDict[str, nn.Parameter]":
+    """phi: the PEFT tensors (and the head), named and ordered as in model.named_parameters()."""
+    names = _peft_names(model, include_head)
+    return OrderedDict((n, p) for n, p in model.named_parameters() if n in names)
+
+
+def body_parameters(model) -> "OrderedDict[str, nn.Parameter]":
+    """theta: every parameter that is neither PEFT nor head."""
+    names = _peft_names(model, include_head=True)
+    return OrderedDict((n, p) for n, p in model.named_parameters() if n not in names)
+
+
+def freeze_body(model):
+    """Freeze theta, make phi trainable (downstream PEFT trains the head too)."""
+    names = _peft_names(model, include_head=True)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+    return model
+
+
+def fresh_peft_tensors(model, generator: torch.Generator | None = None) -> "OrderedDict[str, torch.Tensor]":
+    """A newly drawn phi (leaf tensors on the model's device, requires_grad) like add_peft draws
+    it (adapters.draw_phi); the model is untouched."""
+    drawn = draw_phi(model, generator)
+    return OrderedDict((n, drawn[n].to(p.device, p.dtype).requires_grad_())
+                       for n, p in peft_parameters(model).items())
+
+
 # ----------------------------------------------------------------------------- drawing phi
 
 def draw_phi(model, generator: torch.Generator | None = None) -> dict:
@@ -333,19 +373,3 @@ def _load_drawn(model, generator):
         for name, value in draw_phi(model, generator).items():
             model.get_parameter(name).copy_(value)
 
-
-def fold_prefix_mlp(model):
-    """Replace the reparameterisation MLP by the prefixes it computes (same outputs)."""
-    config = peft_config_of(model)
-    if config is None or config.method != "prefix":
-        raise ValueError("fold_prefix_mlp: the model has no prefix tuning")
-    prefix = model.base_model.encoder.peft_prefix
-    if not prefix.has_mlp:
-        return model
-    trainable = prefix.embedding.requires_grad
-    with torch.no_grad():
-        key_values = prefix.all_key_values().detach().clone()
-    del prefix.embedding, prefix.mlp_in, prefix.mlp_out
-    prefix.key_values = nn.Parameter(key_values, requires_grad=trainable)
-    setattr(model, _CONFIG_ATTR, replace(config, prefix_mlp=False))
-    return model

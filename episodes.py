@@ -4,7 +4,8 @@ from, and the held-out episode that meta-validation scores.
     source = EpisodeSource(tokenizer, "en", query_languages("en", ["de", "es"], "cross"), data_dir, ...)
     support, query = source.sample(n_tasks=2, generator=task_rng)[0]
     held_out = held_out_episode(tokenizer, "en", ["de", "es"], data_dir, ...)
-    held_out_losses(model, held_out, loss_fn, maml.InnerLoop(steps=3, lr=0.1))
+    phi_0 = phi_0_of_tasks(model, "peft", False, phi_rng, n_tasks=2, mine=range(2))  # where phi starts
+    held_out_losses(model, held_out, loss_fn, dict(steps=3, lr=0.1))
     adapted_losses(held_out, loss_fn, fresh, adapted, reference_loss)   # score a given phi (the implicit loop's)
 
   support batch  source-language train sentences: what downstream PEFT fine-tuning will see.
@@ -19,8 +20,11 @@ included), so their curves compare.
 
 import torch
 
-from plumbing import peft_state
+import maml
+from adapters import body_parameters, fresh_peft_tensors, peft_parameters
+from peft_checkpoint import read_peft
 from plumbing.ner_data import BatchStream, encode_sentences, load_wikiann
+from plumbing.pretrained import evaluation_mode
 from plumbing.runs import derive_seed
 
 
@@ -91,6 +95,34 @@ def held_out_episode(tokenizer, source_lang, priming_langs, data_dir, eval_sente
             "query": [b for lang in priming_langs for b in dev_batches(lang, eval_sentences)]}
 
 
+
+# ----------------------------------------------------------------------------- where phi starts
+# METHOD.md, "One priming episode", step 2: phi_0 of a task, and which tensors are fast.
+
+def peft_start(model, generator, outer_peft):
+    """The paper: fresh PEFT tensors and head drawn as downstream PEFT draws them, so the inner loop
+    simulates a fresh fine-tuning; --outer-peft: the model's own meta-learned ones (plain MAML)."""
+    return dict(peft_parameters(model)) if outer_peft else dict(fresh_peft_tensors(model, generator))
+
+
+def all_start(model, generator, outer_peft):
+    """Standard MAML (--inner-params all): the body's trainable Parameters are fast too."""
+    body = {n: p for n, p in body_parameters(model).items() if p.requires_grad}
+    return {**body, **peft_start(model, generator, outer_peft)}
+
+
+# What the inner loop adapts (--inner-params): name -> start(model, generator, outer_peft) -> phi_0 of one task.
+INNER_PARAMS = {"peft": peft_start, "all": all_start}
+
+
+def phi_0_of_tasks(model, inner_params, outer_peft, generator, n_tasks, mine):
+    """phi_0 of this process's tasks `mine` (indices into the meta-batch), as a function of the
+    task's position in `mine`. Drawn for every task of the meta-batch in order, so task j starts
+    from the same phi_0 whichever process runs it (and as in a one-process run)."""
+    phis = [INNER_PARAMS[inner_params](model, generator, outer_peft) for _ in range(n_tasks)]
+    return lambda i: phis[mine[i]]
+
+
 def query_loss(loss_fn, fast, batches):
     """Mean loss of the model with the fast tensors `fast` over `batches`, no graph kept."""
     with torch.no_grad():
@@ -100,26 +132,23 @@ def query_loss(loss_fn, fast, batches):
 
 def held_out_losses(model, held_out, loss_fn, inner, reference_loss=None):
     """Meta-validation (dropout off, nothing kept). A fixed fresh phi is adapted by the inner
-    loop `inner` (maml.InnerLoop, run first order) on the held-out support batch; the held-out query batches are scored
-    before and after:
+    loop (`inner`: maml.inner_loop's settings, run first order) on the held-out support batch; the
+    held-out query batches are scored before and after:
       held_out_query_loss        after adaptation (what priming minimises)
       held_out_query_loss_fresh  before adaptation (fresh PEFT tensors and head)
       inner_loop_strength        (fresh - adapted) / (fresh - reference): the share of the gap
                                  to a normally fine-tuned PEFT model (`reference_query_loss`)
                                  that the inner loop closes; 1 = as good as downstream
                                  fine-tuning, 0 = no better than the fresh tensors."""
-    was_training = model.training
-    model.eval()
-    fresh = held_out_phi(model)
-    adapted = inner.first_order_copy().adapt(loss_fn, fresh, held_out["support"])
-    losses = adapted_losses(held_out, loss_fn, fresh, adapted, reference_loss)
-    model.train(was_training)
-    return losses
+    with evaluation_mode(model):
+        fresh = held_out_phi(model)
+        adapted = maml.inner_loop(loss_fn, fresh, held_out["support"], **{**inner, "first_order": True})
+        return adapted_losses(held_out, loss_fn, fresh, adapted, reference_loss)
 
 
 def held_out_phi(model):
     """The fixed fresh phi of meta-validation (the same draw at every evaluation)."""
-    return peft_state.fresh_peft_tensors(model, torch.Generator().manual_seed(derive_seed(0, "held-out phi")))
+    return fresh_peft_tensors(model, torch.Generator().manual_seed(derive_seed(0, "held-out phi")))
 
 
 def adapted_losses(held_out, loss_fn, fresh, adapted, reference_loss=None):
@@ -136,9 +165,19 @@ def adapted_losses(held_out, loss_fn, fresh, adapted, reference_loss=None):
 def reference_query_loss(model, folder, held_out, loss_fn):
     """The held-out query loss of a normally fine-tuned PEFT model (a finetune_peft.py folder
     trained on the input model): what full downstream fine-tuning reaches."""
-    tensors, _ = peft_state.read_peft(model, folder)
-    was_training = model.training
-    model.eval()
-    loss = query_loss(loss_fn, tensors, held_out["query"])
-    model.train(was_training)
-    return loss
+    tensors, _ = read_peft(model, folder)
+    with evaluation_mode(model):
+        return query_loss(loss_fn, tensors, held_out["query"])
+
+
+def body_snapshot(model) -> "dict[str, torch.Tensor]":
+    """Copies of the body's non-embedding weights now: the origin body_change measures from
+    (the embeddings are 80% of e5-small and barely move, so they would hide the change)."""
+    return {n: p.detach().clone() for n, p in body_parameters(model).items() if "embeddings" not in n}
+
+
+def body_change(model, snapshot) -> float:
+    """How far the body moved: ||theta - theta_0|| / ||theta_0|| over the snapshot's weights."""
+    params = dict(model.named_parameters())
+    moved = sum((params[n].detach().double() - t.double()).pow(2).sum() for n, t in snapshot.items())
+    return float(moved.sqrt() / sum(t.double().pow(2).sum() for t in snapshot.values()).sqrt())

@@ -1,6 +1,6 @@
 """Implicit MAML: the meta-gradient of a (near-)converged inner fine-tuning, without unrolling it.
 
-    phi_hat, state = fine_tune(loss_fn, phi_0, batches, "adam", steps=100, lr=3e-3, damping=1e-3)
+    phi_hat, state = inner_fine_tune(loss_fn, phi_0, batches, "adam", steps=100, lr=3e-3, damping=1e-3)
     grads, info = hypergradient(loss_fn, theta, phi_hat, phi_0, support, query, damping=1e-3, cg_steps=5, cg_tol=1e-2)
     grads, info = hypergradient(..., first_order=True)     # only dL_Q/dtheta at phi_hat
     grads, info = hypergradient(..., cg_damping=0.1)       # a more damped linear system than the inner problem's
@@ -99,7 +99,7 @@ def proximal_loss(loss_fn, phi: dict, phi_0: dict, batch, damping: float) -> Ten
     return loss + proximal_term(phi, phi_0, damping) if damping else loss
 
 
-def fine_tune(loss_fn, phi_0: dict, batches, optimizer: str = "adam", steps: int = 100, lr: float = 1e-3,
+def inner_fine_tune(loss_fn, phi_0: dict, batches, optimizer: str = "adam", steps: int = 100, lr: float = 1e-3,
               damping: float = 0.0, start: dict | None = None, state: dict | None = None,
               losses: list | None = None) -> tuple:
     """Return (phi_hat, state): `steps` steps of `optimizer` ("sgd" or "adam") on G, one batch of

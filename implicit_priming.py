@@ -22,7 +22,7 @@ cg_iterations, cg_residual (the largest over tasks), negative_curvature (tasks w
 cg_min_curvature, and per task, averaged over the step's tasks: cg_converged_share (tasks whose CG
 reached --cg-tol), correction_ratio (||second-order term|| / ||dL_Q/dtheta||) and cosine_to_first_order
 (of the hypergradient with dL_Q/dtheta); a warning when CG fails in most tasks; fine_tune_steps, phi_age (meta-steps served by this phi_0), phi_distance (||phi_hat - phi_0||);
-at each evaluation, the inner-loop strength of phi_hat (`held_out_losses`).
+at each evaluation, the inner-loop strength of phi_hat (`implicit_held_out_losses`).
 """
 
 import warnings
@@ -32,7 +32,8 @@ import torch
 import episodes
 import implicit
 import maml
-from plumbing import peft_state
+from adapters import body_parameters, fresh_peft_tensors
+from plumbing.pretrained import evaluation_mode
 from plumbing.runs import check_at_least, check_positive
 
 # --------------------------------------------------------------------- defaults -----
@@ -66,7 +67,7 @@ IMPLICIT = {
 
 def add_flags(p):
     """The --inner-loop implicit flags. Their parser default is None (unset): an unrolled run records
-    them as None, and check_flags fills in IMPLICIT for an implicit run."""
+    them as None, and check_implicit_flags fills in IMPLICIT for an implicit run."""
     when = "(with --inner-loop implicit; default %s)%%(default).0s"  # (argparse's own "default: None" hidden)
     p.add_argument("--implicit-optimizer", choices=sorted(implicit.OPTIMIZERS), default=None,
                    help="optimizer of the inner fine-tuning " + when % IMPLICIT["implicit_optimizer"])
@@ -100,7 +101,7 @@ def add_flags(p):
                         "metrics.jsonl) " + when % f"{CG_DAMPING} with ggn, --damping with hessian")
 
 
-def check_flags(args, world, unrolled_defaults):
+def check_implicit_flags(args, world, unrolled_defaults):
     """--inner-loop: refuse the other loop's flags, then fill in the implicit defaults.
     unrolled_defaults: meta_pretrain's {"inner_steps": .., "inner_lr": ..} (a changed one is refused)."""
     given = [f"--{f.replace('_', '-')}" for f in IMPLICIT if getattr(args, f) is not None]
@@ -153,28 +154,27 @@ def meta_gradient(model, loss_fn, tasks, source, carried, phi_rng, args):
     is averaged into theta's .grad. One fine-tuning serves every task of the meta-step: the inner
     problem, fine-tuning on the source language, is the same whatever the task's query language."""
     if carried.get("age", 0) % args.fresh_every == 0:
-        phi_0 = {n: t.detach() for n, t in peft_state.fresh_peft_tensors(model, phi_rng).items()}
+        phi_0 = {n: t.detach() for n, t in fresh_peft_tensors(model, phi_rng).items()}
         carried.update(phi_0=phi_0, phi=phi_0, optimizer=None, age=0)
     steps = args.implicit_steps if carried["age"] == 0 else args.implicit_warm_steps
     losses = []
-    phi_hat, state = implicit.fine_tune(loss_fn, carried["phi_0"], source.fine_tune_batches(), args.implicit_optimizer,
+    phi_hat, state = implicit.inner_fine_tune(loss_fn, carried["phi_0"], source.fine_tune_batches(), args.implicit_optimizer,
                                         steps, args.implicit_lr, args.damping, start=carried["phi"],
                                         state=carried["optimizer"], losses=losses)
     carried.update(phi=phi_hat, optimizer=state, age=carried["age"] + 1)
-    theta = [p for p in peft_state.body_parameters(model).values() if p.requires_grad]
+    theta = [p for p in body_parameters(model).values() if p.requires_grad]
     logits_fn = maml.functional_logits(model)
-    was_training, infos = model.training, []
-    model.eval()   # CG needs one fixed linear operator: no dropout masks
-    for support, query in tasks:
-        grads, info = implicit.hypergradient(loss_fn, theta, phi_hat, carried["phi_0"], support, query, args.damping,
-                                             args.cg_steps, args.cg_tol, first_order=args.first_order,
-                                             cg_damping=args.cg_damping, curvature=args.curvature or "hessian",
-                                             logits_fn=logits_fn)
-        for p, g in zip(theta, grads):
-            if g is not None:
-                p.grad = g / len(tasks) if p.grad is None else p.grad + g / len(tasks)
-        infos.append(info)
-    model.train(was_training)
+    infos = []
+    with evaluation_mode(model):   # CG needs one fixed linear operator: no dropout masks
+        for support, query in tasks:
+            grads, info = implicit.hypergradient(loss_fn, theta, phi_hat, carried["phi_0"], support, query, args.damping,
+                                                 args.cg_steps, args.cg_tol, first_order=args.first_order,
+                                                 cg_damping=args.cg_damping, curvature=args.curvature or "hessian",
+                                                 logits_fn=logits_fn)
+            for p, g in zip(theta, grads):
+                if g is not None:
+                    p.grad = g / len(tasks) if p.grad is None else p.grad + g / len(tasks)
+            infos.append(info)
     return {"query_loss": mean(infos, "query_loss"), "support_loss_after": mean(infos, "support_loss"),
             "fine_tune_loss_first": losses[0].item(), "fine_tune_loss_last": losses[-1].item(),
             "inner_grad_norm": mean(infos, "inner_grad_norm"), "cg_iterations": mean(infos, "cg_iterations"),
@@ -206,12 +206,9 @@ def phi_distance(phi, phi_0):
     return torch.sqrt(sum(((phi[n] - phi_0[n]) ** 2).sum() for n in phi)).item()
 
 
-def held_out_losses(model, held_out, loss_fn, carried, reference_loss):
+def implicit_held_out_losses(model, held_out, loss_fn, carried, reference_loss):
     """Meta-validation of the implicit loop (dropout off): the held-out query loss of the phi_hat
     the last hypergradient used (theta has since taken its outer step) and of the fresh phi_0 it was
     fine-tuned from, and so the inner-loop strength of phi_hat (episodes.adapted_losses)."""
-    was_training = model.training
-    model.eval()
-    losses = episodes.adapted_losses(held_out, loss_fn, carried["phi_0"], carried["phi"], reference_loss)
-    model.train(was_training)
-    return losses
+    with evaluation_mode(model):
+        return episodes.adapted_losses(held_out, loss_fn, carried["phi_0"], carried["phi"], reference_loss)

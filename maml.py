@@ -7,7 +7,7 @@ Notation
 --------
 theta  the body: the pretrained encoder's own parameters.
 phi    the "fast" tensors, the ones the inner loop adapts. By default the PEFT tensors
-       (adapter or prefix) plus the NER head; in the standard-MAML ablation, every
+       (adapter, prefix or LoRA) plus the NER head; in the standard-MAML ablation, every
        trainable tensor (then theta and phi overlap, and nothing special happens).
 L_S, L_Q  the loss on a task's support batch (source language) and query batch
        (a priming language).
@@ -20,6 +20,8 @@ Inner loop (Finn et al. 2017, eq. 1): k plain SGD steps on phi only, theta held 
 
 This is what a user's downstream PEFT fine-tuning does, so phi' is "the PEFT model that
 theta would give". With Meta-SGD (Li et al. 2017) alpha is a learned tensor per phi tensor.
+The step itself is one entry of INNER_OPTIMIZERS (`sgd`, the paper's); another update rule is
+another entry, which --inner-optimizer then offers.
 
 Outer loop (Finn et al. 2017, eq. 2): move theta so that the adapted model does well on
 the query,
@@ -58,7 +60,6 @@ order, so a model loaded with attn_implementation="sdpa" or "eager" works alike.
 
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -135,10 +136,22 @@ def _as_differentiable(fast: dict) -> "OrderedDict[str, Tensor]":
                        for name, t in fast.items())
 
 
+def sgd(tensor: Tensor, grad: Tensor, lr, state: dict) -> Tensor:
+    """One plain SGD step, phi_{j+1} = phi_j - alpha * g (Finn et al. 2017, eq. 1)."""
+    return tensor - lr * grad
+
+
+# The inner loop's update rules (--inner-optimizer): name -> update(tensor, grad, lr, state) -> the
+# new tensor, built from differentiable ops so that second order differentiates through it. `state`
+# is a dict per fast tensor that lives for one inner loop (an optimizer's moments, its step count).
+INNER_OPTIMIZERS = {"sgd": sgd}
+
+
 def inner_loop(loss_fn, fast: dict, support_batch: dict, steps: int, lr: float,
                first_order: bool = False, clip: float | None = None, rates: dict | None = None,
-               losses: list | None = None) -> "OrderedDict[str, Tensor]":
-    """Return phi' = phi_k after `steps` SGD steps on the support loss, updating `fast` only.
+               losses: list | None = None, optimizer: str = "sgd") -> "OrderedDict[str, Tensor]":
+    """Return phi' = phi_k after `steps` steps of `optimizer` (INNER_OPTIMIZERS; SGD by default)
+    on the support loss, updating `fast` only.
 
     Second order (default): the inner gradients keep their graph (create_graph=True), so
     phi' is a differentiable function of theta and of the initial `fast`. first_order:
@@ -151,7 +164,8 @@ def inner_loop(loss_fn, fast: dict, support_batch: dict, steps: int, lr: float,
     Tensors in `fast` that the loss does not use are returned unchanged.
     Never writes into the model's parameters: each step builds new tensors.
     """
-    fast = _as_differentiable(fast)
+    fast, update = _as_differentiable(fast), INNER_OPTIMIZERS[optimizer]
+    states = {name: {} for name in fast}
     context = nullcontext() if first_order else double_backward_attention()
     with context:
         for _ in range(steps):
@@ -163,42 +177,15 @@ def inner_loop(loss_fn, fast: dict, support_batch: dict, steps: int, lr: float,
             if clip is not None:
                 grads = _clip_by_global_norm(grads, clip)
             fast = OrderedDict(
-                (name, t if g is None else t - (rates.get(name, lr) if rates else lr) * g)
+                (name, t if g is None else update(t, g, rates.get(name, lr) if rates else lr, states[name]))
                 for (name, t), g in zip(fast.items(), grads)
             )
     return fast
 
 
-@dataclass(frozen=True)
-class InnerLoop:
-    """The inner loop's settings, one object for the meta-step, meta-validation and the search:
-    `steps` SGD steps at `lr` (Meta-SGD: `rates`, name -> learned rate), each gradient clipped to
-    the global norm `clip`, second order unless `first_order`."""
-
-    steps: int
-    lr: float
-    first_order: bool = False
-    clip: float | None = None
-    rates: dict | None = None
-
-    def adapt(self, loss_fn, fast: dict, support_batch: dict, losses: list | None = None):
-        """phi' of `fast` after this inner loop on one support batch (inner_loop)."""
-        return inner_loop(loss_fn, fast, support_batch, self.steps, self.lr, first_order=self.first_order,
-                          clip=self.clip, rates=self.rates, losses=losses)
-
-    def meta_step(self, loss_fn, tasks: list, init_fast: Callable[[int], dict], measure_after: bool = True) -> dict:
-        """The averaged meta-gradient of `tasks` into .grad with this inner loop (meta_step)."""
-        return meta_step(loss_fn, tasks, init_fast, self.steps, self.lr, first_order=self.first_order,
-                         clip=self.clip, rates=self.rates, measure_after=measure_after)
-
-    def first_order_copy(self) -> "InnerLoop":
-        """The same loop without the second-order graph (for scoring: no meta-gradient is taken)."""
-        return replace(self, first_order=True)
-
-
 def meta_step(loss_fn, tasks: list, init_fast: Callable[[int], dict], steps: int, lr: float,
               first_order: bool = False, clip: float | None = None,
-              rates: dict | None = None, measure_after: bool = True) -> dict:
+              rates: dict | None = None, measure_after: bool = True, optimizer: str = "sgd") -> dict:
     """Accumulate the average meta-gradient of a meta-batch of tasks into .grad.
 
     tasks: list of (support_batch, query_batch). For task i, phi_0 = init_fast(i): fresh
@@ -216,9 +203,9 @@ def meta_step(loss_fn, tasks: list, init_fast: Callable[[int], dict], steps: int
     before, after, query = [], [], []
     for i, (support_batch, query_batch) in enumerate(tasks):
         support_losses = []
-        adapted = inner_loop(loss_fn, init_fast(i), support_batch, steps, lr,
-                             first_order=first_order, clip=clip, rates=rates, losses=support_losses)
-        query_loss = loss_fn(adapted, query_batch)
+        adapted = inner_loop(loss_fn, init_fast(i), support_batch, steps, lr, first_order=first_order,  # 3.
+                             clip=clip, rates=rates, losses=support_losses, optimizer=optimizer)
+        query_loss = loss_fn(adapted, query_batch)                                                  # 4.
         (query_loss / n_tasks).backward()  # frees this task's graph before the next task
         if measure_after or not support_losses:  # (with no inner step, "before" is this loss too)
             with torch.no_grad():

@@ -22,7 +22,7 @@ class PeftConfig:
 
     method: str                      # "adapter" | "prefix" | "lora"
     placement: str = "houlsby"       # adapter: "houlsby" (attention + FFN) | "pfeiffer" (FFN only)
-    adapter_non_linearity: str | None = None  # None: the placement's AdapterHub default (NON_LINEARITIES)
+    adapter_non_linearity: str | None = None  # None: the placement's AdapterHub default (DEFAULT_NON_LINEARITY)
     adapter_init: str = "near-identity"       # or "bert" (AdapterHub's default)
     bottleneck: int | None = None    # adapter width; None -> hidden_size // reduction_factor
     reduction_factor: int = 16

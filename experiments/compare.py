@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root
 from experiments.compare_report import add_body_change, collect, paired_rows, read_run, write_results  # noqa: E402
 from experiments.stats import seeds_for_half_width  # noqa: E402
 from plumbing.ner_data import DATA_FORMATS, files_sha256, parse_languages, parse_tag_map, resolve_data_dir  # noqa: E402
-from plumbing.runs import is_finished, json_object_or_none, read_record, run_cli, try_lock  # noqa: E402
+from plumbing.runs import HelpFormatter, is_finished, json_object_or_none, read_record, run_cli, try_lock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]  # where the stage scripts are
 
@@ -121,7 +121,7 @@ REFERENCE_FILES = ("peft.safetensors", "peft_config.json")   # + of no priming's
 
 def build_parser():
     p = argparse.ArgumentParser(description="Run the priming comparison and write its table and plots.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--budget", choices=sorted(BUDGETS), default="cpu", help="stage flags per run (see BUDGETS)")
     p.add_argument("--pefts", default="adapter,prefix", help="PEFT methods to compare")
     p.add_argument("--priming-seeds", type=int, default=1,
@@ -205,7 +205,7 @@ def check_eval_data(args):
 
 # ----------------------------------------------------------------------------- running stages
 
-def run_identity(flags, runs):
+def run_hash(flags, runs):
     """A short hash of the flags that shape a run (order kept: later flags override earlier) and
     of TRAINING_CODE, so runs of code that trains differently are never reused for each other.
     The flags are taken free of where things are (location_free): a clone anywhere, with the data
@@ -400,11 +400,11 @@ def prime_plan(args, runs, peft, condition, seed):
              "--seed", str(seed), "--source-lang", SOURCE_LANG, "--priming-langs", args.priming_langs,
              *CONDITIONS[condition], *maml_overrides(args, condition), *dose_steps(args, condition),
              *equal_compute_steps(args, peft, condition)]
-    folder = runs / f"primed-{peft}-{slug(condition)}-p{seed}-{run_identity(flags, runs)}"
+    folder = runs / f"primed-{peft}-{slug(condition)}-p{seed}-{run_hash(flags, runs)}"
     return flags, existing_run(folder, flags, runs)
 
 
-def prime(args, runs, peft, condition, seed, reference):
+def prime_condition(args, runs, peft, condition, seed, reference):
     """The primed body of (condition, priming seed): its folder, or None while another process runs it.
     reference: the unprimed fine-tuning run the priming run measures its inner-loop strength against."""
     flags, folder = prime_plan(args, runs, peft, condition, seed)
@@ -474,7 +474,7 @@ def finetune_plan(args, runs, init, peft, seed, tag, condition=None):
         flags += ["--extra-langs", args.priming_langs, "--extra-sentences", prime[prime.index("--max-sentences") + 1]]
     if peft == "full":  # the budgets' --lr is a PEFT rate; appended, it overrides and keeps the PEFT runs' identity
         flags += ["--lr", FULL_FT_LR]
-    folder = runs / f"ft-{tag}-f{seed}-{run_identity(flags, runs)}"
+    folder = runs / f"ft-{tag}-f{seed}-{run_hash(flags, runs)}"
     return flags, existing_run(folder, flags, runs)
 
 
@@ -491,11 +491,11 @@ def evaluate_plan(args, tuned, langs, split):
     """(flags, eval JSON) of a fine-tuned folder on `langs`; each language set and size is its own file."""
     flags = [*eval_data_flags(args), *BUDGETS[args.budget]["evaluate"], "--split", split, "--langs", ",".join(langs)]
     flags += ["--max-sentences", str(args.eval_sentences)] if args.eval_sentences else []
-    result = Path(tuned) / f"eval-{split}-{run_identity(flags, tuned)}.json"
+    result = Path(tuned) / f"eval-{split}-{run_hash(flags, tuned)}.json"
     return flags, existing_eval(result, flags, Path(tuned))
 
 
-def evaluate(args, tuned, langs, split):
+def evaluate_checkpoint(args, tuned, langs, split):
     """The eval JSON, or None while another process runs it."""
     flags, result = evaluate_plan(args, tuned, langs, split)
     done = run_stage("evaluate_ner.py", [*flags, "--ckpt", str(tuned), "--out", str(result)], result,
@@ -522,10 +522,10 @@ def one_run(args, runs, peft, condition, priming_seed, finetune_seed, langs, spl
         return None
     if primed:
         reference = finetune(args, runs, args.model, peft, 0, f"{peft}-no_priming")  # the no-priming row's seed 0
-        if reference is None or prime(args, runs, peft, condition, priming_seed, reference) is None:
+        if reference is None or prime_condition(args, runs, peft, condition, priming_seed, reference) is None:
             return None
     tuned = finetune(args, runs, init, peft, finetune_seed, tag, condition)
-    return evaluate(args, tuned, langs, split) if tuned else None
+    return evaluate_checkpoint(args, tuned, langs, split) if tuned else None
 
 
 def row_plan(args, peft, condition):

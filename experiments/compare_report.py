@@ -219,7 +219,7 @@ def write_results(table, paired, langs, args, out, doses=()):
         "paired": paired}, indent=1, default=str))
 
 
-def body_change(primed, model):
+def primed_body_change(primed, model):
     """How far priming moved the body: ||theta' - theta|| / ||theta|| over its non-embedding
     weights (the embeddings are 80% of e5-small and barely move). None where the original
     weights are not a local safetensors file (a hub id)."""
@@ -240,7 +240,7 @@ def add_body_change(table, row_runs, model):
     priming run recorded it, else measured from its weights (runs of older code)."""
     for row, runs_of_row in row_runs.items():
         recorded = {r["primed"]: r["body_change"] for r in runs_of_row if r["primed"] is not None}
-        changes = [change if change is not None else body_change(f, model) for f, change in sorted(recorded.items())
+        changes = [change if change is not None else primed_body_change(f, model) for f, change in sorted(recorded.items())
                    if change is not None or (f / "model.safetensors").is_file()]
         if changes and None not in changes:
             table[row]["body_change"] = sum(changes) / len(changes)

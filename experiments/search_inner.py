@@ -32,15 +32,14 @@ import adapters  # noqa: E402
 import episodes  # noqa: E402
 import maml  # noqa: E402
 import peft_config  # noqa: E402
-from plumbing import peft_state  # noqa: E402
 from plumbing.ner_data import LABELS, parse_languages  # noqa: E402
 from plumbing.pretrained import DEFAULT_MODEL, load_token_classifier, load_tokenizer, pick_device  # noqa: E402
-from plumbing.runs import code_version, derive_seed, run_cli, set_seed, write_json  # noqa: E402
+from plumbing.runs import HelpFormatter, code_version, derive_seed, run_cli, set_seed, write_json  # noqa: E402
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Grid over the inner loop's lr, steps and support batch size.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="the input model of priming")
     p.add_argument("--peft", choices=peft_config.METHODS, default="adapter", help="the PEFT method simulated")
     p.add_argument("--lrs", default="0.01,0.03,0.1,0.3,1.0", help="inner learning rates (a log grid)")
@@ -83,7 +82,7 @@ def adaptation(model, loss_fn, supports, held_out_query, phis, steps, lr, clip):
     model.eval()
     rows = []
     for support, phi in zip(supports, phis):
-        adapted = maml.InnerLoop(steps, lr, first_order=True, clip=clip).adapt(loss_fn, phi, support)
+        adapted = maml.inner_loop(loss_fn, phi, support, steps, lr, first_order=True, clip=clip)
         rows.append({"support_before": episodes.query_loss(loss_fn, phi, [support]),
                      "support_after": episodes.query_loss(loss_fn, adapted, [support]),
                      "query_fresh": episodes.query_loss(loss_fn, phi, held_out_query),
@@ -98,8 +97,7 @@ def meta_step_seconds(model, loss_fn, source, n_tasks, timed, steps, lr, clip, p
     for _ in range(timed + 1):  # the first one warms up
         tasks = source.sample(n_tasks, torch.Generator().manual_seed(0))
         t0 = time.perf_counter()
-        inner = maml.InnerLoop(steps, lr, clip=clip)
-        inner.meta_step(loss_fn, tasks, lambda i: peft_state.fresh_peft_tensors(model, phi_rng))
+        maml.meta_step(loss_fn, tasks, lambda i: adapters.fresh_peft_tensors(model, phi_rng), steps, lr, clip=clip)
         seconds.append(time.perf_counter() - t0)
         model.zero_grad(set_to_none=True)
     return statistics.median(seconds[1:])
@@ -113,7 +111,7 @@ def pick(rows, max_ratio, max_seconds):
     return min(eligible, key=lambda r: r["query_after"]) if eligible else None
 
 
-def markdown(rows, picked):
+def search_markdown(rows, picked):
     head = ["| inner lr | inner steps | batch | support loss before -> after | ratio | held-out query loss "
             "(fresh -> adapted) | strength | s / meta-step |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     body = []
@@ -137,7 +135,7 @@ def main(argv=None):
     model = load_token_classifier(args.model, num_labels=len(LABELS), id2label=LABELS, device=device)
     adapters.add_peft(model, adapters.PeftConfig(method=args.peft), seed=derive_seed(args.seed, "initial phi"))
     for name, p in model.named_parameters():  # the body as priming trains it: word embeddings frozen
-        p.requires_grad_(name not in peft_state.peft_parameters(model) and "word_embeddings" not in name)
+        p.requires_grad_(name not in adapters.peft_parameters(model) and "word_embeddings" not in name)
     loss_fn = maml.functional_loss(model)
     priming_langs = parse_languages(args.priming_langs)
     rows = []
@@ -153,7 +151,7 @@ def main(argv=None):
                      if args.reference_ft else None)
         for lr in grid["lrs"]:
             for steps in grid["steps"]:
-                phis = [peft_state.fresh_peft_tensors(model, torch.Generator().manual_seed(derive_seed(args.seed, f"search phi {e}")))
+                phis = [adapters.fresh_peft_tensors(model, torch.Generator().manual_seed(derive_seed(args.seed, f"search phi {e}")))
                         for e in range(args.episodes)]
                 row = {"lr": lr, "steps": steps, "batch_size": batch_size, "clip": args.clip,
                        **adaptation(model, loss_fn, supports, held_out["query"], phis, steps, lr, args.clip)}
@@ -167,7 +165,7 @@ def main(argv=None):
                 bar.set_postfix(lr=lr, steps=steps, query=f"{row['query_after']:.3f}", ratio=f"{row['ratio']:.2f}")
     bar.close()
     picked = pick(rows, args.max_ratio, args.max_seconds)
-    text = markdown(rows, picked)
+    text = search_markdown(rows, picked)
     if reference is not None:
         text += f"\n\nReference (finetune_peft.py, {args.reference_ft}): held-out query loss {reference:.3f}."
     text += ("\n\nPicked: " + (f"inner lr {picked['lr']:g}, {picked['steps']} steps, batch {picked['batch_size']}"

@@ -37,15 +37,9 @@ def wait_for_all(world):
         dist.barrier()
 
 
-def task_share(tasks, world, rank, init_fast=None):
-    """This process's tasks of the global meta-batch (tasks rank, rank + world, ...) and their
-    phi_0. phi_0 is drawn for every task in global order, so task j starts from the same
-    phi_0 whichever process runs it (and as in a one-process run)."""
-    mine = range(rank, len(tasks), world)
-    if init_fast is None:  # mtl: no fast tensors
-        return [tasks[j] for j in mine], None
-    phis = [init_fast(j) for j in range(len(tasks))]
-    return [tasks[j] for j in mine], lambda i: phis[mine[i]]
+def my_tasks(n_tasks, world, rank):
+    """The indices of this process's tasks in the global meta-batch: rank, rank + world, ..."""
+    return range(rank, n_tasks, world)
 
 
 def average_across_processes(model, metrics, world):

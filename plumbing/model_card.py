@@ -31,7 +31,7 @@ def base_model_id(model):
     return None if Path(model).exists() else model
 
 
-def held_out_losses(folder):
+def logged_held_out_losses(folder):
     """(first, last) metrics.jsonl lines that carry the held-out query loss; (None, None) without any."""
     path = Path(folder) / METRICS
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
@@ -77,7 +77,7 @@ def data_line(args):
 
 
 def losses_section(folder, body_change):
-    first, last = held_out_losses(folder)
+    first, last = logged_held_out_losses(folder)
     rows = []
     if first is not None:
         rows += ["| meta-step | query loss after the inner loop | query loss of fresh PEFT tensors |",

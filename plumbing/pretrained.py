@@ -25,6 +25,7 @@ import errno
 import os
 import shutil
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -225,6 +226,17 @@ def check_weights_loaded(model, info, path):
         raise ValueError(f"the weights in {path} do not fit its config.json (model_type "
                          f"{model.config.model_type!r}: {len(missing)} weights would start random: {few(missing)}): "
                          f"restore its config.json, or give another model folder")
+
+
+@contextmanager
+def evaluation_mode(model):
+    """Dropout off inside (scoring, meta-validation, CG's fixed operator); the model's own mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def precision_context(device, precision):

@@ -18,25 +18,24 @@ from pathlib import Path
 
 import torch
 
-from plumbing import peft_state
 from plumbing.runs import torch_save
 
 FILE = "resume.pt"
 
 
-def trained_state(model):
-    """What priming changes: the parameters that train, and the PEFT tensors and head."""
-    keep = {n for n, p in model.named_parameters() if p.requires_grad} | set(peft_state.peft_parameters(model))
+def trained_state(model, also):
+    """What priming changes: the parameters that train, and those named in `also` (the PEFT tensors and head)."""
+    keep = {n for n, p in model.named_parameters() if p.requires_grad} | set(also)
     return {n: t for n, t in model.state_dict().items() if n in keep}
 
 
-def save(out, step, model, optimizer, source, rngs, extra=None, carried=None, run=None):
-    """rngs: {"task_rng": Generator, "phi_rng": Generator, "processes": distributed.rng_states()};
+def save(out, step, model, optimizer, source, rngs, extra=None, carried=None, run=None, also=()):
+    """also: names of tensors kept even when frozen (the PEFT tensors and head); rngs: {"task_rng": Generator, "phi_rng": Generator, "processes": distributed.rng_states()};
     extra: more tensors to keep (a dict of name -> tensor); carried: a dict of anything torch.save
     takes (the implicit inner loop's warm start); run: the run's identity ({flag: value}), which
     `load` compares."""
     torch_save(Path(out) / FILE, {
-        "step": step, "run": run or {}, "model": trained_state(model), "optimizer": optimizer.state_dict(),
+        "step": step, "run": run or {}, "model": trained_state(model, also), "optimizer": optimizer.state_dict(),
         "streams": source.state(), "task_rng": rngs["task_rng"].get_state(), "phi_rng": rngs["phi_rng"].get_state(),
         "rank_rngs": rngs["processes"], "extra": {k: v.detach().cpu() for k, v in (extra or {}).items()},
         **({"carried": carried} if carried is not None else {})})

@@ -19,6 +19,7 @@ Every file is written to a temporary name and renamed into place, so an interrup
 leaves a half-written file that a later stage would take.
 """
 
+import argparse
 import contextlib
 import functools
 import hashlib
@@ -424,6 +425,17 @@ def check_positive(args, *flags):
         value = getattr(args, flag)
         if value is not None and not (0 < value < math.inf):
             raise ValueError(f"--{flag.replace('_', '-')} must be a positive number (got {value})")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's real default: argparse's "(default: X)", except where the help text
+    already says the default (one computed from other flags) or there is none to say (a switch)."""
+
+    def _get_help_string(self, action):
+        said = any(text in (action.help or "") for text in ("(default", "; default"))
+        if said or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def parser_taking_negative_numbers(parser):

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from plumbing.ner_data import LABELS, bucketed_batches, collate, word_predictions
+from plumbing.pretrained import evaluation_mode
 from plumbing.runs import write_atomic
 
 MODES = ("default", "strict")
@@ -29,8 +30,11 @@ SPACES = re.compile(r"\s+")
 @torch.inference_mode()
 def predict_words(model, examples, batch_size=64, device="cpu", pad_id=1):
     """Per-word label ids for every example (batched by length for speed; order kept)."""
-    was_training = model.training
-    model.eval()
+    with evaluation_mode(model):
+        return _predict_words(model, examples, batch_size, device, pad_id)
+
+
+def _predict_words(model, examples, batch_size, device, pad_id):
     lengths = [len(e["input_ids"]) for e in examples]
     predictions = [None] * len(examples)
     for batch in bucketed_batches(lengths, batch_size):
@@ -39,7 +43,6 @@ def predict_words(model, examples, batch_size=64, device="cpu", pad_id=1):
         best = model(**inputs).logits.argmax(-1).tolist()
         for row, i in enumerate(batch):
             predictions[i] = word_predictions(best[row], examples[i]["word_ids"], examples[i]["n_words"])
-    model.train(was_training)
     return predictions
 
 

@@ -1,4 +1,4 @@
-"""Tests for adapters.py and peft_state.py on tiny random BERT and XLM-R token classifiers.
+"""Tests for adapters.py and peft_checkpoint.py on tiny random BERT and XLM-R token classifiers.
 
 Prefix tuning is checked against an independent implementation written here (embeddings,
 positions and attention by hand, prefixes concatenated to K and V), the other methods by
@@ -21,8 +21,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import tiny_classifier  # noqa: E402
 
 import adapters  # noqa: E402
-from adapters import PeftConfig, add_peft, fold_prefix_mlp, peft_config_of  # noqa: E402
-from plumbing.peft_state import body_parameters, freeze_body, fresh_peft_tensors, load_peft, peft_parameters, save_peft  # noqa: E402
+from adapters import (  # noqa: E402  # noqa: E402
+    PeftConfig,
+    add_peft,
+    body_parameters,
+    freeze_body,
+    fresh_peft_tensors,
+    peft_config_of,
+    peft_parameters,
+)
+from peft_checkpoint import load_peft, save_peft  # noqa: E402
 
 # helpers of these tests only
 
@@ -303,20 +311,6 @@ def test_eager_equals_sdpa(family, name):
     assert torch.allclose(logits(eager, ids, mask)[real], logits(sdpa, ids, mask)[real], atol=1e-5)
     assert torch.allclose(logits(eager, ids), logits(sdpa, ids), atol=1e-5)
 
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_fold_prefix_mlp_keeps_outputs(family, tmp_path):
-    model = with_peft(family, "prefix_mlp", "sdpa")
-    ids, mask = batch(family)
-    before = logits(model, ids, mask)
-    fold_prefix_mlp(model)
-    assert peft_config_of(model).prefix_mlp is False
-    assert torch.allclose(logits(model, ids, mask), before, atol=1e-6)
-    assert sum(p.numel() for p in peft_parameters(model).values()) == \
-        count_peft_parameters(peft_config_of(model), model.config, 7)
-    save_peft(model, tmp_path)
-    other = load_peft(tiny_model(family, "sdpa"), tmp_path)
-    assert other["peft_config"]["prefix_mlp"] is False
 
 
 # ----------------------------------------------------------------------------- second order

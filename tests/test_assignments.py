@@ -46,14 +46,13 @@ def test_2_an_ablation_whose_inner_loop_adapts_the_head_only(tiny_model_dir):
     tensors stay as drawn (is adapting the PEFT tensors what matters, or is a head enough?)."""
     import adapters
     import peft_config
-    from plumbing import peft_state
     from plumbing.pretrained import load_token_classifier
     args = meta_pretrain.build_parser().parse_args(["--inner-params", "head"])
     assert args.inner_params == "head"
     model = load_token_classifier(str(tiny_model_dir), num_labels=7)
     adapters.add_peft(model, peft_config.PeftConfig("adapter"), seed=0)
     fast = meta_pretrain.phi_start(model, False, "head", torch.Generator().manual_seed(0))(0)
-    heads = {n for n in peft_state.peft_parameters(model) if "classifier" in n}
+    heads = {n for n in adapters.peft_parameters(model) if "classifier" in n}
     assert set(fast) == heads and heads
 
 

@@ -323,11 +323,11 @@ def test_body_change_is_the_relative_change_of_non_embedding_weights(tmp_path):
         (folder / "config.json").write_text("{}")
     weights = {"embeddings.word_embeddings.weight": torch.ones(10, 4), "encoder.layer.0.w": torch.full((3, 4), 2.0)}
     save_file(weights, str(before / "model.safetensors"))
-    assert compare_report.body_change(before, str(before)) == 0.0
+    assert compare_report.primed_body_change(before, str(before)) == 0.0
     moved = dict(weights, **{"embeddings.word_embeddings.weight": torch.zeros(10, 4),   # embeddings: ignored
                              "encoder.layer.0.w": torch.full((3, 4), 2.2)})
     save_file(moved, str(after / "model.safetensors"))
-    assert abs(compare_report.body_change(after, str(before)) - 0.1) < 1e-6                  # 0.2 / 2.0 in every entry
+    assert abs(compare_report.primed_body_change(after, str(before)) - 0.1) < 1e-6                  # 0.2 / 2.0 in every entry
     table = {("adapter", "MAML priming"): {}, ("adapter", "no priming"): {}, ("adapter", "MTL priming"): {}}
     compare_report.add_body_change(table, {("adapter", "MAML priming"): [{"primed": after, "body_change": None}],
                                            ("adapter", "no priming"): [{"primed": None, "body_change": None}],

@@ -12,6 +12,7 @@ import torch
 from conftest import prime_argv, save_tiny_body
 from safetensors.torch import load_file
 
+import episodes
 import meta_pretrain
 from plumbing import distributed
 from plumbing.runs import run_cli
@@ -59,18 +60,20 @@ def assert_same_run(one, several, input_model):
     assert metrics(several) == [pytest.approx(m, rel=TOLERANCE) for m in metrics(one)]
 
 
-def test_task_share_keeps_each_tasks_phi():
+def test_each_process_keeps_each_tasks_phi(monkeypatch):
     """Process r runs global tasks r, r + world, ...; task j gets the j-th phi_0 drawn."""
     drawn = []
-    def init_fast(j):
-        drawn.append(j)
-        return {"phi": torch.tensor(float(j))}
-    tasks = list("abcdef")
-    mine, init_mine = distributed.task_share(tasks, world=2, rank=1, init_fast=init_fast)
-    assert mine == ["b", "d", "f"] and drawn == [0, 1, 2, 3, 4, 5]  # every phi drawn, in global order
-    assert [init_mine(i)["phi"].item() for i in range(3)] == [1.0, 3.0, 5.0]
-    assert distributed.task_share(tasks, world=3, rank=0) == (["a", "d"], None)
-    assert distributed.task_share(tasks, world=1, rank=0)[0] == tasks
+
+    def start(model, generator, outer_peft):
+        drawn.append(len(drawn))
+        return {"phi": torch.tensor(float(drawn[-1]))}
+    monkeypatch.setitem(episodes.INNER_PARAMS, "peft", start)
+    mine = distributed.my_tasks(6, world=2, rank=1)
+    phi_0 = episodes.phi_0_of_tasks(None, "peft", False, None, 6, mine)
+    assert list(mine) == [1, 3, 5] and drawn == [0, 1, 2, 3, 4, 5]  # every phi drawn, in global order
+    assert [phi_0(i)["phi"].item() for i in range(3)] == [1.0, 3.0, 5.0]
+    assert list(distributed.my_tasks(6, world=3, rank=0)) == [0, 3]
+    assert list(distributed.my_tasks(6, world=1, rank=0)) == list(range(6))
 
 
 @pytest.mark.slow  # two torchrun launches of 2 processes each

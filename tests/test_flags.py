@@ -5,9 +5,9 @@ import pytest
 import torch
 from conftest import prime_argv
 
+import adapters
 import maml
 import meta_pretrain
-from plumbing import peft_state
 from plumbing.ner_data import encode_sentences, load_wikiann
 from plumbing.pretrained import load_tokenizer
 
@@ -31,7 +31,7 @@ def record(monkeypatch):
     def meta_step(loss_fn, tasks, init_fast, steps, lr, **kwargs):
         seen["meta_step"].append({"tasks": tasks, "autocast": torch.is_autocast_enabled("cpu"), **kwargs})
         result = real_step(loss_fn, tasks, init_fast, steps, lr, **kwargs)
-        seen["peft_grads"].append({n: p.grad is not None for n, p in peft_state.peft_parameters(seen["model"]).items()})
+        seen["peft_grads"].append({n: p.grad is not None for n, p in adapters.peft_parameters(seen["model"]).items()})
         return result
 
     def inner_loop(loss_fn, fast, *args, **kwargs):
@@ -72,8 +72,8 @@ def test_query_flag_chooses_the_query_language(tiny_model_dir, data_dir, tmp_pat
 def test_inner_params_flag_chooses_the_fast_tensors(tiny_model_dir, data_dir, tmp_path, record, inner_params):
     prime(tiny_model_dir, data_dir, tmp_path / "p", "--inner-params", inner_params)
     model = record["model"]
-    peft = set(peft_state.peft_parameters(model))
-    trainable_body = {n for n, p in peft_state.body_parameters(model).items() if p.requires_grad}
+    peft = set(adapters.peft_parameters(model))
+    trainable_body = {n for n, p in adapters.body_parameters(model).items() if p.requires_grad}
     fast = set(record["inner_fast"][0])
     assert fast == (peft | trainable_body if inner_params == "all" else peft)
     assert trainable_body and "bert.embeddings.word_embeddings.weight" not in fast   # frozen by default
@@ -98,8 +98,8 @@ def test_second_order_term_is_present_by_default(tiny_model_dir, data_dir, tmp_p
     prime(tiny_model_dir, data_dir, tmp_path / "p")
     model, call = record["model"], record["meta_step"][0]
     loss_fn = maml.functional_loss(model)
-    phi = peft_state.fresh_peft_tensors(model, torch.Generator().manual_seed(0))
-    body = [p for p in peft_state.body_parameters(model).values() if p.requires_grad]
+    phi = adapters.fresh_peft_tensors(model, torch.Generator().manual_seed(0))
+    body = [p for p in adapters.body_parameters(model).values() if p.requires_grad]
     grads = []
     for first_order in (call["first_order"], True):
         model.zero_grad(set_to_none=True)
@@ -113,7 +113,7 @@ def test_second_order_term_is_present_by_default(tiny_model_dir, data_dir, tmp_p
 def test_method_flag_chooses_meta_learning_or_multi_task(tiny_model_dir, data_dir, tmp_path, record, method):
     prime(tiny_model_dir, data_dir, tmp_path / "p", "--method", method)
     assert (len(record["meta_step"]), record["mtl"]) == ((1, 0) if method == "maml" else (0, 1))
-    peft_trains = all(p.requires_grad for p in peft_state.peft_parameters(record["model"]).values())
+    peft_trains = all(p.requires_grad for p in adapters.peft_parameters(record["model"]).values())
     assert peft_trains is (method == "mtl")
 
 

@@ -35,7 +35,6 @@ def test_three_stages_end_to_end_on_cuda(tiny_model_dir, data_dir, tmp_path):
 
 def test_meta_gradient_on_cuda_equals_the_cpu_one(tiny_model_dir):
     import adapters
-    from plumbing import peft_state
     from plumbing.pretrained import load_token_classifier, load_tokenizer
     tokenizer = load_tokenizer(tiny_model_dir)
     grads = {}
@@ -44,8 +43,8 @@ def test_meta_gradient_on_cuda_equals_the_cpu_one(tiny_model_dir):
         adapters.add_peft(model, adapters.PeftConfig("adapter"), seed=0)
         enc = tokenizer(["Paris is in France", "Angela Merkel visited Berlin"], return_tensors="pt", padding=True)
         batch = {k: v.to(device) for k, v in enc.items()} | {"labels": torch.zeros_like(enc["input_ids"]).to(device)}
-        phi = peft_state.fresh_peft_tensors(model, torch.Generator().manual_seed(0))
-        body = [p for n, p in peft_state.body_parameters(model).items() if "word_embeddings" not in n]
+        phi = adapters.fresh_peft_tensors(model, torch.Generator().manual_seed(0))
+        body = [p for n, p in adapters.body_parameters(model).items() if "word_embeddings" not in n]
         maml.meta_step(maml.functional_loss(model), [(batch, batch)], lambda i: phi, 2, 0.1)
         grads[device] = torch.cat([p.grad.flatten().cpu() for p in body])
     assert torch.allclose(grads["cpu"], grads["cuda:0"], rtol=1e-3, atol=1e-5)

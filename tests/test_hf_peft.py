@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import adapters
 import finetune_peft
-from plumbing import hf_peft, peft_state
+import hf_peft
 from plumbing.ner_data import LABELS
 
 peft = pytest.importorskip("peft", reason="HF peft is optional: pip install --no-deps -r requirements-optional.txt")
@@ -37,7 +37,7 @@ def trained_lora(tmp_path):
     adapters.add_peft(model, adapters.PeftConfig("lora", lora_rank=4, lora_alpha=16.0), seed=1)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        for name, p in peft_state.peft_parameters(model).items():
+        for name, p in adapters.peft_parameters(model).items():
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     return body, model.eval()
 

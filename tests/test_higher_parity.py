@@ -7,7 +7,6 @@ from conftest import tiny_classifier
 
 import adapters
 import maml
-from plumbing import peft_state
 
 higher = pytest.importorskip("higher", reason="higher is not installed (pip install higher==0.2.1)")
 
@@ -26,8 +25,8 @@ def test_second_order_meta_gradient_equals_highers(placement):
     g = torch.Generator().manual_seed(1)
     support, query = ({"input_ids": torch.randint(1, 120, (3, 8), generator=g),
                        "labels": torch.randint(0, 7, (3, 8), generator=g)} for _ in range(2))
-    phi = {n: t.double() for n, t in peft_state.fresh_peft_tensors(model, torch.Generator().manual_seed(2)).items()}
-    body = {n: p for n, p in peft_state.body_parameters(model).items()}
+    phi = {n: t.double() for n, t in adapters.fresh_peft_tensors(model, torch.Generator().manual_seed(2)).items()}
+    body = {n: p for n, p in adapters.body_parameters(model).items()}
     for p in body.values():
         p.requires_grad_(True)
     steps, lr = 2, 0.3
@@ -37,7 +36,7 @@ def test_second_order_meta_gradient_equals_highers(placement):
     ours = {n: p.grad.clone() for n, p in body.items()}
 
     model.zero_grad(set_to_none=True)
-    peft = peft_state.peft_parameters(model)
+    peft = adapters.peft_parameters(model)
     with torch.no_grad():
         for n, p in peft.items():
             p.copy_(phi[n])

@@ -2,7 +2,7 @@
 
 The math on a tiny float64 model small enough for dense Hessians: theta = a tanh layer (15
 numbers), phi = a residual tanh "adapter" and a linear head (21 numbers), cross-entropy on 3
-classes. The inner problem is solved by implicit.fine_tune to a gradient norm below 1e-10,
+classes. The inner problem is solved by implicit.inner_fine_tune to a gradient norm below 1e-10,
 and the hypergradient is checked against the dense formula (torch.func.hessian +
 torch.linalg.solve), central finite differences of F that re-solve the inner problem, and
 maml.inner_loop unrolled from phi_0. The stage tests use the tiny transformer fixtures.
@@ -45,8 +45,8 @@ def loss_fn_of(theta):
 
 
 def solve(theta, phi_0, support, steps=1000, start=None, damping=DAMPING):
-    """phi* by full-batch gradient descent on G (implicit.fine_tune, sgd)."""
-    phi, _ = implicit.fine_tune(loss_fn_of(theta), phi_0, itertools.repeat(support), "sgd", steps, INNER_LR,
+    """phi* by full-batch gradient descent on G (implicit.inner_fine_tune, sgd)."""
+    phi, _ = implicit.inner_fine_tune(loss_fn_of(theta), phi_0, itertools.repeat(support), "sgd", steps, INNER_LR,
                                 damping, start=start)
     return phi
 
@@ -194,24 +194,25 @@ def test_conjugate_gradient_stops_on_negative_curvature():
 def test_fine_tune_keeps_no_graph_and_leaves_theta_alone(solved):
     theta, _, phi_0, support, _ = solved
     losses = []
-    phi, state = implicit.fine_tune(loss_fn_of(theta), phi_0, itertools.repeat(support), "adam", 30, 1e-2, 0.1,
+    phi, state = implicit.inner_fine_tune(loss_fn_of(theta), phi_0, itertools.repeat(support), "adam", 30, 1e-2, 0.1,
                                     losses=losses)
     assert len(losses) == 30 and losses[-1] < losses[0]
     assert all(not t.requires_grad and t.grad_fn is None for t in phi.values())
     assert all(t.grad is None for t in theta.values())
     # the state continues the same Adam run: 30 + 30 steps equal 60 in one go
-    more, _ = implicit.fine_tune(loss_fn_of(theta), phi_0, itertools.repeat(support), "adam", 30, 1e-2, 0.1,
+    more, _ = implicit.inner_fine_tune(loss_fn_of(theta), phi_0, itertools.repeat(support), "adam", 30, 1e-2, 0.1,
                                  start=phi, state=state)
-    whole, _ = implicit.fine_tune(loss_fn_of(theta), phi_0, itertools.repeat(support), "adam", 60, 1e-2, 0.1)
+    whole, _ = implicit.inner_fine_tune(loss_fn_of(theta), phi_0, itertools.repeat(support), "adam", 60, 1e-2, 0.1)
     torch.testing.assert_close(flat(more), flat(whole))
     with pytest.raises(ValueError, match="ran out after 2 of 5"):
-        implicit.fine_tune(loss_fn_of(theta), phi_0, [support, support], "sgd", 5, 0.1)
+        implicit.inner_fine_tune(loss_fn_of(theta), phi_0, [support, support], "sgd", 5, 0.1)
 
 
 # ----------------------------------------------------------------------------- meta_pretrain.py --inner-loop implicit
 
 import implicit_priming  # noqa: E402  (the stage tests below)
 import meta_pretrain  # noqa: E402
+from plumbing import priming_run  # noqa: E402
 
 # a tiny implicit run: 3 fine-tuning steps from a fresh phi_0, 2 per warm meta-step, fresh every 3 meta-steps
 IMPLICIT_FLAGS = ["--inner-steps", str(meta_pretrain.INNER_STEPS), "--inner-loop", "implicit",
@@ -285,19 +286,12 @@ def test_implicit_resume_equals_an_uninterrupted_run(tiny_model_dir, data_dir, t
                        "--fresh-every", "4")
 
 
-def test_an_unrolled_run_recorded_before_inner_loop_existed_resumes(tiny_model_dir, data_dir, tmp_path):
-    out = tmp_path / "old"
+def test_an_unrolled_run_does_not_resume_as_an_implicit_one(tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "unrolled"
     meta_pretrain.main(prime_argv(tiny_model_dir, data_dir, out, "--steps", "2", "--eval-every", "0"))
-    record = json.loads((out / "run.json").read_text())
-    new_flags = {"inner_loop", *implicit_priming.IMPLICIT}
-    assert record["args"]["inner_loop"] == "unrolled"
-    assert all(record["args"][f] is None for f in implicit_priming.IMPLICIT)
-    record["args"] = {k: v for k, v in record["args"].items() if k not in new_flags}
-    (out / "run.json").write_text(json.dumps(record))
-    meta_pretrain.main(prime_argv(tiny_model_dir, data_dir, out, "--steps", "3", "--eval-every", "0", "--resume"))
-    assert len(metrics_of(out)) == 3
-    with pytest.raises(ValueError, match="--resume: --.* here but None"):   # an unrolled run stays unrolled
+    with pytest.raises(ValueError, match="--resume: --.* here but"):
         meta_pretrain.main(prime_argv(tiny_model_dir, data_dir, out, *IMPLICIT_FLAGS, "--steps", "4", "--resume"))
+    assert len(metrics_of(out)) == 2
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -368,9 +362,9 @@ def test_refusal_is_one_line(tmp_path):
 
 def test_a_non_finite_loss_names_the_implicit_flags():
     with pytest.raises(ValueError, match="fine_tune_loss_last at meta-step 3 is nan: lower --implicit-lr"):
-        meta_pretrain.check_losses({"fine_tune_loss_last": float("nan")}, 3, "implicit")
+        priming_run.check_losses({"fine_tune_loss_last": float("nan")}, 3, "implicit")
     with pytest.raises(ValueError, match="lower --inner-lr / --outer-lr or set --inner-clip"):
-        meta_pretrain.check_losses({"query_loss": float("inf")}, 3)
+        priming_run.check_losses({"query_loss": float("inf")}, 3)
 
 
 # ---------------------------------------------------------------- the Gauss-Newton curvature (curvature="ggn")
@@ -468,13 +462,13 @@ def wiring_setup(dropout=0.1):
 
     from conftest import tiny_classifier
 
+    import adapters
     from adapters import add_peft
     from peft_config import PeftConfig
-    from plumbing import peft_state
     torch.manual_seed(0)
     model = add_peft(tiny_classifier(dropout=dropout, hidden=16, heads=2), PeftConfig("adapter", reduction_factor=8),
                      seed=0).double()
-    for p in peft_state.body_parameters(model).values():
+    for p in adapters.body_parameters(model).values():
         p.requires_grad_(True)                                            # theta: the meta-gradient's target
     g = torch.Generator().manual_seed(1)
 
@@ -529,11 +523,11 @@ def expected_meta_gradient(model, tasks, phi_hat, phi_0, args, theta):
 def test_meta_gradient_wiring_equals_the_hand_computed_meta_gradient():
     """Catches: support and query swapped, no averaging over the tasks, dropout left on during the
     hypergradient, the proximal anchor at phi_hat instead of phi_0 (seen in inner_grad_norm)."""
+    import adapters
     import implicit_priming
-    from plumbing import peft_state
     model, tasks, source, args = wiring_setup()
     model.train()
-    theta = [p for p in peft_state.body_parameters(model).values() if p.requires_grad]
+    theta = [p for p in adapters.body_parameters(model).values() if p.requires_grad]
     carried = {}
     metrics = implicit_priming.meta_gradient(model, maml.functional_loss(model), tasks, source, carried,
                                              torch.Generator().manual_seed(2), args)

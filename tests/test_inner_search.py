@@ -10,8 +10,8 @@ import episodes
 import finetune_peft
 import maml
 import meta_pretrain
+import peft_checkpoint
 from experiments import search_inner
-from plumbing import peft_state
 from plumbing.ner_data import LABELS
 from plumbing.pretrained import load_token_classifier, load_tokenizer
 
@@ -30,12 +30,12 @@ def test_reference_loss_is_the_fine_tuned_models_loss(tiny_model_dir, data_dir, 
     adapters.add_peft(model, adapters.PeftConfig("adapter"), seed=0)
     held_out = episodes.held_out_episode(tokenizer, "en", ["de"], data_dir, 16, 8, 32)
     loss = episodes.reference_query_loss(model, reference, held_out, maml.functional_loss(model))
-    peft_state.load_peft(model, reference)                                     # independently: load and run
+    peft_checkpoint.load_peft(model, reference)                                     # independently: load and run
     model.eval()
     with torch.no_grad():
         expected = sum(model(**b).loss.item() for b in held_out["query"]) / len(held_out["query"])
     assert loss == pytest.approx(expected, rel=1e-5)
-    assert not torch.equal(model.classifier.weight, peft_state.fresh_peft_tensors(model)["classifier.weight"])
+    assert not torch.equal(model.classifier.weight, adapters.fresh_peft_tensors(model)["classifier.weight"])
 
 
 def strength_run(tiny_model_dir, data_dir, out, reference, inner_lr):

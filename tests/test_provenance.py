@@ -14,7 +14,7 @@ import evaluate_ner
 import finetune_peft
 import maml
 import meta_pretrain
-from plumbing import runs
+from plumbing import evaluation_run, priming_run, runs
 
 
 def evaluate_argv(ckpt, data_dir, *extra):
@@ -207,7 +207,7 @@ def test_evaluation_waits_for_no_running_fine_tuning(tuned, data_dir, tmp_path, 
         held.append(runs.try_lock(tuned / runs.LOCK))
         return real(*args, **kwargs)
     monkeypatch.setattr(evaluate_ner, "predict_words", start_a_run)
-    monkeypatch.setattr(evaluate_ner, "LOCK_WAIT", 0.3)
+    monkeypatch.setattr(evaluation_run, "LOCK_WAIT", 0.3)
     out = tmp_path / "scores.json"
     message = error_of(evaluate_ner.main, evaluate_argv(tuned, data_dir, "--out", str(out)), capsys)
     held[0].close()
@@ -297,7 +297,7 @@ def test_a_full_disk_is_named(tiny_model_dir, data_dir, tuned, tmp_path, capsys,
 
     def no_space(tmp):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(evaluate_ner, "write_json", lambda path, obj: runs.write_atomic(path, no_space))
+    monkeypatch.setattr(runs, "write_json", lambda path, obj: runs.write_atomic(path, no_space))
     out = tmp_path / "scores" / "eval.json"
     message = error_of(evaluate_ner.main, evaluate_argv(tuned, data_dir, "--out", str(out)), capsys)
     assert f"no space left on {out.parent} while writing eval.json" in message and not list(out.parent.iterdir())
@@ -422,7 +422,7 @@ def test_predictions_never_replace_existing_files_without_overwrite(tuned, data_
 def test_a_diverged_priming_run_is_not_advised_to_be_overwritten():
     for loop in ("unrolled", "implicit"):
         with pytest.raises(ValueError) as error:
-            meta_pretrain.check_losses({"query_loss": float("nan")}, 7, loop)
+            priming_run.check_losses({"query_loss": float("nan")}, 7, loop)
         assert "--overwrite" not in str(error.value) and "new --out" in str(error.value)  # resume.pt is kept
 
 

@@ -12,6 +12,7 @@ from test_robustness import error_of, prime_argv, primed, tune_argv, tuned  # no
 import evaluate_ner
 import finetune_peft
 import meta_pretrain
+from plumbing import ner_data
 
 # ----------------------------------------------------------------------------- deleting its own input
 
@@ -130,13 +131,13 @@ def test_evaluation_records_the_hash_of_the_data_it_scored(tuned, data_dir, tmp_
 def test_data_that_changes_while_it_is_read_is_not_scored(tuned, data_dir, tmp_path, capsys, monkeypatch):
     copy = tmp_path / "data"
     shutil.copytree(data_dir, copy)
-    real = evaluate_ner.load_wikiann
+    real = ner_data.load_wikiann
 
     def replace_after_reading(*args, **kwargs):                   # replaced between its hash and its scores
         data = real(*args, **kwargs)
         (copy / "fr" / "test").write_text("fr:Paris\tB-LOC\n")
         return data
-    monkeypatch.setattr(evaluate_ner, "load_wikiann", replace_after_reading)
+    monkeypatch.setattr(ner_data, "load_wikiann", replace_after_reading)
     out = tmp_path / "scores.json"
     message = error_of(evaluate_ner.main, evaluate_argv(tuned, str(copy), "--out", str(out)), capsys)
     assert "changed while it was read" in message and f"{copy}" in message and not out.exists()

@@ -12,6 +12,7 @@ from test_robustness import error_of, prime_argv, primed, tune_argv, tuned  # no
 import evaluate_ner
 import finetune_peft
 import meta_pretrain
+from plumbing import pretrained, priming_run
 
 # ----------------------------------------------------------------------------- resume.pt names its run
 
@@ -68,7 +69,7 @@ def tuned_lora(tiny_model_dir, data_dir, tmp_path_factory):
 
 
 def test_the_export_never_replaces_a_users_weights_file_without_overwrite(tuned_lora, tmp_path, capsys):
-    from plumbing import hf_peft
+    import hf_peft
     out = tmp_path / "hf"
     out.mkdir()
     (out / hf_peft.HF_WEIGHTS_FILE).write_bytes(b"the user's own adapter")   # no adapter_config.json beside it
@@ -128,7 +129,7 @@ def test_a_peft_config_without_its_key_is_named_by_evaluation(tuned, data_dir, t
 
 
 def test_a_peft_config_without_its_key_is_named_by_the_export(tuned_lora, tmp_path, capsys):
-    from plumbing import hf_peft
+    import hf_peft
     ft = without_peft_config_key(tuned_lora, tmp_path / "ft")
     message = error_of(hf_peft.main, ["--ckpt", str(ft), "--out", str(tmp_path / "hf")], capsys)
     assert f'{ft / "peft_config.json"} holds no "peft_config"' in message and not (tmp_path / "hf").exists()
@@ -258,7 +259,7 @@ def ctrl_c_message(argv, capsys):
     from plumbing.runs import run_cli
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
-        run_cli(meta_pretrain.main, argv, meta_pretrain.INTERRUPTED)
+        run_cli(meta_pretrain.main, argv, priming_run.INTERRUPTED)
     assert stop.value.code == 130
     return capsys.readouterr().err.strip().splitlines()[-1]
 
@@ -279,6 +280,6 @@ def test_ctrl_c_before_the_run_folder_is_claimed_says_nothing_was_written(tiny_m
                                                                          monkeypatch):
     from test_robustness import interrupt
     out = tmp_path / "p"
-    interrupt(monkeypatch, meta_pretrain, "load_token_classifier")   # while the model loads
+    interrupt(monkeypatch, pretrained, "load_token_classifier")   # while the model loads
     said = ctrl_c_message(prime_argv(tiny_model_dir, data_dir, out), capsys)
     assert f"nothing in {out} was written or changed" in said and not out.exists()

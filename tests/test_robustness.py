@@ -14,7 +14,7 @@ import evaluate_ner
 import finetune_peft
 import maml
 import meta_pretrain
-from plumbing import pretrained
+from plumbing import pretrained, priming_run, runs
 from plumbing.runs import run_cli, try_lock
 
 
@@ -175,7 +175,7 @@ def test_records_hold_absolute_paths(tiny_model_dir, data_dir, tmp_path, monkeyp
 def test_ctrl_c_in_fine_tuning_leaves_a_folder_evaluation_refuses(tiny_model_dir, data_dir, tmp_path, capsys,
                                                                   monkeypatch):
     out = tmp_path / "ft"
-    interrupt(monkeypatch, finetune_peft, "check_finite", after=3)   # after the step-2 checkpoint
+    interrupt(monkeypatch, runs, "check_finite", after=3)   # after the step-2 checkpoint
     with pytest.raises(SystemExit) as stop:
         run_cli(finetune_peft.main, tune_argv(tiny_model_dir, data_dir, out), finetune_peft.INTERRUPTED)
     said = capsys.readouterr().err
@@ -190,7 +190,7 @@ def test_ctrl_c_in_fine_tuning_leaves_a_folder_evaluation_refuses(tiny_model_dir
 def test_ctrl_c_in_priming_offers_resume(tiny_model_dir, data_dir, tmp_path, capsys, monkeypatch):
     interrupt(monkeypatch, maml, "meta_step", after=1)
     with pytest.raises(SystemExit) as stop:
-        run_cli(meta_pretrain.main, prime_argv(tiny_model_dir, data_dir, tmp_path / "p"), meta_pretrain.INTERRUPTED)
+        run_cli(meta_pretrain.main, prime_argv(tiny_model_dir, data_dir, tmp_path / "p"), priming_run.INTERRUPTED)
     assert stop.value.code == 130 and "continue with --resume" in capsys.readouterr().err
 
 

@@ -27,7 +27,7 @@ def test_body_change_is_logged_and_agrees_with_the_saved_weights(tiny_model_dir,
     meta_pretrain.main(prime_args(tiny_model_dir, data_dir, primed, "--outer-lr", "1e-3"))
     record = json.loads((primed / "run.json").read_text())
     lines = [json.loads(line) for line in (primed / "metrics.jsonl").read_text().splitlines()]
-    measured = compare_report.body_change(primed, str(tiny_model_dir))  # from the two checkpoints' files
+    measured = compare_report.primed_body_change(primed, str(tiny_model_dir))  # from the two checkpoints' files
     assert measured > 1e-4 and abs(record["body_change"] - measured) < 1e-6 * measured
     assert [("body_change" in line) for line in lines] == [False, True, True]  # at the evaluations (steps 2, 3)
     assert lines[-1]["body_change"] == record["body_change"] and 0 < lines[1]["body_change"]

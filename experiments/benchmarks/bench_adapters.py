@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root
-from adapters import PeftConfig, add_peft  # noqa: E402
-from plumbing.peft_state import body_parameters, freeze_body, peft_parameters  # noqa: E402
+from adapters import PeftConfig, add_peft, body_parameters, freeze_body, peft_parameters  # noqa: E402  # noqa: E402
 
 METHODS = {
     "bare": None,

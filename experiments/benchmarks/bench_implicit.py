@@ -5,7 +5,7 @@
 
 Setting: the default model and the stage's default flags (adapters, 2 tasks of 8 sentences, max
 length 64). Configurations, each in a fresh subprocess (this script with --worker):
-  unrolled    meta_pretrain.meta_gradient: 5 SGD steps at 0.3, second order (today's default
+  unrolled    maml.meta_step: 5 SGD steps at 0.3, second order (today's default
               meta-step), then AdamW on the body;
   implicit N  implicit_priming.meta_gradient with --implicit-steps N --fresh-every 1 (N Adam
               steps of fine-tuning from a fresh phi_0 on batches of 16, then the hypergradient
@@ -105,7 +105,6 @@ def run_worker(cli):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.outer_lr)
     loss_fn = maml.functional_loss(model)
     phi_rng = torch.Generator().manual_seed(derive_seed(args.seed, "fresh phi"))
-    init_fast = meta_pretrain.phi_start(model, False, "peft", phi_rng)
     phases, cg = {"fine_tune": 0.0, "hypergradient": 0.0}, []
 
     def timed_phase(name, fn):
@@ -115,13 +114,14 @@ def run_worker(cli):
             phases[name] += time.perf_counter() - t0
             return result
         return run
-    implicit.fine_tune = timed_phase("fine_tune", implicit.fine_tune)
+    implicit.inner_fine_tune = timed_phase("fine_tune", implicit.inner_fine_tune)
     implicit.hypergradient = timed_phase("hypergradient", implicit.hypergradient)
 
     def meta_step(steps=implicit_steps):
         optimizer.zero_grad(set_to_none=True)
         if implicit_steps is None:
-            meta_pretrain.meta_gradient(loss_fn, tasks, init_fast, maml.InnerLoop(args.inner_steps, args.inner_lr))
+            phi_0 = episodes.phi_0_of_tasks(model, "peft", False, phi_rng, len(tasks), range(len(tasks)))
+            maml.meta_step(loss_fn, tasks, phi_0, args.inner_steps, args.inner_lr)
         else:
             args.implicit_steps = steps
             cg.append(implicit_priming.meta_gradient(model, loss_fn, tasks, fixed, {}, phi_rng, args)["cg_iterations"])

@@ -9,10 +9,10 @@
 Setting (METHOD.md, meta_pretrain.py defaults): the default model (pretrained.py) with Houlsby
 adapters, support batches of --batch-size English WikiANN sentences, query batches of German
 ones (--support-lang, --query-lang). Configurations:
-  peft step     body frozen (peft_state.freeze_body): forward + backward + AdamW on PEFT + head;
+  peft step     body frozen (adapters.freeze_body): forward + backward + AdamW on PEFT + head;
   full FT step  the bare model (no adapters), every parameter trainable: forward + backward +
                 AdamW; timed on the support batch and on the query batch;
-  meta-step     maml.meta_step on 1 task, phi_0 = peft_state.fresh_peft_tensors(model, generator),
+  meta-step     maml.meta_step on 1 task, phi_0 = adapters.fresh_peft_tensors(model, generator),
                 body trainable except the word embeddings (meta_pretrain.set_trainable with the
                 stage's default flags), then AdamW on the body; second order and first order.
                 meta_step runs one extra no-grad forward per task to report the support loss
@@ -75,9 +75,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root
 import adapters  # noqa: E402
+import episodes
 import maml  # noqa: E402
 import meta_pretrain  # noqa: E402
-from plumbing import peft_state  # noqa: E402
 from plumbing.ner_data import bucketed_batches, collate, encode_sentences, load_wikiann  # noqa: E402
 from plumbing.pretrained import PRECISIONS, load_token_classifier, load_tokenizer, pick_device, precision_context  # noqa: E402
 from plumbing.runs import derive_seed  # noqa: E402
@@ -183,14 +183,14 @@ class Bench:
             self.opt_full = torch.optim.AdamW(self.bare.parameters(), lr=args.outer_lr)
         self.model = adapters.add_peft(model, adapters.PeftConfig("adapter", placement="houlsby"), seed=args.seed).train()
         self.stage = stage_args(args)
-        self.peft = peft_state.peft_parameters(self.model)
+        self.peft = adapters.peft_parameters(self.model)
         meta_pretrain.set_trainable(self.model, "maml", outer_peft=False, inner_params="peft", freeze_embeddings=True)
         self.meta_flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
         self.body = [p for n, p in self.model.named_parameters() if self.meta_flags[n]]
         self.opt_meta = torch.optim.AdamW(self.body, lr=args.outer_lr)
         self.opt_peft = torch.optim.AdamW(self.peft.values(), lr=args.outer_lr)
         self.phi_rng = torch.Generator().manual_seed(derive_seed(args.seed, "fresh phi"))
-        self.init_fast = meta_pretrain.phi_start(self.model, outer_peft=False, inner_params="peft", generator=self.phi_rng)
+        self.init_fast = lambda i: episodes.peft_start(self.model, self.phi_rng, outer_peft=False)
         for name in ("peft_step", "full_step", "meta", "after_forward", "higher_step"):  # every step in --precision
             setattr(self, name, self._in_precision(getattr(self, name)))
         self.loss_fn = maml.functional_loss(self.model)
@@ -225,7 +225,7 @@ class Bench:
             p.requires_grad_(self.meta_flags[n] or (peft_trainable and n in self.peft))
 
     def peft_step(self, batch):
-        peft_state.freeze_body(self.model)
+        adapters.freeze_body(self.model)
         self.opt_peft.zero_grad(set_to_none=True)
         self.model(**batch).loss.backward()
         self.opt_peft.step()
@@ -403,7 +403,7 @@ def gradient_check(bench):
     """Body meta-gradients of maml.meta_step vs higher (as is, and with the hooks copied), same
     task 0 and the same phi_0, dropout off."""
     bench.model.eval()
-    phi = peft_state.fresh_peft_tensors(bench.model, torch.Generator().manual_seed(1234))
+    phi = adapters.fresh_peft_tensors(bench.model, torch.Generator().manual_seed(1234))
     names = [n for n, p in bench.model.named_parameters() if bench.meta_flags[n]]
     params = dict(bench.model.named_parameters())
 

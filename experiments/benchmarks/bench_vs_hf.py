@@ -38,6 +38,7 @@ from hf_peft_trainer import hf_lora_model, hf_trainer, trainer_dataset  # noqa: 
 
 import adapters  # noqa: E402
 import finetune_peft  # noqa: E402
+from plumbing import runs  # noqa: E402
 from plumbing.ner_data import LABELS, BatchStream, encode_sentences, load_wikiann  # noqa: E402
 from plumbing.pretrained import load_token_classifier, load_tokenizer  # noqa: E402
 from plumbing.runs import check_at_least, derive_seed, run_cli  # noqa: E402
@@ -67,7 +68,7 @@ class StepClock:
 
 def timed_metrics_log(clock):
     """finetune_peft's MetricsLog, also noting when each step's line is written (the step's end)."""
-    class TimedLog(finetune_peft.MetricsLog):
+    class TimedLog(runs.MetricsLog):
         def write(self, **metrics):
             super().write(**metrics)
             clock.ends.append(time.perf_counter())
@@ -76,23 +77,23 @@ def timed_metrics_log(clock):
 
 def ours_train(args, train, seed):
     """Seconds of each timed step of finetune_peft.fine_tune (--peft lora)."""
-    clock, real_log = StepClock(), finetune_peft.MetricsLog
+    clock, real_log = StepClock(), runs.MetricsLog
     with tempfile.TemporaryDirectory(prefix="bench-vs-hf-") as out:
         ft_args = finetune_peft.build_parser().parse_args(
             ["--init", args.model, "--peft", "lora", "--steps", str(args.steps), "--batch-size", str(args.batch_size),
              "--eval-every", str(args.steps + 1), "--dev-sentences", "8", "--max-len", str(args.max_len),
              "--seed", str(seed), "--out", out])
         config = finetune_peft.check_args(ft_args)
-        finetune_peft.MetricsLog = timed_metrics_log(clock)
+        runs.MetricsLog = timed_metrics_log(clock)
         try:
-            finetune_peft.set_seed(seed)  # as finetune_peft.main: the same PEFT draw and data order per seed
+            runs.set_seed(seed)  # as finetune_peft.main: the same PEFT draw and data order per seed
             model = finetune_peft.build_model(args.model, config, seed, torch.device("cpu"))
-            tokenizer = finetune_peft.load_tokenizer(args.model)
+            tokenizer = load_tokenizer(args.model)
             finetune_peft.fine_tune(ft_args, model, tokenizer, train, train.select(range(8)), Path(out),
                                     {"init_path": None, "init_sha256": None, "init_config_sha256": None},
                                     torch.device("cpu"))
         finally:
-            finetune_peft.MetricsLog = real_log
+            runs.MetricsLog = real_log
     return clock.durations(args.steps, args.warmup)
 
 

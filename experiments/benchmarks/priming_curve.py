@@ -29,7 +29,7 @@ def rows_of(folder, every):
     return out
 
 
-def markdown(curves):
+def curve_markdown(curves):
     text = ["| run | meta-step | held-out query loss | support after / before | body change | inner-loop strength |",
             "|---|---:|---:|---:|---:|---:|"]
     cell = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
@@ -65,10 +65,10 @@ def main(argv=None):
     if len(labels) != len(args.runs):
         raise SystemExit(f"error: {len(labels)} labels for {len(args.runs)} runs")
     curves = {label: rows_of(run, args.every) for label, run in zip(labels, args.runs)}
-    print(markdown(curves))
+    print(curve_markdown(curves))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "table.md").write_text(markdown(curves) + "\n")
+        (Path(args.out) / "table.md").write_text(curve_markdown(curves) + "\n")
         plot(curves, Path(args.out) / "curve.png")
 
 

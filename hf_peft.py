@@ -1,7 +1,7 @@
 """A LoRA fine-tuning of finetune_peft.py as an HF peft adapter folder, so that the de-facto PEFT
 library loads what this project trains.
 
-    python -m plumbing.hf_peft --ckpt checkpoints/ft-e5-small-lora-en-s0 --out hf-lora-en-s0   # peft not needed here
+    python -m hf_peft --ckpt checkpoints/ft-e5-small-lora-en-s0 --out hf-lora-en-s0   # peft not needed here
 
     # then, wherever HF peft is installed (requirements-optional.txt):
     from transformers import AutoModelForTokenClassification
@@ -30,8 +30,8 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from adapters import CONFIG_FILE, HEAD, WEIGHTS_FILE, PeftConfig, peft_config_of
+from peft_checkpoint import saved_peft_config
 from plumbing.ner_data import LABELS
-from plumbing.peft_state import saved_peft_config
 from plumbing.runs import is_finished, read_json_object, read_record, run_cli, write_atomic
 
 HF_CONFIG_FILE, HF_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"  # what PeftModel reads
@@ -81,7 +81,7 @@ def write_hf_peft(folder, phi, config: PeftConfig, base_model_name_or_path=None)
 
 def export_hf_peft(model, folder, base_model_name_or_path=None):
     """A model with this project's LoRA (adapters.add_peft) as an HF peft adapter folder."""
-    from plumbing.peft_state import peft_parameters
+    from adapters import peft_parameters
     config = peft_config_of(model)
     if config is None:
         raise ValueError("export_hf_peft: the model has no PEFT; call add_peft with PeftConfig('lora') first")

@@ -1,81 +1,21 @@
-"""Which tensors are phi and which are theta, and phi on disk (METHOD.md's notation).
+"""phi on disk: the PEFT tensors and head of a fine-tuning, and the PeftConfig they were made with.
 
-    from plumbing.peft_state import (peft_parameters, body_parameters, freeze_body, fresh_peft_tensors, save_peft,
-                                      load_peft)
-    freeze_body(model)                            # theta frozen, phi = PEFT + head trainable
-    phi = peft_parameters(model)                  # name -> Parameter, in model order
-    fast = fresh_peft_tensors(model, generator)   # a new phi for an inner loop; the model untouched
-    save_peft(model, folder)                      # peft.safetensors + peft_config.json (megabytes)
+    from peft_checkpoint import save_peft, load_peft
+    save_peft(model, folder)       # peft.safetensors + peft_config.json (megabytes)
+    load_peft(model, folder)       # checked against the model: method, sizes, names and shapes
 
-phi = the tensors of the PEFT modules that adapters.add_peft injected, plus the task head
-(`classifier`); theta = every other parameter of the model. A saved phi names the PeftConfig
-it was made with; loading checks it against the model (method, sizes, names and shapes).
+A saved phi names the PeftConfig it was made with; loading adds PEFT to a model that has none
+and checks the rest against the model.
 """
 
 import json
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
-from adapters import CONFIG_FILE, HEAD, WEIGHTS_FILE, PeftConfig, PeftModule, add_peft, draw_phi, peft_config_of
-from plumbing.runs import (  # write_atomic: temporary file + rename, never half a file
-    check_finite_tensors,
-    few,
-    read_json_object,
-    write_atomic,
-)
-
-
-def _peft_names(model, include_head):
-    names = set()
-    for prefix, module in model.named_modules():
-        if isinstance(module, PeftModule) or (include_head and prefix == HEAD):
-            names |= {f"{prefix}.{name}" for name, _ in module.named_parameters()}
-    return names
-
-
-def peft_parameters(model, include_head: bool = True) -> "OrderedDict[str, nn.Parameter]":
-    """phi: the PEFT tensors (and the head), named and ordered as in model.named_parameters()."""
-    names = _peft_names(model, include_head)
-    return OrderedDict((n, p) for n, p in model.named_parameters() if n in names)
-
-
-def body_parameters(model) -> "OrderedDict[str, nn.Parameter]":
-    """theta: every parameter that is neither PEFT nor head."""
-    names = _peft_names(model, include_head=True)
-    return OrderedDict((n, p) for n, p in model.named_parameters() if n not in names)
-
-
-def body_snapshot(model) -> "dict[str, torch.Tensor]":
-    """Copies of the body's non-embedding weights now: the origin body_change measures from
-    (the embeddings are 80% of e5-small and barely move, so they would hide the change)."""
-    return {n: p.detach().clone() for n, p in body_parameters(model).items() if "embeddings" not in n}
-
-
-def body_change(model, snapshot) -> float:
-    """How far the body moved: ||theta - theta_0|| / ||theta_0|| over the snapshot's weights."""
-    params = dict(model.named_parameters())
-    moved = sum((params[n].detach().double() - t.double()).pow(2).sum() for n, t in snapshot.items())
-    return float(moved.sqrt() / sum(t.double().pow(2).sum() for t in snapshot.values()).sqrt())
-
-
-def freeze_body(model):
-    """Freeze theta, make phi trainable (downstream PEFT trains the head too)."""
-    names = _peft_names(model, include_head=True)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in names)
-    return model
-
-
-def fresh_peft_tensors(model, generator: torch.Generator | None = None) -> "OrderedDict[str, torch.Tensor]":
-    """A newly drawn phi (leaf tensors on the model's device, requires_grad) like add_peft draws
-    it (adapters.draw_phi); the model is untouched."""
-    drawn = draw_phi(model, generator)
-    return OrderedDict((n, drawn[n].to(p.device, p.dtype).requires_grad_())
-                       for n, p in peft_parameters(model).items())
+from adapters import CONFIG_FILE, HEAD, WEIGHTS_FILE, PeftConfig, add_peft, peft_config_of, peft_parameters
+from plumbing.runs import check_finite_tensors, few, read_json_object, write_atomic
 
 
 def save_peft(model, folder, extra: dict | None = None):
