@@ -74,7 +74,8 @@ def build_parser():
     p.add_argument("--split", choices=SPLITS, default="test", help="which split to score")
     p.add_argument("--max-sentences", type=int, default=None, help="score only the first N sentences per language")
     p.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, or bf16 autocast for the forward passes")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32, or bf16 autocast for the forward passes")
     p.add_argument("--max-len", type=int, default=128, help="sub-word truncation length (cut words count as O)")
     add_data_flags(p)
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
@@ -83,7 +84,8 @@ def build_parser():
                    help="let --out replace an existing file that is not this checkpoint's scores or write into "
                         "another run's folder, and --predictions replace its <lang>.conll files")
     p.add_argument("--predictions", default=None,
-                   help="folder for one <lang>.conll per language (token gold predicted; conlleval/seqeval re-score it)")
+                   help="folder for one <lang>.conll per language (token gold predicted; "
+                        "conlleval/seqeval re-score it)")
     return parser_taking_negative_numbers(p)
 
 

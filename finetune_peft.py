@@ -85,7 +85,8 @@ MAX_LEN = 128          # sub-words
 def build_parser():
     p = argparse.ArgumentParser(description="Fine-tune PEFT tensors (or the full model) for NER on one language.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--init", default=DEFAULT_MODEL, help="the body: a primed folder, e5-small, a model folder or hub id")
+    p.add_argument("--init", default=DEFAULT_MODEL,
+                   help="the body: a primed folder, e5-small, a model folder or hub id")
     p.add_argument("--peft", choices=[*peft_config.METHODS, "full"], default="adapter",
                    help="what trains: a PEFT method (body frozen) or full fine-tuning (reference)")
     peft_config.add_peft_flags(p)
@@ -100,10 +101,12 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="sentences per batch")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="also cut batches at this many padded tokens (sentences x length): even memory per step")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, or bf16 autocast for the forward passes")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32, or bf16 autocast for the forward passes")
     p.add_argument("--lr", type=float, default=None,
                    help=f"peak AdamW learning rate (default: {LR_PEFT} for PEFT, {LR_FULL} for full)%(default).0s")
-    p.add_argument("--warmup", type=float, default=WARMUP, help="fraction of --steps with linear warmup (then linear decay to 0)")
+    p.add_argument("--warmup", type=float, default=WARMUP,
+                   help="fraction of --steps with linear warmup (then linear decay to 0)")
     p.add_argument("--max-sentences", type=int, default=MAX_SENTENCES, help="train sentences read")
     p.add_argument("--dev-sentences", type=int, default=DEV_SENTENCES, help="dev sentences for model selection")
     p.add_argument("--eval-every", type=int, default=None,
@@ -114,14 +117,15 @@ def build_parser():
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of every RNG (PEFT init, data order, dropout)")
     p.add_argument("--out", default=None, help="output folder (default: checkpoints/ft-<init>-<peft>-<lang>-s<seed>)")
-    p.add_argument("--overwrite", action="store_true", help="replace what --out holds (another run's files are deleted)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what --out holds (another run's files are deleted)")
     return parser_taking_negative_numbers(p)
 
 
 def check_args(args):
     """Out-of-range flags: one clear error each. Returns the PEFT config (None for --peft full)."""
-    check_at_least(args, 1, "steps", "batch_size", "max_sentences", "dev_sentences", "eval_every", "max_len", "max_tokens",
-                   "extra_sentences")
+    check_at_least(args, 1, "steps", "batch_size", "max_sentences", "dev_sentences", "eval_every", "max_len",
+                   "max_tokens", "extra_sentences")
     args.extra_langs = check_extra_langs(args.lang, args.extra_langs, args.extra_sentences)
     if args.eval_every is None:
         args.eval_every = max(1, args.steps // EVALS)
@@ -246,7 +250,8 @@ def fine_tune(args, model, tokenizer, train, dev, out, record, device):
                   total_parameters=sum(p.numel() for p in model.parameters()))
     log, best = MetricsLog(out), {"dev_f1_default": -1.0, "step": 0}
     model.train()
-    bar = tqdm(range(1, args.steps + 1), desc=f"fine-tuning ({args.peft}, {args.lang}{'+' + args.extra_langs if args.extra_langs else ''})")
+    langs = args.lang + ("+" + args.extra_langs if args.extra_langs else "")
+    bar = tqdm(range(1, args.steps + 1), desc=f"fine-tuning ({args.peft}, {langs})")
     for step in bar:
         t0 = time.perf_counter()
         with precision_context(device, args.precision):
@@ -264,7 +269,8 @@ def fine_tune(args, model, tokenizer, train, dev, out, record, device):
             metrics.update(dev_f1_default=scores["f1_default"], dev_f1_strict=scores["f1_strict"])
             if metrics["dev_f1_default"] > best["dev_f1_default"]:  # model selection on source-language dev F1
                 best = {"dev_f1_default": metrics["dev_f1_default"], "step": step}
-                save_checkpoint(model, tokenizer, out, {"best": best, "body": args.init, "body_path": record["init_path"],
+                save_checkpoint(model, tokenizer, out, {"best": best, "body": args.init,
+                                                        "body_path": record["init_path"],
                                                         "body_sha256": record["init_sha256"],
                                                         "body_config_sha256": record["init_config_sha256"],
                                                         "labels": LABELS})

@@ -21,7 +21,8 @@ off), fine_tune_loss_first / _last (G on the first and last fine-tuning batch), 
 cg_iterations, cg_residual (the largest over tasks), negative_curvature (tasks whose CG met it),
 cg_min_curvature, and per task, averaged over the step's tasks: cg_converged_share (tasks whose CG
 reached --cg-tol), correction_ratio (||second-order term|| / ||dL_Q/dtheta||) and cosine_to_first_order
-(of the hypergradient with dL_Q/dtheta); a warning when CG fails in most tasks; fine_tune_steps, phi_age (meta-steps served by this phi_0), phi_distance (||phi_hat - phi_0||);
+(of the hypergradient with dL_Q/dtheta); a warning when CG fails in most tasks; fine_tune_steps,
+phi_age (meta-steps served by this phi_0), phi_distance (||phi_hat - phi_0||);
 at each evaluation, the inner-loop strength of phi_hat (`held_out_losses`).
 """
 
@@ -91,9 +92,10 @@ def add_flags(p):
     p.add_argument("--cg-tol", type=float, default=None,
                    help="CG stops at this relative residual " + when % IMPLICIT["cg_tol"])
     p.add_argument("--curvature", choices=implicit.CURVATURES, default=None,
-                   help="the CG system's matrix: ggn, the generalized Gauss-Newton J^T H_out J (positive semi-definite), "
-                        "or hessian, the exact Hessian of the support loss (indefinite on a real encoder: CG then stops "
-                        "at u = 0, first order) " + when % IMPLICIT["curvature"])
+                   help="the CG system's matrix: ggn, the generalized Gauss-Newton J^T H_out J "
+                        "(positive semi-definite), or hessian, the exact Hessian of the support loss "
+                        "(indefinite on a real encoder: CG then stops at u = 0, first order) "
+                        + when % IMPLICIT["curvature"])
     p.add_argument("--cg-damping", type=float, default=None,
                    help="lambda of the CG system only, (H + lambda I) u = dL_Q/dphi: a larger one than --damping "
                         "when H + damping I is indefinite (CG then stops at once; see cg_min_curvature in "

@@ -141,22 +141,29 @@ def build_parser():
     p.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the word embeddings fixed (most of the parameters; saves optimizer memory)")
     p.add_argument("--source-lang", default="en", help="language of the support batches (downstream training)")
-    p.add_argument("--priming-langs", default="de,es", help="comma-separated query languages (never evaluation languages)")
+    p.add_argument("--priming-langs", default="de,es",
+                   help="comma-separated query languages (never evaluation languages)")
     p.add_argument("--max-sentences", type=int, default=MAX_SENTENCES, help="train sentences read per language")
-    p.add_argument("--eval-sentences", type=int, default=200, help="dev sentences per priming language for the held-out query loss")
+    p.add_argument("--eval-sentences", type=int, default=200,
+                   help="dev sentences per priming language for the held-out query loss")
     p.add_argument("--eval-every", type=int, default=EVAL_EVERY, help="held-out query loss every N steps (0: never)")
     p.add_argument("--log-adaptation-every", type=int, default=1,
                    help="support loss after the inner loop every N meta-steps (an extra forward, ~11%% of a step)")
     p.add_argument("--save-every", type=int, default=SAVE_EVERY, help="resumable checkpoint every N steps")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="e5-small (offline default), a folder, or a hub id (xlm-roberta-base)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="e5-small (offline default), a folder, or a hub id (xlm-roberta-base)")
     add_data_flags(p)
     p.add_argument("--gpu", type=int, default=None,
                    help="CUDA device index; leave out for the CPU. Under torchrun leave it out: each process "
-                        "takes GPU LOCAL_RANK (choose GPUs with CUDA_VISIBLE_DEVICES; with none visible, gloo on the CPU)")
+                        "takes GPU LOCAL_RANK (choose GPUs with CUDA_VISIBLE_DEVICES; with none visible, "
+                        "gloo on the CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of every RNG (data order, fresh PEFT draws, dropout)")
-    p.add_argument("--out", default=None, help="output folder (default: checkpoints/primed-<model>-<method>-<peft>-s<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted (or extend the finished) run in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace what --out holds (another run's files are deleted)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: checkpoints/primed-<model>-<method>-<peft>-s<seed>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted (or extend the finished) run in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what --out holds (another run's files are deleted)")
     p.add_argument("--keep-resume", action=argparse.BooleanOptionalAction, default=True,
                    help="keep resume.pt after the run (it lets --resume --steps N extend it; hundreds of MB)")
     p.add_argument("--reference-ft", default=None,

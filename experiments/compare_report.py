@@ -182,9 +182,10 @@ def provenance(table, args):
     """What a reader must know next to the numbers: F1 mode, test size, budget, commits."""
     sentences = sorted({n for r in table.values() for n in r["sentences"]})
     versions = sorted({v for r in table.values() for v in r["code_versions"]})
+    scope = " (the full test sets)" if args.eval_sentences is None else f" (--eval-sentences {args.eval_sentences})"
     lines = [f"F1: seqeval default mode (conlleval-like, as XTREME), average of {', '.join(args.langs.split(','))}; "
              f"test sentences per language: {', '.join(map(str, sentences))}"
-             f"{' (the full test sets)' if args.eval_sentences is None else f' (--eval-sentences {args.eval_sentences})'}.",
+             f"{scope}.",
              f"Budget: {args.budget}; model: {args.model}; priming seeds {args.priming_seeds}, fine-tuning seeds "
              f"{args.finetune_seeds} (ablations {args.ablation_finetune_seeds}"
              + (f"; priming runs after the first: {args.replicate_finetune_seeds} each"
