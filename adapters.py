@@ -20,7 +20,8 @@ Injection never renames a parameter of the model: PEFT modules are added as new 
 (`...attention.output.dropout.adapter` for Houlsby, `...output.LayerNorm.adapter` for Pfeiffer,
 `...attention.self.query.lora`, `<base>.encoder.peft_prefix`) and act through forward hooks
 on the module that owns them (so libraries that copy the module tree, like `higher`, see the
-copies' tensors), or, for prefixes, through a replacement forward of the self-attention modules. Hooks read their tensors as module attributes, so
+copies' tensors), or, for prefixes, through a replacement forward of the self-attention modules.
+Hooks read their tensors as module attributes, so
 `torch.func.functional_call(model, fast_tensors, ...)` sees the swapped tensors, and every
 computation is plain autograd, so `autograd.grad(create_graph=True)` differentiates through it.
 

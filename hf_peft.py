@@ -117,7 +117,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Export a finetune_peft.py --peft lora folder as an HF peft adapter.")
     p.add_argument("--ckpt", required=True, help="a finished finetune_peft.py --peft lora output folder")
     p.add_argument("--out", required=True, help="the HF peft adapter folder to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an HF peft adapter (or either of its files) already in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an HF peft adapter (or either of its files) already in --out")
     args = p.parse_args(argv)
     body, labels = export_checkpoint(args.ckpt, args.out, args.overwrite)
     print(f"HF peft adapter written to {args.out}; load it with\n"

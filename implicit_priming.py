@@ -21,7 +21,8 @@ off), fine_tune_loss_first / _last (G on the first and last fine-tuning batch), 
 cg_iterations, cg_residual (the largest over tasks), negative_curvature (tasks whose CG met it),
 cg_min_curvature, and per task, averaged over the step's tasks: cg_converged_share (tasks whose CG
 reached --cg-tol), correction_ratio (||second-order term|| / ||dL_Q/dtheta||) and cosine_to_first_order
-(of the hypergradient with dL_Q/dtheta); a warning when CG fails in most tasks; fine_tune_steps, phi_age (meta-steps served by this phi_0), phi_distance (||phi_hat - phi_0||);
+(of the hypergradient with dL_Q/dtheta); a warning when CG fails in most tasks; fine_tune_steps,
+phi_age (meta-steps served by this phi_0), phi_distance (||phi_hat - phi_0||);
 at each evaluation, the inner-loop strength of phi_hat (`implicit_held_out_losses`).
 """
 
@@ -92,9 +93,10 @@ def add_flags(p):
     p.add_argument("--cg-tol", type=float, default=None,
                    help="CG stops at this relative residual " + when % IMPLICIT["cg_tol"])
     p.add_argument("--curvature", choices=implicit.CURVATURES, default=None,
-                   help="the CG system's matrix: ggn, the generalized Gauss-Newton J^T H_out J (positive semi-definite), "
-                        "or hessian, the exact Hessian of the support loss (indefinite on a real encoder: CG then stops "
-                        "at u = 0, first order) " + when % IMPLICIT["curvature"])
+                   help="the CG system's matrix: ggn, the generalized Gauss-Newton J^T H_out J "
+                        "(positive semi-definite), or hessian, the exact Hessian of the support loss "
+                        "(indefinite on a real encoder: CG then stops at u = 0, first order) "
+                        + when % IMPLICIT["curvature"])
     p.add_argument("--cg-damping", type=float, default=None,
                    help="lambda of the CG system only, (H + lambda I) u = dL_Q/dphi: a larger one than --damping "
                         "when H + damping I is indefinite (CG then stops at once; see cg_min_curvature in "
@@ -158,17 +160,17 @@ def meta_gradient(model, loss_fn, tasks, source, carried, phi_rng, args):
         carried.update(phi_0=phi_0, phi=phi_0, optimizer=None, age=0)
     steps = args.implicit_steps if carried["age"] == 0 else args.implicit_warm_steps
     losses = []
-    phi_hat, state = implicit.inner_fine_tune(loss_fn, carried["phi_0"], source.fine_tune_batches(), args.implicit_optimizer,
-                                        steps, args.implicit_lr, args.damping, start=carried["phi"],
-                                        state=carried["optimizer"], losses=losses)
+    phi_hat, state = implicit.inner_fine_tune(loss_fn, carried["phi_0"], source.fine_tune_batches(),
+                                              args.implicit_optimizer, steps, args.implicit_lr, args.damping,
+                                              start=carried["phi"], state=carried["optimizer"], losses=losses)
     carried.update(phi=phi_hat, optimizer=state, age=carried["age"] + 1)
     theta = [p for p in body_parameters(model).values() if p.requires_grad]
     logits_fn = maml.functional_logits(model)
     infos = []
     with evaluation_mode(model):   # CG needs one fixed linear operator: no dropout masks
         for support, query in tasks:
-            grads, info = implicit.hypergradient(loss_fn, theta, phi_hat, carried["phi_0"], support, query, args.damping,
-                                                 args.cg_steps, args.cg_tol, first_order=args.first_order,
+            grads, info = implicit.hypergradient(loss_fn, theta, phi_hat, carried["phi_0"], support, query,
+                                                 args.damping, args.cg_steps, args.cg_tol, first_order=args.first_order,
                                                  cg_damping=args.cg_damping, curvature=args.curvature or "hessian",
                                                  logits_fn=logits_fn)
             for p, g in zip(theta, grads):

@@ -1,8 +1,8 @@
 """The paper's comparison: does priming help PEFT, and which MAML modification matters?
 
-    python experiments/compare.py --data-dir ../shared/data/wikiann                     # the CPU budget (RESULTS.md's verdict)
+    python experiments/compare.py --data-dir ../shared/data/wikiann              # the CPU budget (RESULTS.md's verdict)
     python experiments/compare.py --pefts adapter --conditions "no priming,MAML priming" --finetune-seeds 8
-    python experiments/compare.py --gpu 0 --budget gpu --model xlm-roberta-base         # a larger budget on a GPU
+    python experiments/compare.py --gpu 0 --budget gpu --model xlm-roberta-base  # a larger budget on a GPU
     python experiments/compare.py --langs es,nl --eval-data-dir conll2002 --eval-data-format conll --eval-tag-map MISC=O
 
 Runs the three stages for every condition and seed, then writes into --out:
@@ -25,8 +25,9 @@ compare paired, seed by seed. MTL and MAML priming get the same data and optimiz
 Run identity: a run folder is named by what it is and a hash of every flag that shapes it
 (model, data folder, budget, PEFT, priming flags, seed, languages) and of TRAINING_CODE, so a
 run is reused only when all of them agree, and a changed flag makes a new run. Paths enter it by
-name only (the data folder's, a primed body's folder), so a clone anywhere finds the committed records. An interrupted comparison continues
-where it stopped; two compare.py processes on one --runs folder share the work (a lock per run).
+name only (the data folder's, a primed body's folder), so a clone anywhere finds the committed records.
+An interrupted comparison continues where it stopped; two compare.py processes on one --runs folder
+share the work (a lock per run).
 """
 
 import argparse
@@ -143,7 +144,8 @@ def build_parser():
     p.add_argument("--priming-langs", default="de,es", help="priming languages")
     p.add_argument("--eval-sentences", type=int, default=None,
                    help="score only the first N test sentences per language (default: the full test sets)")
-    p.add_argument("--inner-lr", type=float, default=None, help="inner learning rate of the MAML rows (default: the budget's)")
+    p.add_argument("--inner-lr", type=float, default=None,
+                   help="inner learning rate of the MAML rows (default: the budget's)")
     p.add_argument("--inner-steps", type=int, default=None, help="inner steps of the MAML rows (default: the budget's)")
     p.add_argument("--model", default="e5-small", help="the pretrained model (name, folder or hub id)")
     p.add_argument("--data-dir", default=None, help="PAN-X folder (default: $WIKIANN_DIR, else the hub)")
@@ -152,7 +154,8 @@ def build_parser():
     p.add_argument("--eval-data-format", choices=DATA_FORMATS, default="panx",
                    help="format of --eval-data-dir: panx, or conll (CoNLL columns; see evaluate_ner.py --help)")
     p.add_argument("--eval-tag-map", default=None,
-                   help="with --eval-data-format conll: entity types to rename, e.g. MISC=O (evaluate_ner.py --tag-map)")
+                   help="with --eval-data-format conll: entity types to rename, e.g. MISC=O "
+                        "(evaluate_ner.py --tag-map)")
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
     p.add_argument("--out", default=None, help="results folder (default: experiments/results/<budget>)")
     p.add_argument("--runs", default=None, help="where the stage checkpoints go (default: <out>/runs)")
@@ -167,7 +170,8 @@ def build_parser():
 
 def check_args(args):
     """One clear error per bad flag, before anything runs."""
-    for flag in ["priming_seeds", "finetune_seeds", "ablation_finetune_seeds", "full_seeds", "replicate_finetune_seeds"]:
+    for flag in ["priming_seeds", "finetune_seeds", "ablation_finetune_seeds", "full_seeds",
+                 "replicate_finetune_seeds"]:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
     if args.inner_steps is not None and args.inner_steps < 1:
@@ -175,7 +179,8 @@ def check_args(args):
     if args.inner_lr is not None and not 0 < args.inner_lr < float("inf"):
         raise ValueError(f"--inner-lr must be a positive number (got {args.inner_lr}); leave it out for the budget's")
     if args.eval_sentences is not None and args.eval_sentences < 1:
-        raise ValueError(f"--eval-sentences must be at least 1 (got {args.eval_sentences}); leave it out for the full test sets")
+        raise ValueError(f"--eval-sentences must be at least 1 (got {args.eval_sentences}); "
+                         f"leave it out for the full test sets")
     langs, priming = parse_languages(args.langs), parse_languages(args.priming_langs, "--priming-langs")
     overlap = sorted(set(langs) & (set(priming) | {SOURCE_LANG}))
     if overlap:
@@ -245,7 +250,8 @@ def with_curvature(flags):
     """A second-order implicit run recorded before --curvature existed (2026-12-03) solved the exact
     Hessian's system: its flags as they would be written now."""
     for i in range(len(flags) - 1):
-        if flags[i:i + 2] == ["--inner-loop", "implicit"] and "--first-order" not in flags and "--curvature" not in flags:
+        if (flags[i:i + 2] == ["--inner-loop", "implicit"] and "--first-order" not in flags
+                and "--curvature" not in flags):
             return flags[:i + 2] + ["--curvature", "hessian"] + flags[i + 2:]
     return flags
 
@@ -304,7 +310,8 @@ def check_data(record, flags, where):
         same = False
     if not same:
         raise ValueError(f"{where} was made from other data than {folder} holds ({', '.join(data['files'])} "
-                         f"differ or are missing): another folder of the same name? give it its own --runs and --records")
+                         f"differ or are missing): another folder of the same name? "
+                         f"give it its own --runs and --records")
 
 
 @functools.lru_cache(maxsize=None)
@@ -437,7 +444,8 @@ def baselines_of(condition):
     if condition == "MAML priming":
         bases.append(EQUAL_COMPUTE)
     if condition in OPT_IN:   # does a faithful simulation of the fine-tuning change the answer? and at what cost?
-        bases += ["MTL priming", "MAML priming", EQUAL_COMPUTE] + (["implicit MAML priming"] if "first order" in condition else [])
+        bases += ["MTL priming", "MAML priming", EQUAL_COMPUTE]
+        bases += ["implicit MAML priming"] if "first order" in condition else []
     if condition.startswith("ablation:"):
         bases.append("MAML priming")
     if condition in ("MTL priming", "MAML priming", EQUAL_COMPUTE):
@@ -515,7 +523,8 @@ def one_run(args, runs, peft, condition, priming_seed, finetune_seed, langs, spl
     if primed:
         init = prime_plan(args, runs, peft, condition, priming_seed)[1]
         tag = init.name[len("primed-"):]
-    result = evaluate_plan(args, finetune_plan(args, runs, init, peft, finetune_seed, tag, condition)[1], langs, split)[1]
+    tuned_out = finetune_plan(args, runs, init, peft, finetune_seed, tag, condition)[1]
+    result = evaluate_plan(args, tuned_out, langs, split)[1]
     if finished(result):  # also when restored from --records, where the primed body's weights are gone
         return result
     if args.report_only:

@@ -24,7 +24,8 @@ def plot_f1(table, path):
     means = [r["average"][0] for r in table.values()]
     stds = [r["average"][1] for r in table.values()]
     fig, ax = plt.subplots(figsize=(max(8, len(labels) * 0.9), 4.5))
-    ax.bar(range(len(labels)), means, yerr=stds, capsize=3, color=["C1" if label.startswith("prefix") else "C0" for label in labels])
+    ax.bar(range(len(labels)), means, yerr=stds, capsize=3,
+           color=["C1" if label.startswith("prefix") else "C0" for label in labels])
     ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("average target F1 (seqeval default), ± 1 std")
     fig.tight_layout()
@@ -90,7 +91,8 @@ def plot_curves(row_runs, conditions, path):
         left.plot(*mean_curve([f for f in primed if f.exists()], "held_out_query_loss"), marker="o", ms=3,
                   label=label, **style)
         right.plot(*mean_curve([r["tuned"] for r in runs], "dev_f1_default"), marker="o", ms=3, label=label, **style)
-    left.set(title="priming: held-out de/es query loss after each row's inner loop on en", xlabel="meta-step", ylabel="loss")
+    left.set(title="priming: held-out de/es query loss after each row's inner loop on en", xlabel="meta-step",
+             ylabel="loss")
     right.set(title="fine-tuning: en dev F1, seqeval default (mean over runs)", xlabel="step", ylabel="F1")
     right.legend(fontsize=6)
     fig.tight_layout()

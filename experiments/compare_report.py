@@ -182,9 +182,10 @@ def provenance(table, args):
     """What a reader must know next to the numbers: F1 mode, test size, budget, commits."""
     sentences = sorted({n for r in table.values() for n in r["sentences"]})
     versions = sorted({v for r in table.values() for v in r["code_versions"]})
+    scope = " (the full test sets)" if args.eval_sentences is None else f" (--eval-sentences {args.eval_sentences})"
     lines = [f"F1: seqeval default mode (conlleval-like, as XTREME), average of {', '.join(args.langs.split(','))}; "
              f"test sentences per language: {', '.join(map(str, sentences))}"
-             f"{' (the full test sets)' if args.eval_sentences is None else f' (--eval-sentences {args.eval_sentences})'}.",
+             f"{scope}.",
              f"Budget: {args.budget}; model: {args.model}; priming seeds {args.priming_seeds}, fine-tuning seeds "
              f"{args.finetune_seeds} (ablations {args.ablation_finetune_seeds}"
              + (f"; priming runs after the first: {args.replicate_finetune_seeds} each"
@@ -240,7 +241,8 @@ def add_body_change(table, row_runs, model):
     priming run recorded it, else measured from its weights (runs of older code)."""
     for row, runs_of_row in row_runs.items():
         recorded = {r["primed"]: r["body_change"] for r in runs_of_row if r["primed"] is not None}
-        changes = [change if change is not None else primed_body_change(f, model) for f, change in sorted(recorded.items())
+        changes = [change if change is not None else primed_body_change(f, model)
+                   for f, change in sorted(recorded.items())
                    if change is not None or (f / "model.safetensors").is_file()]
         if changes and None not in changes:
             table[row]["body_change"] = sum(changes) / len(changes)

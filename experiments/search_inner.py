@@ -119,7 +119,8 @@ def search_markdown(rows, picked):
         strength = f"{r['strength']:.2f}" if r.get("strength") is not None else "-"
         mark = " **picked**" if r is picked else ""
         body.append(f"| {r['lr']:g} | {r['steps']} | {r['batch_size']} | {r['support_before']:.3f} -> "
-                    f"{r['support_after']:.3f} | {r['ratio']:.2f} | {r['query_fresh']:.3f} -> {r['query_after']:.3f}{mark} "
+                    f"{r['support_after']:.3f} | {r['ratio']:.2f} | "
+                    f"{r['query_fresh']:.3f} -> {r['query_after']:.3f}{mark} "
                     f"| {strength} | {r['seconds']:.2f} |")
     return "\n".join(head + body)
 
@@ -151,8 +152,8 @@ def main(argv=None):
                      if args.reference_ft else None)
         for lr in grid["lrs"]:
             for steps in grid["steps"]:
-                phis = [adapters.fresh_peft_tensors(model, torch.Generator().manual_seed(derive_seed(args.seed, f"search phi {e}")))
-                        for e in range(args.episodes)]
+                seeds = [derive_seed(args.seed, f"search phi {e}") for e in range(args.episodes)]
+                phis = [adapters.fresh_peft_tensors(model, torch.Generator().manual_seed(seed)) for seed in seeds]
                 row = {"lr": lr, "steps": steps, "batch_size": batch_size, "clip": args.clip,
                        **adaptation(model, loss_fn, supports, held_out["query"], phis, steps, lr, args.clip)}
                 row["ratio"] = row["support_after"] / row["support_before"]
@@ -169,7 +170,8 @@ def main(argv=None):
     if reference is not None:
         text += f"\n\nReference (finetune_peft.py, {args.reference_ft}): held-out query loss {reference:.3f}."
     text += ("\n\nPicked: " + (f"inner lr {picked['lr']:g}, {picked['steps']} steps, batch {picked['batch_size']}"
-                              if picked else f"none (no setting has ratio <= {args.max_ratio} at <= {args.max_seconds} s)"))
+                              if picked else f"none (no setting has ratio <= {args.max_ratio} "
+                                             f"at <= {args.max_seconds} s)"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "search.md").write_text(text + "\n")
     write_json(out / "search.json", {"args": vars(args), "rows": rows, "picked": picked, "reference_loss": reference,

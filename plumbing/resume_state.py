@@ -30,7 +30,8 @@ def trained_state(model, also):
 
 
 def save(out, step, model, optimizer, source, rngs, extra=None, carried=None, run=None, also=()):
-    """also: names of tensors kept even when frozen (the PEFT tensors and head); rngs: {"task_rng": Generator, "phi_rng": Generator, "processes": distributed.rng_states()};
+    """also: names of tensors kept even when frozen (the PEFT tensors and head);
+    rngs: {"task_rng": Generator, "phi_rng": Generator, "processes": distributed.rng_states()};
     extra: more tensors to keep (a dict of name -> tensor); carried: a dict of anything torch.save
     takes (the implicit inner loop's warm start); run: the run's identity ({flag: value}), which
     `load` compares."""

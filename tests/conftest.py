@@ -129,3 +129,42 @@ def tune_argv(init, data, out, *extra):
     """finetune_peft.py flags for a run of seconds on a tiny model (later flags in `extra` win)."""
     return ["--init", str(init), "--data-dir", data, "--out", str(out), "--steps", "6",
             "--batch-size", "4", "--max-sentences", "40", "--dev-sentences", "16", "--max-len", "32", *extra]
+
+
+# Fixtures shared by several test modules (defined here, so that no test module imports a fixture).
+# Module-scoped ones are made once per test module that uses them.
+
+@pytest.fixture(scope="module")
+def tuned(tiny_model_dir, data_dir, tmp_path_factory):
+    """A finished fine-tuning run (test_robustness's short flags)."""
+    from test_robustness import tune_argv as robustness_tune_argv
+
+    import finetune_peft
+    out = tmp_path_factory.mktemp("tuned") / "ft"
+    finetune_peft.main(robustness_tune_argv(tiny_model_dir, data_dir, out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def primed(tiny_model_dir, data_dir, tmp_path_factory):
+    """A finished priming run (test_robustness's short flags)."""
+    from test_robustness import prime_argv as robustness_prime_argv
+
+    import meta_pretrain
+    out = tmp_path_factory.mktemp("primed") / "p"
+    meta_pretrain.main(robustness_prime_argv(tiny_model_dir, data_dir, out))
+    return out
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """compare.py with its three stages replaced by test_compare.FakeStages (returned: the commands it ran)."""
+    from test_compare import FakeStages
+
+    from experiments import compare
+    stages = FakeStages()
+    monkeypatch.setattr(compare.subprocess, "run", stages)
+    for name in ("plot_f1", "plot_paired", "plot_curves"):
+        monkeypatch.setattr(f"experiments.compare_plots.{name}", lambda *a: None)
+    monkeypatch.setattr(compare, "add_body_change", lambda *a: None)
+    return stages

@@ -67,16 +67,6 @@ class FakeStages:
         return subprocess.CompletedProcess(command, 0)
 
 
-@pytest.fixture
-def fake(monkeypatch):
-    stages = FakeStages()
-    monkeypatch.setattr(compare.subprocess, "run", stages)
-    for name in ("plot_f1", "plot_paired", "plot_curves"):
-        monkeypatch.setattr(f"experiments.compare_plots.{name}", lambda *a: None)
-    monkeypatch.setattr(compare, "add_body_change", lambda *a: None)
-    return stages
-
-
 def base_argv(tmp_path, *extra):
     return ["--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), "--pefts", "adapter",
             "--conditions", "no priming,MTL priming,MAML priming", "--finetune-seeds", "3", "--no-full",
@@ -327,7 +317,7 @@ def test_body_change_is_the_relative_change_of_non_embedding_weights(tmp_path):
     moved = dict(weights, **{"embeddings.word_embeddings.weight": torch.zeros(10, 4),   # embeddings: ignored
                              "encoder.layer.0.w": torch.full((3, 4), 2.2)})
     save_file(moved, str(after / "model.safetensors"))
-    assert abs(compare_report.primed_body_change(after, str(before)) - 0.1) < 1e-6                  # 0.2 / 2.0 in every entry
+    assert abs(compare_report.primed_body_change(after, str(before)) - 0.1) < 1e-6   # 0.2 / 2.0 in every entry
     table = {("adapter", "MAML priming"): {}, ("adapter", "no priming"): {}, ("adapter", "MTL priming"): {}}
     compare_report.add_body_change(table, {("adapter", "MAML priming"): [{"primed": after, "body_change": None}],
                                            ("adapter", "no priming"): [{"primed": None, "body_change": None}],
@@ -367,21 +357,24 @@ def test_the_dose_row_primes_a_quarter_of_the_steps_with_the_main_rows_seeds(tmp
     budget = {**compare.BUDGETS["smoke"], "prime": prime}
     monkeypatch.setitem(compare.BUDGETS, "smoke", budget)
     dose = "dose: MAML priming for 1/4 of the meta-steps"
-    compare.main(base_argv(tmp_path, "--conditions", f"no priming,MAML priming,{dose}", "--ablation-finetune-seeds", "1"))
+    compare.main(base_argv(tmp_path, "--conditions", f"no priming,MAML priming,{dose}",
+                           "--ablation-finetune-seeds", "1"))
     primes = [c for c in fake.commands if "meta_pretrain.py" in c[1]]
     steps = sorted(int(c[len(c) - 1 - c[::-1].index("--steps") + 1]) for c in primes)  # the last --steps wins
     assert steps == [2, 8]
     tuned = [Path(flag(c, "--out")).name for c in fake.commands if "finetune_peft.py" in c[1]]
     assert sum("dose_MAML_priming" in t for t in tuned) == 3  # the main rows' 3 fine-tuning seeds, not 1
     table = (tmp_path / "out" / "table.md").read_text()
-    ladder = [line.split("|")[2].strip() for line in table.split("Dose-response")[1].splitlines() if line.startswith("| adapter")]
+    ladder = [line.split("|")[2].strip() for line in table.split("Dose-response")[1].splitlines()
+              if line.startswith("| adapter")]
     assert ladder == ["0", "2", "8"]
 
 
 def test_priming_curve_averages_adaptation_between_its_rows(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"))
     import priming_curve
-    lines = [{"step": s, "support_loss_before": 2.0, "support_loss_after": a} for s, a in [(1, 1.0), (2, 0.6), (3, 0.2), (4, 0.4)]]
+    lines = [{"step": s, "support_loss_before": 2.0, "support_loss_after": a}
+             for s, a in [(1, 1.0), (2, 0.6), (3, 0.2), (4, 0.4)]]
     lines[1] |= {"held_out_query_loss": 1.5, "body_change": 0.01}
     lines[3] |= {"held_out_query_loss": 1.2, "body_change": 0.02, "inner_loop_strength": 0.4}
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
@@ -492,7 +485,8 @@ def test_a_clone_elsewhere_reads_priming_time_and_curves_from_the_restored_recor
     shutil.copytree(here / "out" / "records", there / "records")
     shutil.rmtree(here)                                                    # the machine that ran it is gone
     primed = next((there / "records").glob("primed-*"))                    # its log: 150 s of priming
-    log = [{"step": 1, "seconds": 100.0, "held_out_query_loss": 1.5}, {"step": 2, "seconds": 50.0, "held_out_query_loss": 1.0}]
+    log = [{"step": 1, "seconds": 100.0, "held_out_query_loss": 1.5},
+           {"step": 2, "seconds": 50.0, "held_out_query_loss": 1.0}]
     (primed / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in log))
     compare.main([*argv, "--out", str(there / "out"), "--runs", str(there / "runs"), "--records",
                   str(there / "records"), "--report-only"])
@@ -565,7 +559,8 @@ def test_the_implicit_rows_prime_with_the_implicit_loop_and_pair_with_mtl_and_ma
     compare.main(base_argv(tmp_path, "--conditions", conditions, "--finetune-seeds", "2", "--priming-seeds", "2",
                            "--inner-lr", "0.1"))
     primes = {Path(flag(c, "--out")).name.rsplit("-", 1)[0]: c for c in fake.commands if "meta_pretrain.py" in c[1]}
-    implicit, first = primes["primed-adapter-implicit_MAML_priming-p1"], primes["primed-adapter-implicit_MAML_priming_first_order-p1"]
+    implicit = primes["primed-adapter-implicit_MAML_priming-p1"]
+    first = primes["primed-adapter-implicit_MAML_priming_first_order-p1"]
     assert flag(implicit, "--inner-loop") == "implicit" and "--first-order" not in implicit
     assert flag(first, "--inner-loop") == "implicit" and "--first-order" in first
     def last(command, name):
@@ -641,7 +636,8 @@ def test_second_order_implicit_records_from_before_curvature_are_the_exact_hessi
     compare.restore_records(records, runs)
     _, exact = compare.prime_plan(args, runs, "adapter", "implicit MAML priming", 0)
     _, ggn = compare.prime_plan(args, runs, "adapter", "implicit MAML priming (Gauss-Newton)", 0)
-    assert exact.name in {p.name for p in records.iterdir()} and "--curvature" not in compare.read_record(exact)["command"]
+    assert exact.name in {p.name for p in records.iterdir()}
+    assert "--curvature" not in compare.read_record(exact)["command"]
     assert not ggn.exists()
     _, first = compare.prime_plan(args, runs, "adapter", "implicit MAML priming (first order)", 0)
     assert first.name in {p.name for p in records.iterdir()}                 # first order: untouched

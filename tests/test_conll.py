@@ -92,9 +92,12 @@ def test_a_type_renamed_next_to_its_target_stays_two_entities(tmp_path):
 
 
 @pytest.mark.parametrize("text, fmt, message", [
-    ("Ada NNP B-PER\nsang VBD O\n", ConllFormat(token_column=3), r"test.txt:1: 3 column\(s\), no column 3: check --token-column"),
-    ("Ada NNP B-PER\nsang VBD O\n", ConllFormat(tag_column=4), r"test.txt:1: 3 column\(s\), no column 4: check --tag-column"),
-    ("Ada NNP B-PER\nsang VBD O\n", ConllFormat(tag_column=1), r"test.txt:1: 'NNP' in column 1 is not a NER tag.*--tag-column"),
+    ("Ada NNP B-PER\nsang VBD O\n", ConllFormat(token_column=3),
+     r"test.txt:1: 3 column\(s\), no column 3: check --token-column"),
+    ("Ada NNP B-PER\nsang VBD O\n", ConllFormat(tag_column=4),
+     r"test.txt:1: 3 column\(s\), no column 4: check --tag-column"),
+    ("Ada NNP B-PER\nsang VBD O\n", ConllFormat(tag_column=1),
+     r"test.txt:1: 'NNP' in column 1 is not a NER tag.*--tag-column"),
     ("Ada B-\n", AUTO, r"test.txt:1: 'B-' in column -1 is not a NER tag"),
 ])
 def test_bad_columns_name_the_file_line_and_flag(tmp_path, text, fmt, message):
@@ -141,7 +144,8 @@ def test_unknown_type_is_one_line_from_evaluate_ner(tmp_path, capsys):
             str(tmp_path / "conll")]
     message = error_of(evaluate_ner.main, argv, capsys)
     assert "nl/test.txt:1: entity type MISC is not one the model predicts" in message and "--tag-map MISC=O" in message
-    assert "--tag-map applies to --data-format conll" in error_of(evaluate_ner.main, argv[:4] + ["--tag-map", "MISC=O"], capsys)
+    assert "--tag-map applies to --data-format conll" in error_of(evaluate_ner.main, argv[:4] + ["--tag-map", "MISC=O"],
+                                                                  capsys)
     assert "bad --tag-map item 'MISC'" in error_of(evaluate_ner.main, argv + ["--tag-map", "MISC"], capsys)
     assert "MISC=FOO: FOO is not a type" in error_of(evaluate_ner.main, argv + ["--tag-map", "MISC=FOO"], capsys)
     assert "needs --data-dir" in error_of(evaluate_ner.main, argv[:6], capsys)
@@ -166,7 +170,8 @@ def test_compare_passes_the_evaluation_data_and_keeps_existing_identities(tmp_pa
     base = ["--data-dir", "/work/shared/data/wikiann"]
     args = compare.build_parser().parse_args(base)
     compare.check_args(args)
-    verdict = compare.ROOT / "experiments" / "results" / "verdict-cpu" / "records" / "ft-adapter-no_priming-f0-2de6f7c344"
+    records = compare.ROOT / "experiments" / "results" / "verdict-cpu" / "records"
+    verdict = records / "ft-adapter-no_priming-f0-2de6f7c344"
     flags, result = compare.evaluate_plan(args, verdict, ["fr", "nl", "pt"], "test")
     assert result.name == "eval-test-5ea17522d1.json"   # the committed verdict's evaluations are still found
     (tmp_path / "conll").mkdir()
@@ -271,4 +276,5 @@ def test_priming_and_fine_tuning_read_a_conll_folder_like_panx(tiny_model_dir, d
                         for run in (primed, tmp_path / f"ft-{layout}")
                         for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert runs["conll"] == runs["panx"]   # the same batches: the same losses and dev F1, step by step
-    assert any("held_out_query_loss" in line for line in runs["panx"]) and any("dev_f1_default" in line for line in runs["panx"])
+    assert any("held_out_query_loss" in line for line in runs["panx"])
+    assert any("dev_f1_default" in line for line in runs["panx"])

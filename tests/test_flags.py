@@ -103,7 +103,8 @@ def test_second_order_term_is_present_by_default(tiny_model_dir, data_dir, tmp_p
     grads = []
     for first_order in (call["first_order"], True):
         model.zero_grad(set_to_none=True)
-        maml.meta_step(loss_fn, call["tasks"], lambda i: {n: t.detach().clone().requires_grad_() for n, t in phi.items()},
+        maml.meta_step(loss_fn, call["tasks"],
+                       lambda i: {n: t.detach().clone().requires_grad_() for n, t in phi.items()},
                        1, 0.5, first_order=first_order)
         grads.append(torch.cat([p.grad.flatten() for p in body]))
     assert not torch.allclose(grads[0], grads[1])

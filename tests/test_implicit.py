@@ -26,10 +26,14 @@ INNER_LR = 0.5    # gradient descent on G: below 2 / (largest curvature)
 def tiny_problem(seed=0):
     """(theta, phi_0, support, query): dicts of float64 leaf tensors and two (x, y) batches."""
     g = torch.Generator().manual_seed(seed)
-    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
     theta = {"w": randn(4, 3).requires_grad_(), "b": randn(3).requires_grad_()}
     phi_0 = OrderedDict(a=0.5 * randn(3, 3), head=randn(3, 3), bias=0.1 * randn(3))
-    batch = lambda n: (randn(n, 4), torch.randint(0, 3, (n,), generator=g))
+
+    def batch(n):
+        return randn(n, 4), torch.randint(0, 3, (n,), generator=g)
     return theta, phi_0, batch(20), batch(15)
 
 
@@ -154,7 +158,9 @@ def test_hypergradient_agrees_with_finite_differences_of_the_resolved_problem(so
 def test_unrolled_differentiation_converges_to_the_hypergradient(solved):
     theta, phi_hat, phi_0, support, query = solved
     exact, _ = hyper(theta, phi_hat, phi_0, support, query, cg_steps=100, cg_tol=1e-12)
-    g_fn = lambda phi, batch: implicit.proximal_loss(loss_fn_of(theta), phi, phi_0, batch, DAMPING)
+
+    def g_fn(phi, batch):
+        return implicit.proximal_loss(loss_fn_of(theta), phi, phi_0, batch, DAMPING)
     errors = []
     for steps in (5, 20, 80, 320):
         adapted = maml.inner_loop(g_fn, phi_0, support, steps, INNER_LR)   # second order, from phi_0
@@ -279,7 +285,9 @@ def test_implicit_resume_equals_an_uninterrupted_run(tiny_model_dir, data_dir, t
     from safetensors.torch import load_file
     a, b = load_file(whole / "model.safetensors"), load_file(cut / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda out: [{k: v for k, v in line.items() if k != "seconds"} for line in metrics_of(out)]
+
+    def strip(out):
+        return [{k: v for k, v in line.items() if k != "seconds"} for line in metrics_of(out)]
     assert strip(whole) == strip(cut) and len(strip(cut)) == 4
     with pytest.raises(ValueError, match="--fresh-every is 4 here but 3"):   # the implicit flags shape the run
         implicit_prime(tiny_model_dir, data_dir, cut, "--steps", "5", "--cg-steps", "3", "--resume",
@@ -307,8 +315,10 @@ def test_an_unrolled_run_does_not_resume_as_an_implicit_one(tiny_model_dir, data
     (["--inner-loop", "implicit", "--damping", "0"], "--damping must be positive"),
     (["--inner-loop", "implicit", "--damping", "-1e-3"], "--damping must be positive"),
     (["--inner-loop", "implicit", "--first-order", "--damping", "-1"], "--damping must be positive"),
-    (["--inner-loop", "implicit", "--first-order", "--cg-steps", "3"], "--cg-steps / --cg-tol / --cg-damping / --curvature have"),
-    (["--inner-loop", "implicit", "--first-order", "--cg-damping", "1"], "--cg-steps / --cg-tol / --cg-damping / --curvature have"),
+    (["--inner-loop", "implicit", "--first-order", "--cg-steps", "3"],
+     "--cg-steps / --cg-tol / --cg-damping / --curvature have"),
+    (["--inner-loop", "implicit", "--first-order", "--cg-damping", "1"],
+     "--cg-steps / --cg-tol / --cg-damping / --curvature have"),
     (["--inner-loop", "implicit", "--cg-damping", "0"], "--cg-damping must be a positive"),
     (["--cg-damping", "0.1"], "--cg-damping is an --inner-loop implicit option"),
     (["--inner-loop", "implicit", "--cg-tol", "1"], "--cg-tol must be in"),
@@ -384,17 +394,22 @@ def dense_ggn(theta, phi, batch):
     """(GGN in phi, its mixed block in phi x theta) of the mean cross-entropy, dense: J^T H_out J
     with J by torch.func.jacrev and H_out the softmax's Hessian per example."""
     t0, p0 = flat(theta).detach(), flat(phi).detach()
-    z = lambda t, p: model_logits(unflat(t, theta), unflat(p, phi), batch)
+
+    def z(t, p):
+        return model_logits(unflat(t, theta), unflat(p, phi), batch)
     j_phi, j_theta = torch.func.jacrev(z, argnums=(1, 0))(t0, p0)        # [n, C, P], [n, C, T]
     prob = torch.softmax(z(t0, p0), dim=-1)
     h_out = (torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]) / len(prob)
-    return (torch.einsum("ncp,ncd,ndq->pq", j_phi, h_out, j_phi), torch.einsum("ncp,ncd,ndt->pt", j_phi, h_out, j_theta))
+    return (torch.einsum("ncp,ncd,ndq->pq", j_phi, h_out, j_phi),
+            torch.einsum("ncp,ncd,ndt->pt", j_phi, h_out, j_theta))
 
 
 def dense_ggn_hypergradient(theta, phi_hat, support, query, lam):
     """dF/dtheta of the linearised inner problem: d_theta L_Q - M_GN^T (GGN + lambda I)^{-1} d_phi L_Q."""
     ggn, mixed = dense_ggn(theta, phi_hat, support)
-    L_q = lambda t, p: model_loss(unflat(t, theta), unflat(p, phi_hat), query)
+
+    def L_q(t, p):
+        return model_loss(unflat(t, theta), unflat(p, phi_hat), query)
     g_theta, g_phi = torch.func.grad(L_q, argnums=(0, 1))(flat(theta).detach(), flat(phi_hat).detach())
     u = torch.linalg.solve(ggn + lam * torch.eye(len(g_phi), dtype=torch.float64), g_phi)
     return g_theta - mixed.T @ u
@@ -405,7 +420,9 @@ def test_cross_entropy_hessian_product_is_the_hessian_in_the_logits():
     logits = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
     labels = torch.randint(0, 7, (2, 5), generator=g)
     labels[0, 1] = labels[1, 4] = implicit.IGNORE                # the loss leaves these tokens out
-    ce = lambda z: F.cross_entropy(z.reshape(-1, 7), labels.reshape(-1), ignore_index=implicit.IGNORE)
+
+    def ce(z):
+        return F.cross_entropy(z.reshape(-1, 7), labels.reshape(-1), ignore_index=implicit.IGNORE)
     hessian = torch.func.hessian(ce)(logits).reshape(70, 70)
     y = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
     product = implicit.cross_entropy_hessian_product(logits, labels, y)
@@ -444,7 +461,9 @@ def test_where_the_hessian_is_indefinite_ggn_cg_still_converges():
     negative eigenvalue, CG on the exact system stops at u = 0 (first order); on the GGN it converges."""
     theta, phi_0, support, query = tiny_problem(seed=4)
     phi = OrderedDict((n, 3 * t) for n, t in phi_0.items())      # far from a minimum
-    G = lambda p: model_loss(theta, unflat(p, phi), support)
+
+    def G(p):
+        return model_loss(theta, unflat(p, phi), support)
     assert torch.linalg.eigvalsh(torch.func.hessian(G)(flat(phi).detach())).min() < -1e-3   # the premise
     _, exact = hyper(theta, phi, phi_0, support, query, damping=1e-4, cg_steps=50, cg_tol=1e-8)
     _, ggn = hyper(theta, phi, phi_0, support, query, damping=1e-4, cg_steps=50, cg_tol=1e-8, cg_damping=1e-2,
@@ -504,7 +523,8 @@ def expected_meta_gradient(model, tasks, phi_hat, phi_0, args, theta):
         g_all = torch.autograd.grad(q, fast + theta, allow_unused=True)
         g_phi = torch.cat([g.reshape(-1) for g in g_all[:len(fast)]])
         # the dense GGN over phi (a tiny phi), solved exactly
-        jac = torch.autograd.functional.jacobian(lambda *p: logits_fn(OrderedDict(zip(phi, p)), support)[0], tuple(fast))
+        jac = torch.autograd.functional.jacobian(lambda *p: logits_fn(OrderedDict(zip(phi, p)), support)[0],
+                                                 tuple(fast))
         J = torch.cat([j.reshape(logits.numel(), -1) for j in jac], dim=1)          # [tokens * C, P]
         prob = torch.softmax(logits.detach(), -1).reshape(-1, 7)
         keep = (labels.reshape(-1) != implicit.IGNORE).double()

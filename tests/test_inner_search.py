@@ -52,8 +52,8 @@ def test_inner_loop_strength_is_the_share_of_the_gap_closed(tiny_model_dir, data
     for m in (weak, strong):
         assert {"held_out_query_loss", "held_out_query_loss_fresh", "inner_loop_strength"} <= set(m)
     # the same fresh tensors and reference in both runs: strength is (fresh - adapted) / (fresh - reference)
-    reference_loss = weak["held_out_query_loss_fresh"] - (weak["held_out_query_loss_fresh"] - weak["held_out_query_loss"]) \
-        / weak["inner_loop_strength"]
+    reference_loss = weak["held_out_query_loss_fresh"] \
+        - (weak["held_out_query_loss_fresh"] - weak["held_out_query_loss"]) / weak["inner_loop_strength"]
     assert strong["inner_loop_strength"] == pytest.approx(
         (strong["held_out_query_loss_fresh"] - strong["held_out_query_loss"])
         / (strong["held_out_query_loss_fresh"] - reference_loss), rel=1e-4)
@@ -91,6 +91,7 @@ def test_search_grid_rows_and_files(tiny_model_dir, data_dir, reference, tmp_pat
     strong, weak = rows[3], rows[0]
     assert strong["support_after"] < weak["support_after"]
     gap = [r["query_fresh"] - saved["reference_loss"] for r in rows]
-    assert [r["strength"] for r in rows] == pytest.approx([(r["query_fresh"] - r["query_after"]) / g for r, g in zip(rows, gap)])
+    assert [r["strength"] for r in rows] == pytest.approx([(r["query_fresh"] - r["query_after"]) / g
+                                                          for r, g in zip(rows, gap)])
     assert saved["picked"] == min(rows, key=lambda r: r["query_after"])
     assert "**picked**" in (tmp_path / "s" / "search.md").read_text()

@@ -135,7 +135,9 @@ def test_meta_step_averages_per_task_meta_gradients(first_order):
     model = tiny_model()
     loss_fn = maml.functional_loss(model)
     tasks = [(random_batch(10 + i), random_batch(20 + i)) for i in range(3)]
-    init = lambda i: fresh_fast(model, i)
+
+    def init(i):
+        return fresh_fast(model, i)
     per_task = [meta_gradient(model, init(i), s, q, 2, 0.5, first_order)
                 for i, (s, q) in enumerate(tasks)]
     model.zero_grad(set_to_none=True)

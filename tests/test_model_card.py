@@ -30,7 +30,8 @@ def test_a_finished_priming_run_has_a_card(tiny_model_dir, data_dir, tmp_path):
     meta_pretrain.main(prime_argv(tiny_model_dir, data_dir, out, "--first-order"))
     text = (out / "README.md").read_text()
     fields = front_matter(text)
-    assert fields == {"language": ["en", "de", "es"], "library_name": "transformers", "datasets": ["unimelb-nlp/wikiann"],
+    assert fields == {"language": ["en", "de", "es"], "library_name": "transformers",
+                      "datasets": ["unimelb-nlp/wikiann"],
                       "tags": ["peft-priming", "maml", "adapter", "named-entity-recognition", "cross-lingual"]}
     record = json.loads((out / "run.json").read_text())
     body = text.split("---", 2)[2]
@@ -40,7 +41,8 @@ def test_a_finished_priming_run_has_a_card(tiny_model_dir, data_dir, tmp_path):
     assert f"commit `{record['code_version']}`" in body and f"{record['body_change']:.6f}" in body
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for line in [entry for entry in logged if "held_out_query_loss" in entry]:                    # steps 2 and 3
-        assert f"| {line['step']} | {line['held_out_query_loss']:.4f} | {line['held_out_query_loss_fresh']:.4f} |" in body
+        row = f"| {line['step']} | {line['held_out_query_loss']:.4f} | {line['held_out_query_loss_fresh']:.4f} |"
+        assert row in body
     assert f"finetune_peft.py --init {out} --peft adapter" in body and f'AutoModel.from_pretrained("{out}")' in body
 
 

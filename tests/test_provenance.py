@@ -8,7 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from test_robustness import error_of, interrupt, prime_argv, primed, tune_argv, tuned  # noqa: F401 (fixtures)
+from test_robustness import error_of, interrupt, prime_argv, tune_argv
 
 import evaluate_ner
 import finetune_peft

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 from test_provenance import contents, evaluate_argv
-from test_robustness import error_of, prime_argv, primed, tune_argv, tuned  # noqa: F401 (fixtures)
+from test_robustness import error_of, prime_argv, tune_argv
 
 import evaluate_ner
 import finetune_peft
@@ -99,7 +99,8 @@ def test_evaluation_never_replaces_another_checkpoints_scores_without_overwrite(
     finetune_peft.main(tune_argv(tiny_model_dir, data_dir, other, "--seed", "1"))
     evaluate_ner.main(evaluate_argv(tuned, data_dir))
     theirs = (tuned / "eval-test.json").read_bytes()
-    message = error_of(evaluate_ner.main, evaluate_argv(other, data_dir, "--out", str(tuned / "eval-test.json")), capsys)
+    message = error_of(evaluate_ner.main, evaluate_argv(other, data_dir, "--out", str(tuned / "eval-test.json")),
+                       capsys)
     assert f"{tuned}" in message and "--overwrite" in message
     assert (tuned / "eval-test.json").read_bytes() == theirs
     message = error_of(evaluate_ner.main, evaluate_argv(other, data_dir, "--out", str(tuned / "eval-new.json")), capsys)

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 from test_provenance import contents, evaluate_argv
-from test_robustness import error_of, prime_argv, primed, tune_argv, tuned  # noqa: F401 (fixtures)
+from test_robustness import error_of, prime_argv, tune_argv
 
 import evaluate_ner
 import finetune_peft

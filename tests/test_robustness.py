@@ -41,20 +41,6 @@ def error_of(main, argv, capsys):
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def tuned(tiny_model_dir, data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tuned") / "ft"
-    finetune_peft.main(tune_argv(tiny_model_dir, data_dir, out))
-    return out
-
-
-@pytest.fixture(scope="module")
-def primed(tiny_model_dir, data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("primed") / "p"
-    meta_pretrain.main(prime_argv(tiny_model_dir, data_dir, out))
-    return out
-
-
 def interrupt(monkeypatch, target, name, after=0):
     """Make target.name raise KeyboardInterrupt (a Ctrl-C) on its call number `after` + 1."""
     real, calls = getattr(target, name), []
@@ -93,7 +79,8 @@ def test_a_stage_refuses_another_stages_folder(tiny_model_dir, data_dir, tuned, 
 def test_a_folder_of_foreign_files_is_refused(tiny_model_dir, data_dir, tmp_path, capsys):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    message = error_of(finetune_peft.main, tune_argv(tiny_model_dir, data_dir, tmp_path / "mine", "--overwrite"), capsys)
+    message = error_of(finetune_peft.main, tune_argv(tiny_model_dir, data_dir, tmp_path / "mine", "--overwrite"),
+                       capsys)
     assert "holds files that no run of this project wrote (notes.txt)" in message
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
@@ -338,7 +325,8 @@ def test_missing_paths_and_an_unreachable_hub_fail_at_once(data_dir, tmp_path, c
 def test_evaluation_output_problems_fail_before_scoring(tuned, data_dir, tmp_path, capsys):
     message = error_of(evaluate_ner.main, ["--ckpt", str(tuned / "run.json"), "--data-dir", data_dir], capsys)
     assert "is a file: give the folder that finetune_peft.py wrote" in message
-    message = error_of(evaluate_ner.main, ["--ckpt", str(tuned), "--out", str(tmp_path), "--data-dir", data_dir], capsys)
+    message = error_of(evaluate_ner.main, ["--ckpt", str(tuned), "--out", str(tmp_path), "--data-dir", data_dir],
+                       capsys)
     assert "is a folder: give a file name" in message
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -79,7 +79,9 @@ def test_resume_equals_an_uninterrupted_run(tiny_model_dir, data_dir, tmp_path, 
     a, b = load_file(whole / "model.safetensors"), load_file(cut / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (whole / "metrics.jsonl").read_text().count("\n") == (cut / "metrics.jsonl").read_text().count("\n") == 4
-    strip = lambda p: [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in p.read_text().splitlines()]
+
+    def strip(p):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in p.read_text().splitlines()]
     assert strip(whole / "metrics.jsonl") == strip(cut / "metrics.jsonl")
 
 

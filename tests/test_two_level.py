@@ -6,7 +6,7 @@ import random
 import statistics
 
 import pytest
-from test_compare import base_argv, fake, flag  # noqa: F401  (fake: a fixture)
+from test_compare import base_argv, flag
 
 from experiments import compare, stats
 
@@ -205,7 +205,8 @@ def test_the_multi_source_row_fine_tunes_on_the_priming_languages_and_pairs_with
 def test_the_equal_compute_row_primes_mtl_for_mamls_time(tmp_path, fake):
     compare.main(base_argv(tmp_path, "--conditions", f"no priming,MTL priming,MAML priming,{compare.EQUAL_COMPUTE}",
                            "--budget", "cpu", "--finetune-seeds", "1"))
-    primes = {flag(c, "--out").rsplit("/", 1)[1].split("-p0-")[0]: c for c in fake.commands if "meta_pretrain.py" in c[1]}
+    primes = {flag(c, "--out").rsplit("/", 1)[1].split("-p0-")[0]: c
+              for c in fake.commands if "meta_pretrain.py" in c[1]}
     equal = primes["primed-adapter-MTL_priming_at_MAML_s_compute"]
     import meta_pretrain
     parse = meta_pretrain.build_parser().parse_args   # as the stage reads it: the later --steps wins
@@ -257,7 +258,8 @@ def test_the_cost_column_is_priming_seconds_and_f1_per_priming_hour(tmp_path, fa
     for primed in (tmp_path / "runs").glob("primed-*MAML*"):   # the fake logs no time; give MAML 1800 s
         (primed / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "seconds": 900.0}) for s in (1, 2)))
     compare.main(base_argv(tmp_path, "--report-only"))
-    row = next(line for line in (tmp_path / "out" / "table.md").read_text().splitlines() if "| MAML priming | 3 |" in line)
+    row = next(line for line in (tmp_path / "out" / "table.md").read_text().splitlines()
+               if "| MAML priming | 3 |" in line)
     assert row.split("|")[-4:-2] == [" 1800 ", " +2.0 "]   # +1.00 F1 over no priming in half an hour
 
 
@@ -266,7 +268,8 @@ def test_the_cost_is_the_fastest_priming_run(tmp_path, fake):
     for primed in (tmp_path / "runs").glob("primed-*"):   # seed 1 ran beside other work: slower
         seconds = 900.0 if "-p0-" in primed.name else 1500.0
         (primed / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "seconds": seconds}) for s in (1, 2)))
-    compare.main(base_argv(tmp_path, "--conditions", "no priming,MAML priming", "--priming-seeds", "2", "--report-only"))
+    compare.main(base_argv(tmp_path, "--conditions", "no priming,MAML priming", "--priming-seeds", "2",
+                           "--report-only"))
     assert json.loads((tmp_path / "out" / "results.json").read_text())["rows"]["adapter | MAML priming"][
         "priming_seconds"] == 1800.0
 
@@ -324,7 +327,8 @@ def test_a_comparison_without_an_interval_is_tabled(tmp_path, fake):
     paired = json.loads((tmp_path / "out" / "results.json").read_text())["paired"]
     assert paired["adapter | MAML priming vs no priming"]["ci95"] is None                 # 2 x 1 against unprimed
     assert paired["adapter | MAML priming vs MTL priming"]["ci95"] is not None            # 2 x 1, both primed
-    assert "| adapter | MAML priming vs no priming | 2 x 1 | +1.00 | - | - |" in (tmp_path / "out" / "table.md").read_text()
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| adapter | MAML priming vs no priming | 2 x 1 | +1.00 | - | - |" in table
 
 
 def test_the_sigma_p_cell_marks_a_floored_estimate():
@@ -361,11 +365,14 @@ def test_the_readme_headline_is_what_the_committed_records_give(tmp_path, data_d
     monkeypatch.setattr(compare, "check_data", lambda *a: None)
     compare.main(["--data-dir", data_dir, "--pefts", "adapter", "--conditions",
                   f"no priming,MTL priming,MAML priming,{compare.MULTI_SOURCE},{compare.EQUAL_COMPUTE}",
-                  "--priming-seeds", "5", "--replicate-finetune-seeds", "2", "--no-full", "--out", str(tmp_path / "out"),
+                  "--priming-seeds", "5", "--replicate-finetune-seeds", "2", "--no-full",
+                  "--out", str(tmp_path / "out"),
                   "--runs", str(tmp_path / "runs"), "--records", str(root / "experiments/results/verdict-cpu/records"),
                   "--report-only"])
     paired = json.loads((tmp_path / "out" / "results.json").read_text())["paired"]
-    cell = lambda d: f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+
+    def cell(d):
+        return f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
     headline = (root / "README.md").read_text().split("## The headline result")[1].split("In plain words")[0]
     rows = {"MTL priming": "MTL priming", "MAML priming": "MAML priming",
             "MTL priming for MAML's time (3 runs)": compare.EQUAL_COMPUTE}

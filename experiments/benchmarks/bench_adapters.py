@@ -1,7 +1,7 @@
 """Cost of each PEFT method: trainable fraction and forward-time overhead over the bare model.
 
-    python experiments/benchmarks/bench_adapters.py                       # default model (e5-small), WikiANN en dev sentences
-    python experiments/benchmarks/bench_adapters.py --tiny                # random BERT (hidden 384, 12 layers), no files needed
+    python experiments/benchmarks/bench_adapters.py          # default model (e5-small), WikiANN en dev sentences
+    python experiments/benchmarks/bench_adapters.py --tiny   # random BERT (hidden 384, 12 layers), no files needed
     python experiments/benchmarks/bench_adapters.py --attn eager --train-step
 
 Batches of 32 sentences (length-bucketed, as training uses them). Methods are timed in turn

@@ -1,7 +1,9 @@
 """Cost of an implicit-MAML meta-step (meta_pretrain.py --inner-loop implicit) against N, beside today's unrolled one.
 
-    OMP_NUM_THREADS=1 python experiments/benchmarks/bench_implicit.py --data-dir ../shared/data/wikiann      # N = 10, 50, 200
-    python experiments/benchmarks/bench_implicit.py --steps 10,50 --repeats 3 --threads 2                    # fewer N, steadier
+    # N = 10, 50, 200
+    OMP_NUM_THREADS=1 python experiments/benchmarks/bench_implicit.py --data-dir ../shared/data/wikiann
+    # fewer N, steadier
+    python experiments/benchmarks/bench_implicit.py --steps 10,50 --repeats 3 --threads 2
 
 Setting: the default model and the stage's default flags (adapters, 2 tasks of 8 sentences, max
 length 64). Configurations, each in a fresh subprocess (this script with --worker):

@@ -1,10 +1,15 @@
 """Cost of one MAML priming meta-step against a plain PEFT step and a full fine-tuning step.
 
-    python experiments/benchmarks/bench_maml.py --data-dir ../shared/data/wikiann        # defaults: e5-small, CPU, ~4-8 min
-    python experiments/benchmarks/bench_maml.py --repeats 7 --warmup 2                   # steadier figures, longer
-    python experiments/benchmarks/bench_maml.py --gpu 0 --repeats 10 --inner-steps 3     # on a GPU (same code path)
-    python experiments/benchmarks/bench_maml.py --no-higher --no-memory                  # timings only
-    python experiments/benchmarks/bench_maml.py --gpu 0 --model random-xlmr-base --precision bf16   # XLM-R-base size, bf16
+    # defaults: e5-small, CPU, ~4-8 min
+    python experiments/benchmarks/bench_maml.py --data-dir ../shared/data/wikiann
+    # steadier figures, longer
+    python experiments/benchmarks/bench_maml.py --repeats 7 --warmup 2
+    # on a GPU (same code path)
+    python experiments/benchmarks/bench_maml.py --gpu 0 --repeats 10 --inner-steps 3
+    # timings only
+    python experiments/benchmarks/bench_maml.py --no-higher --no-memory
+    # XLM-R-base size, bf16
+    python experiments/benchmarks/bench_maml.py --gpu 0 --model random-xlmr-base --precision bf16
 
 Setting (METHOD.md, meta_pretrain.py defaults): the default model (pretrained.py) with Houlsby
 adapters, support batches of --batch-size English WikiANN sentences, query batches of German
@@ -91,7 +96,8 @@ TARGET_META_BATCH_MEMORY = 1.10  # peak of --tasks tasks vs 1 task
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Time and peak memory of MAML meta-steps vs PEFT and full fine-tuning steps.",
+    p = argparse.ArgumentParser(description="Time and peak memory of MAML meta-steps vs PEFT and full fine-tuning "
+                                            "steps.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="e5-small", help="e5-small (offline default), a folder, or a hub id")
     p.add_argument("--attn", choices=["sdpa", "eager"], default=None,
@@ -103,7 +109,8 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=16, help="sentences per support / query batch")
     p.add_argument("--max-len", type=int, default=128, help="sub-word truncation length")
     p.add_argument("--max-sentences", type=int, default=800,
-                   help="train sentences read per language; the batches are the length-bucketed ones closest to the median width")
+                   help="train sentences read per language; the batches are the length-bucketed ones closest to "
+                        "the median width")
     p.add_argument("--inner-steps", type=int, default=1, help="SGD steps of the inner loop")
     p.add_argument("--inner-lr", type=float, default=1e-2, help="inner-loop SGD learning rate")
     p.add_argument("--outer-lr", type=float, default=2e-5, help="AdamW learning rate of every outer / plain step")
@@ -181,7 +188,8 @@ class Bench:
             for p in self.bare.parameters():
                 p.requires_grad_(True)
             self.opt_full = torch.optim.AdamW(self.bare.parameters(), lr=args.outer_lr)
-        self.model = adapters.add_peft(model, adapters.PeftConfig("adapter", placement="houlsby"), seed=args.seed).train()
+        self.model = adapters.add_peft(model, adapters.PeftConfig("adapter", placement="houlsby"),
+                                       seed=args.seed).train()
         self.stage = stage_args(args)
         self.peft = adapters.peft_parameters(self.model)
         meta_pretrain.set_trainable(self.model, "maml", outer_peft=False, inner_params="peft", freeze_embeddings=True)
@@ -585,10 +593,12 @@ def main(argv=None):
         print(f"  [{verdict(lean / full2 <= limit)}] {label} without the logging forward (meta_pretrain.py "
               f"--log-adaptation-every N > 1 on the other steps) {lean:.3f} s = {lean / full2:.3f} x")
     if "meta2" in memory and key8 in memory:
-        for label, i in (("process peak (model, optimizer state and all)", 1), ("peak delta (the step's own memory)", 0)):
+        for label, i in (("process peak (model, optimizer state and all)", 1),
+                         ("peak delta (the step's own memory)", 0)):
             one, many = memory["meta2"][i], memory[key8][i]
             print(f"  [{verdict(many <= TARGET_META_BATCH_MEMORY * one)}] 2nd order, {label}: {args.tasks} tasks "
-                  f"{many:.0f} MB = {many / one:.2f} x 1 task ({one:.0f} MB); target <= {TARGET_META_BATCH_MEMORY:.2f} x")
+                  f"{many:.0f} MB = {many / one:.2f} x 1 task ({one:.0f} MB); "
+                  f"target <= {TARGET_META_BATCH_MEMORY:.2f} x")
         print(f"    (the body's gradient buffers, {4 * n_body / MB:.0f} MB in float32, exist from task 2 on while "
               f"that task's graph is alive; with 1 task they are only filled during its backward)")
     else:
@@ -611,8 +621,10 @@ def main(argv=None):
               f"(2 x {statistics.median(fwd_bwd):.3f} s): 2nd order "
               f"{med['meta-step 2nd order (meta_step)'] / (2 * statistics.median(fwd_bwd)):.2f} x, 1st order "
               f"{med['meta-step 1st order (meta_step)'] / (2 * statistics.median(fwd_bwd)):.2f} x "
-              f"(full FT's AdamW runs over {n_all:,} parameters, the word embeddings included; the meta-step's over {n_body:,})")
-    print(f"  2nd / 1st order time: {med['meta-step 2nd order (meta_step)'] / med['meta-step 1st order (meta_step)']:.2f} x;"
+              f"(full FT's AdamW runs over {n_all:,} parameters, the word embeddings included; "
+              f"the meta-step's over {n_body:,})")
+    print(f"  2nd / 1st order time: "
+          f"{med['meta-step 2nd order (meta_step)'] / med['meta-step 1st order (meta_step)']:.2f} x;"
           f" peft step / full FT step (support): {med['peft step (support)'] / med['full FT step (support)']:.2f} x")
 
     print()

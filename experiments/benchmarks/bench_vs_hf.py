@@ -4,8 +4,10 @@ token-classification pipeline. Printed as ratios (ours / theirs).
 
     pip install --no-deps -r requirements-optional.txt           # peft, accelerate
     OMP_NUM_THREADS=1 python experiments/benchmarks/bench_vs_hf.py --data-dir ../shared/data/wikiann
-    OMP_NUM_THREADS=1 python experiments/benchmarks/bench_vs_hf.py --steps 40 --warmup 5 --repeats 3 --eval-sentences 500
-    python experiments/benchmarks/bench_vs_hf.py --steps 20 --warmup 3 --repeats 1 --profile   # where the time goes (cProfile)
+    OMP_NUM_THREADS=1 python experiments/benchmarks/bench_vs_hf.py --steps 40 --warmup 5 --repeats 3 \\
+        --eval-sentences 500
+    # where the time goes (cProfile)
+    python experiments/benchmarks/bench_vs_hf.py --steps 20 --warmup 3 --repeats 1 --profile
 
 Fine-tuning: the same model (default e5-small), LoRA of the same shape (hf_peft.hf_lora_config),
 batch size, AdamW, and the very same batches: finetune_peft.fine_tune draws its length-bucketed

@@ -1,6 +1,7 @@
 """The fine-tuning length: en dev F1 against the step for runs of different --steps.
 
-    python experiments/benchmarks/finetune_curve.py --data-dir ../shared/data/wikiann --steps 1000,2000 --out experiments/results/finetune-curve
+    python experiments/benchmarks/finetune_curve.py --data-dir ../shared/data/wikiann --steps 1000,2000 \\
+        --out experiments/results/finetune-curve
     python experiments/benchmarks/finetune_curve.py --peft prefix --steps 2000 --out experiments/results/finetune-curve
 
 Runs finetune_peft.py on the unprimed default model once per --steps value (dev F1 every
@@ -22,7 +23,8 @@ def curve(folder):
     lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     key = "dev_f1_default" if any("dev_f1_default" in line for line in lines) else "dev_f1"
     points = [(line["step"], line[key]) for line in lines if key in line]
-    return [s for s, _ in points], [f for _, f in points], "seqeval default" if key == "dev_f1_default" else "strict IOB2"
+    scheme = "seqeval default" if key == "dev_f1_default" else "strict IOB2"
+    return [s for s, _ in points], [f for _, f in points], scheme
 
 
 def main():

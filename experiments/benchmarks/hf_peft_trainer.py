@@ -3,7 +3,8 @@ transformers Trainer, on an unprimed and on a primed body, same budget, paired s
 this project's evaluation (scoring.py: seqeval default-mode F1 on fr, nl, pt test).
 
     pip install --no-deps -r requirements-optional.txt           # peft, accelerate
-    OMP_NUM_THREADS=1 python experiments/benchmarks/hf_peft_trainer.py --primed checkpoints/primed-e5-small-maml-lora-s0 \\
+    OMP_NUM_THREADS=1 python experiments/benchmarks/hf_peft_trainer.py \\
+        --primed checkpoints/primed-e5-small-maml-lora-s0 \\
         --data-dir ../shared/data/wikiann --steps 300 --seeds 0,1,2 --eval-sentences 1000
     python experiments/benchmarks/hf_peft_trainer.py --primed ... --base e5-small --out experiments/results/hf-peft.json
 

@@ -1,8 +1,8 @@
 """Which curvature and CG damping make the implicit hypergradient second order on the real model?
 
     python experiments/benchmarks/implicit_curvature.py --data-dir ../shared/data/wikiann            # the damping sweep
-    python experiments/benchmarks/implicit_curvature.py --dampings 0.1 --steps 50 --out runs/curv50   # correction size
-    python experiments/benchmarks/implicit_curvature.py --curvature hessian --dampings 0.001          # the exact Hessian
+    python experiments/benchmarks/implicit_curvature.py --dampings 0.1 --steps 50 --out runs/curv50  # correction size
+    python experiments/benchmarks/implicit_curvature.py --curvature hessian --dampings 0.001         # the exact Hessian
 
 For each --cg-damping, a short `meta_pretrain.py --inner-loop implicit` run at the defaults (the
 default model, adapters, 2 tasks a meta-step, 5 CG iterations to a relative residual of 1e-2), then
@@ -37,7 +37,9 @@ def parse():
 def summary(metrics):
     """Means over the logged meta-steps (each already a mean over its tasks)."""
     steps = [m for m in metrics if "cg_converged_share" in m]
-    mean = lambda key: sum(m[key] for m in steps) / len(steps)
+
+    def mean(key):
+        return sum(m[key] for m in steps) / len(steps)
     return {"meta_steps": len(steps), "cg_converged_share": mean("cg_converged_share"),
             "correction_ratio": mean("correction_ratio"), "cosine_to_first_order": mean("cosine_to_first_order"),
             "min_cosine": min(m["cosine_to_first_order"] for m in steps), "cg_iterations": mean("cg_iterations"),
@@ -59,10 +61,12 @@ def main():
         rows.append({"curvature": args.curvature, "cg_damping": float(damping), "cg_steps": args.cg_steps or 5,
                      **summary(metrics)})
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| curvature | cg damping | CG steps | meta-steps | CG converged | correction / direct | cosine to first order "
-          "(min) | CG iterations | s / meta-step |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| curvature | cg damping | CG steps | meta-steps | CG converged | correction / direct "
+          "| cosine to first order (min) | CG iterations | s / meta-step |"
+          "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['curvature']} | {r['cg_damping']:g} | {r['cg_steps']} | {r['meta_steps']} | {r['cg_converged_share']:.0%} | "
+        print(f"| {r['curvature']} | {r['cg_damping']:g} | {r['cg_steps']} | {r['meta_steps']} | "
+              f"{r['cg_converged_share']:.0%} | "
               f"{r['correction_ratio']:.3f} | {r['cosine_to_first_order']:.3f} ({r['min_cosine']:.3f}) | "
               f"{r['cg_iterations']:.1f} | {r['seconds_per_meta_step']:.1f} |")
 

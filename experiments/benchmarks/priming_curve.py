@@ -1,7 +1,8 @@
 """The course of priming runs, from their metrics.jsonl: held-out query loss, adaptation, body change.
 
     python experiments/benchmarks/priming_curve.py checkpoints/primed-a checkpoints/primed-b --labels "lr 5e-5,lr 2e-5"
-    python experiments/benchmarks/priming_curve.py experiments/results/outer-lr-pilot/* --every 20 --out experiments/results/outer-lr-pilot
+    python experiments/benchmarks/priming_curve.py experiments/results/outer-lr-pilot/* --every 20 \\
+        --out experiments/results/outer-lr-pilot
 
 For every run and every --every-th meta-step with a held-out evaluation: the held-out query loss
 after the inner loop (priming languages' dev split), the mean support loss after / before the
@@ -22,7 +23,8 @@ def rows_of(folder, every):
         if "held_out_query_loss" not in line or line["step"] % every:
             continue
         window = [entry for entry in lines if last < entry["step"] <= line["step"] and "support_loss_after" in entry]
-        ratio = sum(line["support_loss_after"] / line["support_loss_before"] for line in window) / len(window) if window else None
+        ratio = (sum(line["support_loss_after"] / line["support_loss_before"] for line in window) / len(window)
+                 if window else None)
         out.append((line["step"], line["held_out_query_loss"], ratio, line.get("body_change"),
                     line.get("inner_loop_strength")))
         last = line["step"]
