@@ -23,7 +23,8 @@ import torch
 import maml
 from adapters import body_parameters, fresh_peft_tensors, peft_parameters
 from peft_checkpoint import read_peft
-from plumbing.ner_data import BatchStream, encode_sentences, load_wikiann
+from plumbing.batches import BatchStream, encode_sentences
+from plumbing.ner_data import load_wikiann
 from plumbing.pretrained import evaluation_mode
 from plumbing.runs import derive_seed
 

@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 import peft_checkpoint
-from plumbing import evaluation_run, ner_data, pretrained, runs
+from plumbing import batches, evaluation_run, ner_data, pretrained, runs
 from plumbing.scoring import entity_scores, predict_words, write_conll
 
 LANGS = "fr,nl,pt"  # target languages: never used in the default priming (de,es) or training (en)
@@ -37,7 +37,7 @@ def evaluate(model, tokenizer, datasets, args, device):
     results, seconds = {}, {}
     for lang, data in datasets.items():
         t0 = time.perf_counter()
-        examples = ner_data.encode_sentences(data, tokenizer, args.max_len)
+        examples = batches.encode_sentences(data, tokenizer, args.max_len)
         with pretrained.precision_context(device, args.precision):
             predicted = predict_words(model, examples, args.batch_size, device, tokenizer.pad_token_id)
         results[lang] = entity_scores(list(data["ner_tags"]), predicted) | {"sentences": len(data)}

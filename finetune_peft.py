@@ -26,7 +26,7 @@ from tqdm import tqdm
 import adapters
 import peft_checkpoint
 import peft_config
-from plumbing import finetune_run, ner_data, pretrained, runs
+from plumbing import batches, finetune_run, ner_data, pretrained, runs
 from plumbing.scoring import score_model
 
 # --------------------------------------------------------------------- defaults -----
@@ -58,10 +58,10 @@ def build_model(init, config, seed, device):
 def fine_tune(args, model, tokenizer, train, dev, out, record, device):
     """The training loop: AdamW with linear warmup and decay on the trainable tensors; the PEFT
     tensors and head (or the model) of the best dev step are saved. Returns that step's record."""
-    stream = ner_data.BatchStream(ner_data.encode_sentences(train, tokenizer, args.max_len), args.batch_size,
+    stream = batches.BatchStream(batches.encode_sentences(train, tokenizer, args.max_len), args.batch_size,
                                   seed=runs.derive_seed(args.seed, "train stream"), pad_id=tokenizer.pad_token_id,
                                   device=device, max_tokens=args.max_tokens)
-    dev_examples = ner_data.encode_sentences(dev, tokenizer, args.max_len)
+    dev_examples = batches.encode_sentences(dev, tokenizer, args.max_len)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: linear_schedule(i, args.steps, args.warmup))
@@ -124,7 +124,7 @@ def load_training_sentences(args, fmt=None):
         return train
     extra = [ner_data.load_wikiann(lang, "train", args.data_dir, args.extra_sentences or args.max_sentences, fmt)
              for lang in ner_data.parse_languages(args.extra_langs)]
-    return datasets.concatenate_datasets([train, *extra])  # ner_data.BatchStream shuffles them together
+    return datasets.concatenate_datasets([train, *extra])  # batches.BatchStream shuffles them together
 
 
 # ============================================================================ the interface

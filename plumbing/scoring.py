@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from plumbing.ner_data import LABELS, bucketed_batches, collate, word_predictions
+from plumbing.batches import bucketed_batches, collate, word_predictions
+from plumbing.ner_data import LABELS
 from plumbing.pretrained import evaluation_mode
 from plumbing.runs import write_atomic
 

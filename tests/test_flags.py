@@ -8,7 +8,8 @@ from conftest import prime_argv
 import adapters
 import maml
 import meta_pretrain
-from plumbing.ner_data import encode_sentences, load_wikiann
+from plumbing.batches import encode_sentences
+from plumbing.ner_data import load_wikiann
 from plumbing.pretrained import load_tokenizer
 
 
@@ -164,7 +165,7 @@ def test_fp32_is_the_default_precision(tiny_model_dir, data_dir, tmp_path, recor
 
 def test_max_tokens_and_precision_reach_fine_tuning(tiny_model_dir, data_dir, tmp_path, monkeypatch):
     import finetune_peft
-    from plumbing.ner_data import BatchStream
+    from plumbing.batches import BatchStream
     seen = []
     real = BatchStream.next_batch
 

@@ -7,20 +7,16 @@ import pytest
 import torch
 
 import plumbing.ner_data as ner_data
-from plumbing.ner_data import (
+from plumbing.batches import (
     IGNORE,
-    LABELS,
     BatchStream,
     bucketed_batches,
     collate,
     encode_sentences,
-    from_hub_rows,
-    load_wikiann,
     padding_efficiency,
-    parse_languages,
-    read_panx_file,
     word_predictions,
 )
+from plumbing.ner_data import LABELS, from_hub_rows, load_wikiann, parse_languages, read_panx_file
 
 ROOT = Path(__file__).resolve().parents[1]
 

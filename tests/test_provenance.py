@@ -263,7 +263,7 @@ def test_max_len_leaves_room_for_a_word(tiny_model_dir, data_dir, tuned, tmp_pat
 def test_a_very_long_sentence_is_truncated(default_tokenizer):
     from datasets import Dataset
 
-    from plumbing.ner_data import encode_sentences
+    from plumbing.batches import encode_sentences
     sentence = Dataset.from_dict({"tokens": [["word"] * 5000], "ner_tags": [[0] * 5000]})
     for max_len in (3, 32):
         (example,) = encode_sentences(sentence, default_tokenizer, max_len)

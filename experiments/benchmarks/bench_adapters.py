@@ -50,7 +50,8 @@ def tiny_model_and_batches(args):
 
 def real_model_and_batches(args):
     """The default model (pretrained.py) and bucketed batches of English WikiANN dev sentences."""
-    from plumbing.ner_data import bucketed_batches, collate, encode_sentences, load_wikiann
+    from plumbing.batches import bucketed_batches, collate, encode_sentences
+    from plumbing.ner_data import load_wikiann
     from plumbing.pretrained import load_token_classifier, load_tokenizer
     tokenizer = load_tokenizer(args.model)
     model = load_token_classifier(args.model, num_labels=7, attn_implementation=args.attn).eval()

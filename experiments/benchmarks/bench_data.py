@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root
-from plumbing.ner_data import bucketed_batches, encode_sentences, load_wikiann, padding_efficiency  # noqa: E402
+from plumbing.batches import bucketed_batches, encode_sentences, padding_efficiency  # noqa: E402
+from plumbing.ner_data import load_wikiann  # noqa: E402
 from plumbing.pretrained import load_token_classifier, load_tokenizer  # noqa: E402
 
 

@@ -41,7 +41,8 @@ from hf_peft_trainer import hf_lora_model, hf_trainer, trainer_dataset  # noqa: 
 import adapters  # noqa: E402
 import finetune_peft  # noqa: E402
 from plumbing import runs  # noqa: E402
-from plumbing.ner_data import LABELS, BatchStream, encode_sentences, load_wikiann  # noqa: E402
+from plumbing.batches import BatchStream, encode_sentences  # noqa: E402
+from plumbing.ner_data import LABELS, load_wikiann  # noqa: E402
 from plumbing.pretrained import load_token_classifier, load_tokenizer  # noqa: E402
 from plumbing.runs import check_at_least, derive_seed, run_cli  # noqa: E402
 from plumbing.scoring import predict_words  # noqa: E402
