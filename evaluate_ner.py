@@ -64,7 +64,7 @@ def load_finetuned(ckpt, device):
     if (ckpt / "peft_config.json").is_file():
         saved = runs.read_json_object(ckpt / "peft_config.json", f"run finetune_peft.py again with --overwrite --out "
                                                             f"{ckpt}").get("extra", {})
-        body = saved.get("body_path") or saved.get("body")
+        body = saved.get("body_path")
         if body is None:
             raise ValueError(f"{ckpt}/peft_config.json does not say which body it was trained on")
         if saved.get("labels", ner_data.LABELS) != ner_data.LABELS:

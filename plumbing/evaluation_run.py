@@ -76,14 +76,14 @@ def check_body_unchanged(ckpt, body, saved_sha256, saved_config_sha256=None):
         raise ValueError(f"the body {ckpt} was fine-tuned on is not at {body} any more (looked for "
                          f"{Path(body).expanduser().resolve()}): move it back there, or fine-tune the body where it "
                          f"is now into a new --out (finetune_peft.py --init <its folder>)")
-    if saved_config_sha256 is not None:  # None: a checkpoint older than the config hash, or a hub body
+    if saved_config_sha256 is not None:  # None: a hub body (no folder to hash)
         now = runs.config_sha256(body)
         if now != saved_config_sha256:
             raise ValueError(f"{Path(body) / 'config.json'} changed since {ckpt} was fine-tuned on it (sha256 "
                              f"{str(now)[:12]}, then {saved_config_sha256[:12]}): restore it, or fine-tune the body "
                              f"as it is now into a new --out")
     if saved_sha256 is None:
-        return None  # a checkpoint older than the body hash, or a hub body
+        return None  # a hub body (no folder to hash)
     now = runs.weights_sha256(body)
     if now != saved_sha256:
         raise ValueError(f"the body {body} changed since {ckpt} was fine-tuned on it (weights sha256 {now[:12]}, "
