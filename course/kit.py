@@ -1,11 +1,14 @@
 """What the commands do: the student copy, running an assignment's tests, and the course check."""
 
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from course.assignments import ASSIGNMENTS
@@ -44,10 +47,14 @@ def regions(text: str, where: str = "") -> list[tuple[str, int, int]]:
     return found
 
 
-def strip_regions(text: str, where: str = "") -> str:
-    """The text with each region (markers included) replaced by a stub at the region's indentation."""
+def strip_regions(text: str, where: str = "", keep: str | None = None) -> str:
+    """The text with each region (markers included) replaced by a stub at the region's indentation;
+    the regions of assignment `keep`, if any, keep their solution (markers removed)."""
     lines = text.splitlines(keepends=True)
     for name, begin, end in reversed(regions(text, where)):
+        if name == keep:
+            lines[begin:end + 1] = lines[begin + 1:end]
+            continue
         indent = MARKER.match(lines[begin])["indent"]
         lines[begin:end + 1] = [f"{indent}{stub(name)}\n"]
     return "".join(lines)
@@ -63,11 +70,13 @@ def project_files(root: Path) -> list[str]:
     return sorted(f for f in set(out.decode().split("\0")) if f and (root / f).is_file())
 
 
-def copy_project(root: Path, dest: Path, student: bool = False) -> list[str]:
-    """Copy the repository to dest; student=True strips the solution regions of .py files and leaves
-    course/solutions/ out. Returns the files written."""
+def copy_project(root: Path, dest: Path, student: bool = False, keep: str | None = None) -> list[str]:
+    """Copy the repository to dest; student=True strips the solution regions of .py files (but those of
+    assignment `keep`) and leaves course/solutions/ out. Returns the files written."""
     if dest.exists() and any(dest.iterdir()):
         raise CourseError(f"{dest} exists and is not empty")
+    if dest.resolve().is_relative_to(root):
+        raise CourseError(f"{dest} is inside the repository: write the copy elsewhere")
     written = []
     for f in project_files(root):
         if student and f.startswith("course/solutions/"):
@@ -77,7 +86,7 @@ def copy_project(root: Path, dest: Path, student: bool = False) -> list[str]:
         shutil.copy2(root / f, target)
         if student and f.endswith(".py"):
             text = (root / f).read_text()
-            target.write_text(strip_regions(text, f))
+            target.write_text(strip_regions(text, f, keep))
         written.append(f)
     return written
 
@@ -97,10 +106,11 @@ def run_tests(assignment, where: Path, stop_first: bool = False, capture: bool =
 # ----------------------------------------------------------------------------- the check
 
 def check(root: Path = ROOT) -> bool:
-    """Every assignment: implement fails in a fresh student copy (its stub) and passes in the reference;
-    extend fails in the reference and passes with its patch, which touches its one file. The regions
-    live in their assignments' files, the student copy differs from the reference in those files only,
-    and its stage scripts answer --help. Prints one line per check; True iff all hold."""
+    """Every assignment: implement fails in a fresh student copy (at its stub), passes in the reference
+    and in a student copy with its own solution alone; extend fails in the reference and passes with its
+    patch, which touches its one file. The regions live in their assignments' files, the student copy
+    differs from the reference in those files only, and its stage scripts answer --help. Prints one line
+    per check; True iff all hold."""
     if not (root / "course" / "solutions").is_dir():
         raise CourseError("course/solutions/ is missing: course check runs on the reference, not a student copy")
     start, failures = time.time(), []
@@ -129,30 +139,40 @@ def check(root: Path = ROOT) -> bool:
         left_out = sorted(set(files) - {str(p.relative_to(student)) for p in student.rglob("*") if p.is_file()})
         report(changed == sorted(set(implement.values())) and all(f.startswith("course/solutions/") for f in left_out),
                f"student copy: differs in {', '.join(changed)}; leaves out {', '.join(left_out) or 'nothing'}")
-        for script in STAGES:
-            help_run = subprocess.run([sys.executable, script, "--help"], cwd=student, capture_output=True)
-            report(help_run.returncode == 0, f"student copy: python {script} --help exits {help_run.returncode}")
-
-        for a in ASSIGNMENTS:
-            if a.kind == "implement":
-                cut = run_tests(a, student, stop_first=True, capture=True)
-                ref = run_tests(a, root, stop_first=True, capture=True)
-                stubbed = f"assignment {a.name}: see" in cut.stdout
-                report(cut.returncode == 1 and stubbed and ref.returncode == 0,
-                       f"{a.name} ({a.file}): student copy {_verdict(cut)}{' at its stub' if stubbed else ''},"
-                       f" reference {_verdict(ref)}")
-            else:
-                ref = run_tests(a, root, stop_first=True, capture=True)
-                scratch = Path(tmp, a.name)
-                copy_project(root, scratch)
-                touched = _patched_files(root / a.solution, scratch)
-                solved = run_tests(a, scratch, stop_first=True, capture=True)
-                report(ref.returncode == 1 and solved.returncode == 0 and touched == [a.file],
-                       f"{a.name} ({a.file}): reference {_verdict(ref)}, with {a.solution} (touches"
-                       f" {', '.join(touched)}) {_verdict(solved)}")
+        jobs = [partial(_help, student, script) for script in STAGES]
+        jobs += [partial(_check_assignment, a, root, student, Path(tmp)) for a in ASSIGNMENTS]
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:   # each job a subprocess
+            for ok, line in pool.map(lambda job: job(), jobs):
+                report(ok, line)
     print(f"course check: {'passed' if not failures else f'{len(failures)} failed'}"
           f" ({len(ASSIGNMENTS)} assignments, {time.time() - start:.0f} s)")
     return not failures
+
+
+def _help(student: Path, script: str) -> tuple[bool, str]:
+    run = subprocess.run([sys.executable, script, "--help"], cwd=student, capture_output=True)
+    return run.returncode == 0, f"student copy: python {script} --help exits {run.returncode}"
+
+
+def _check_assignment(a, root: Path, student: Path, tmp: Path) -> tuple[bool, str]:
+    if a.kind == "implement":
+        cut = run_tests(a, student, stop_first=True, capture=True)
+        stubbed = f"assignment {a.name}: see" in cut.stdout
+        ref = run_tests(a, root, stop_first=True, capture=True)
+        alone = tmp / a.name   # a student copy with this assignment done and no other: graded on its own
+        copy_project(root, alone, student=True, keep=a.name)
+        own = run_tests(a, alone, stop_first=True, capture=True)
+        return (cut.returncode == 1 and stubbed and ref.returncode == 0 and own.returncode == 0,
+                f"{a.name} ({a.file}): student copy {_verdict(cut)}{' at its stub' if stubbed else ''},"
+                f" reference {_verdict(ref)}, student copy with this solution alone {_verdict(own)}")
+    ref = run_tests(a, root, stop_first=True, capture=True)
+    scratch = tmp / a.name
+    copy_project(root, scratch)
+    touched = _patched_files(root / a.solution, scratch)
+    solved = run_tests(a, scratch, stop_first=True, capture=True)
+    return (ref.returncode == 1 and solved.returncode == 0 and touched == [a.file],
+            f"{a.name} ({a.file}): reference {_verdict(ref)}, with {a.solution} (touches {', '.join(touched)})"
+            f" {_verdict(solved)}")
 
 
 def _verdict(run) -> str:

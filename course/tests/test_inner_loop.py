@@ -2,8 +2,8 @@
 
 A toy task with a closed form: the loss 0.5 ||theta * phi - y||^2 (theta the body, phi the fast
 tensor) has grad_phi = theta (theta phi - y), so one SGD step is phi - lr theta (theta phi - y) and
-phi_k(theta) can be written out here and differentiated by torch.func. On a tiny BERT with an
-adapter, the second-order meta-gradient is compared with finite differences.
+phi_k(theta) can be written out here and differentiated by torch.func. On a tiny BERT, the
+second-order meta-gradient is compared with finite differences.
 """
 
 import pytest
@@ -11,8 +11,6 @@ import torch
 from torch.func import grad, jacrev
 
 import maml
-from adapters import PeftConfig, add_peft
-from plumbing.peft_state import body_parameters, fresh_peft_tensors
 from tests.conftest import tiny_classifier
 
 THETA = torch.tensor([1.5, -0.7, 0.4], dtype=torch.float64)
@@ -125,15 +123,17 @@ def test_meta_sgd_rates_per_tensor_get_gradients():
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_the_meta_gradient_of_a_tiny_bert_matches_finite_differences(attn):
-    """Adapters in both layers, so second order differentiates through attention's backward
-    (with sdpa that needs maml.double_backward_attention)."""
-    model = add_peft(tiny_classifier("bert", attn, seed=0, dtype=torch.float64), PeftConfig("adapter"), seed=0)
+    """phi: the head and a feed-forward weight of layer 0 (no PEFT needed: the inner loop adapts any
+    tensors), so second order differentiates through layer 1's attention backward (with sdpa that
+    needs maml.double_backward_attention); theta: a query weight of layer 0."""
+    model = tiny_classifier("bert", attn, seed=0, dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
     support, query = ({"input_ids": torch.randint(5, 120, (2, 6), generator=g),
                        "labels": torch.randint(0, 7, (2, 6), generator=g)} for _ in range(2))
-    phi_0 = {n: t.double() for n, t in fresh_peft_tensors(model, torch.Generator().manual_seed(1)).items()}
+    names = ("classifier.weight", "classifier.bias", "bert.encoder.layer.0.output.dense.weight")
+    phi_0 = {n: model.get_parameter(n).detach().clone() for n in names}
     loss_fn = maml.functional_loss(model)
-    weight = body_parameters(model)["bert.encoder.layer.0.attention.self.query.weight"]
+    weight = model.get_parameter("bert.encoder.layer.0.attention.self.query.weight")
     before = weight.detach().clone()
 
     def meta_loss():
