@@ -121,10 +121,14 @@ class Adapter(PeftModule):
         self.non_linearity, self.init = non_linearity, init
 
     def delta(self, a):
+        # BEGIN ASSIGNMENT adapter
         return self.up(NON_LINEARITIES[self.non_linearity](self.down(a)))
+        # END ASSIGNMENT adapter
 
     def forward(self, h):
+        # BEGIN ASSIGNMENT adapter
         return h + self.delta(h)
+        # END ASSIGNMENT adapter
 
     def fresh(self, generator=None):
         zeros = {"down.bias": torch.zeros(self.down.out_features), "up.bias": torch.zeros(self.up.out_features)}
@@ -147,7 +151,9 @@ class LoRA(PeftModule):
         self.scaling = alpha / rank
 
     def forward(self, x):
+        # BEGIN ASSIGNMENT lora
         return F.linear(F.linear(x, self.A), self.B * self.scaling)  # scale the small factor
+        # END ASSIGNMENT lora
 
     def fresh(self, generator=None):
         return {"A": _uniform(self.A.shape, 1.0 / math.sqrt(self.A.shape[1]), generator),
@@ -199,23 +205,30 @@ class Prefix(PeftModule):
 def _houlsby_hook(dropout, args, output):
     """Forward hook on a sub-layer's dropout (which owns the adapter): h -> h + delta(h), before
     the sub-layer's residual and LayerNorm (Houlsby et al. 2019, Fig. 2; AdapterHub's DoubleSeqBnConfig)."""
+    # BEGIN ASSIGNMENT adapter
     return dropout.adapter(output)
+    # END ASSIGNMENT adapter
 
 
 def _pfeiffer_hook(norm, args, output):
     """Forward hook on the feed-forward sub-layer's LayerNorm (which owns the adapter), whose input
     is s = h + x and output a = LN(s): returns LN(delta(a) + s), the same LayerNorm again
     (AdapterHub's SeqBnConfig: original_ln_before, residual_before_ln, original_ln_after)."""
+    # BEGIN ASSIGNMENT adapter
     return F.layer_norm(norm.adapter.delta(output) + args[0], norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    # END ASSIGNMENT adapter
 
 
 def _lora_hook(linear, args, output):
     """Forward hook: W x + (alpha / r) B A x."""
+    # BEGIN ASSIGNMENT lora
     return output + linear.lora(args[0])
+    # END ASSIGNMENT lora
 
 
 def _extend_mask(mask, length, visible, batch, queries, dtype, device):
     """Prepend `length` key columns to a 4-D attention mask (None, boolean, or additive float)."""
+    # BEGIN ASSIGNMENT prefix
     if mask is None and visible:
         return None  # no padding: every query sees every key, prefix included
     if mask is None:
@@ -228,6 +241,7 @@ def _extend_mask(mask, length, visible, batch, queries, dtype, device):
         cols = torch.full((*mask.shape[:-1], length), 0.0 if visible else torch.finfo(mask.dtype).min,
                           dtype=mask.dtype, device=mask.device)
     return torch.cat([cols, mask], dim=-1)
+    # END ASSIGNMENT prefix
 
 
 def _prefix_self_attention(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):
@@ -241,6 +255,7 @@ def _prefix_self_attention(self, hidden_states, attention_mask=None, past_key_va
         raise ValueError("prefix tuning here is for encoders; a key/value cache is not supported")
     if self.config._attn_implementation not in ("eager", "sdpa"):
         raise ValueError(f"prefix tuning supports eager and sdpa attention, not {self.config._attn_implementation}")
+    # BEGIN ASSIGNMENT prefix
     prefix = self.__dict__["_peft_prefix"]  # a plain reference, so it is registered only once
     batch, length = hidden_states.shape[:2]
     keys, values = self.key(hidden_states), self.value(hidden_states)
@@ -256,6 +271,7 @@ def _prefix_self_attention(self, hidden_states, attention_mask=None, past_key_va
     out, weights = attention(self, heads(self.query(hidden_states)), heads(keys), heads(values), mask,
                              dropout=self.dropout.p if self.training else 0.0, scaling=self.scaling, **kwargs)
     return out.reshape(batch, length, -1).contiguous(), weights
+    # END ASSIGNMENT prefix
 
 
 def _layers(model):

@@ -32,9 +32,11 @@ from plumbing.runs import derive_seed
 def query_languages(source_lang, priming_langs, query):
     """The languages of query batches: the priming languages (cross-lingual, the paper) or,
     for the --query same ablation, the source language."""
+    # BEGIN ASSIGNMENT episode
     if query not in ("cross", "same"):
         raise ValueError(f"query must be 'cross' or 'same', got {query!r}")
     return list(priming_langs) if query == "cross" else [source_lang]
+    # END ASSIGNMENT episode
 
 
 def batch_stream(tokenizer, lang, split, data_dir, max_sentences, batch_size, max_len, seed, device, max_tokens=None,
@@ -66,12 +68,14 @@ class EpisodeSource:
 
     def sample(self, n_tasks, generator):
         """n (support, query) batch pairs; each task's query language is drawn uniformly."""
+        # BEGIN ASSIGNMENT episode
         langs = list(self.query)
         tasks = []
         for _ in range(n_tasks):
             lang = langs[torch.randint(len(langs), (1,), generator=generator).item()]
             tasks.append((self.support.next_batch(), self.query[lang].next_batch()))
         return tasks
+        # END ASSIGNMENT episode
 
     def state(self):
         state = {"support": self.support.state(), "query": {line: s.state() for line, s in self.query.items()}}

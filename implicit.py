@@ -144,6 +144,7 @@ def conjugate_gradient(matvec: Callable[[list], list], b: list, steps: int, tol:
     (the smallest p^T A p / p^T p over CG's directions: with A = H + lambda I, a damping below
     lambda minus this figure leaves A indefinite along that direction)}.
     """
+    # BEGIN ASSIGNMENT conjugate_gradient
     x = [torch.zeros_like(t) for t in b]
     r = [t.clone() for t in b]
     p = [t.clone() for t in b]
@@ -169,6 +170,7 @@ def conjugate_gradient(matvec: Callable[[list], list], b: list, steps: int, tol:
     residual = best_rr ** 0.5 / b_norm if b_norm > 0 else 0.0
     return best, {"cg_iterations": iterations, "cg_residual": residual, "negative_curvature": negative,
                   "cg_min_curvature": lowest}
+    # END ASSIGNMENT conjugate_gradient
 
 
 CURVATURES = ("ggn", "hessian")   # the linear system's matrix: generalized Gauss-Newton (PSD) or the exact Hessian

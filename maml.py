@@ -164,6 +164,7 @@ def inner_loop(loss_fn, fast: dict, support_batch: dict, steps: int, lr: float,
     Tensors in `fast` that the loss does not use are returned unchanged.
     Never writes into the model's parameters: each step builds new tensors.
     """
+    # BEGIN ASSIGNMENT inner_loop
     fast, update = _as_differentiable(fast), INNER_OPTIMIZERS[optimizer]
     states = {name: {} for name in fast}
     context = nullcontext() if first_order else double_backward_attention()
@@ -181,6 +182,7 @@ def inner_loop(loss_fn, fast: dict, support_batch: dict, steps: int, lr: float,
                 for (name, t), g in zip(fast.items(), grads)
             )
     return fast
+    # END ASSIGNMENT inner_loop
 
 
 def meta_step(loss_fn, tasks: list, init_fast: Callable[[int], dict], steps: int, lr: float,
@@ -199,6 +201,7 @@ def meta_step(loss_fn, tasks: list, init_fast: Callable[[int], dict], steps: int
     no-grad forward per task, about 11% of a step: measure_after=False skips it and reports
     no support_loss_after) and the mean query loss.
     """
+    # BEGIN ASSIGNMENT meta_gradient
     n_tasks = len(tasks)
     before, after, query = [], [], []
     for i, (support_batch, query_batch) in enumerate(tasks):
@@ -215,6 +218,7 @@ def meta_step(loss_fn, tasks: list, init_fast: Callable[[int], dict], steps: int
         query.append(query_loss.detach())
     losses = {"support_loss_before": _mean(before), "query_loss": _mean(query)}
     return losses | ({"support_loss_after": _mean(after)} if measure_after else {})
+    # END ASSIGNMENT meta_gradient
 
 
 def _mean(losses: list) -> float:

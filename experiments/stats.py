@@ -47,6 +47,7 @@ def t_cdf(x, df, intervals=400):
 def t_quantile(p, df):
     """The x with t_cdf(x, df) = p, for p > 0.5 (t_quantile(0.975, 4) = 2.776), by Newton's method
     from 0: the cdf is concave for x > 0, so the steps rise monotonically to the root."""
+    # BEGIN ASSIGNMENT paired_interval
     x = 0.0
     for _ in range(200):
         step = (p - t_cdf(x, df)) / t_pdf(x, df)
@@ -54,12 +55,14 @@ def t_quantile(p, df):
         if step < 1e-12 * max(1.0, x):
             break
     return x
+    # END ASSIGNMENT paired_interval
 
 
 def paired_difference(condition, baseline):
     """condition, baseline: {fine-tuning seed: score}. The mean paired difference over the
     seeds both have, its 95% CI and half-width (None with one seed), the sample std of the
     differences, and how many seeds favour the condition (difference > 0)."""
+    # BEGIN ASSIGNMENT paired_interval
     seeds = sorted(set(condition) & set(baseline))
     if not seeds:
         return None
@@ -69,6 +72,7 @@ def paired_difference(condition, baseline):
     ci = (mean - half, mean + half) if half is not None else None
     return {"n": len(diffs), "mean": mean, "sd": sd, "ci95": ci, "half_width": half,
             "favour": sum(d > 0 for d in diffs), "seeds": seeds}
+    # END ASSIGNMENT paired_interval
 
 
 def seeds_for_half_width(sd, target, max_seeds=1000):

@@ -20,8 +20,8 @@ def test_every_experiment_script_imports(script):
 
 def test_the_top_level_holds_the_stages_the_components_and_two_support_folders():
     folders = {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
-    assert {"plumbing", "experiments", "tests"} <= folders
-    assert not folders - {"plumbing", "experiments", "tests", "course", "checkpoints", "results"}  # run outputs
+    assert {"plumbing", "experiments", "tests", "course"} <= folders
+    assert not folders - {"plumbing", "experiments", "tests", "course", "checkpoints", "results"}  # + run outputs
     modules = {p.stem for p in ROOT.glob("*.py")}
     assert modules == {"meta_pretrain", "finetune_peft", "evaluate_ner", "maml", "implicit", "implicit_priming",
                        "adapters", "peft_config", "peft_checkpoint", "episodes", "hf_peft"}

@@ -1,0 +1,42 @@
+"""The one registry of assignments, in the order of course/README.md.
+
+implement  a step of the paper that the reference code contains between the lines
+           `# BEGIN ASSIGNMENT <name>` and `# END ASSIGNMENT <name>` (in `file` only);
+           the student copy replaces each such region by a NotImplementedError.
+extend     a feature the reference lacks; its solution is course/solutions/<name>.patch,
+           which changes `file` only and is left out of the student copy.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Assignment:
+    name: str
+    kind: str                # "implement" or "extend"
+    file: str                # the one file a student changes
+    tests: tuple[str, ...]   # pytest files, relative to the repository root
+    spec: str                # what to do, for the student
+
+    @property
+    def solution(self) -> str:
+        return f"course/solutions/{self.name}.patch"
+
+
+def _assignment(name: str, kind: str, file: str) -> Assignment:
+    return Assignment(name, kind, file, (f"course/tests/test_{name}.py",), f"course/{name}.md")
+
+
+ASSIGNMENTS = [
+    _assignment("adapter", "implement", "adapters.py"),
+    _assignment("prefix", "implement", "adapters.py"),
+    _assignment("lora", "implement", "adapters.py"),
+    _assignment("episode", "implement", "episodes.py"),
+    _assignment("inner_loop", "implement", "maml.py"),
+    _assignment("meta_gradient", "implement", "maml.py"),
+    _assignment("conjugate_gradient", "implement", "implicit.py"),
+    _assignment("paired_interval", "implement", "experiments/stats.py"),
+    _assignment("bootstrap", "extend", "experiments/stats.py"),
+]
+KINDS = ("implement", "extend")
+BY_NAME = {a.name: a for a in ASSIGNMENTS}
