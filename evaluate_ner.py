@@ -46,6 +46,7 @@ from plumbing.runs import (
     LOCK,
     RECORD,
     check_at_least,
+    check_not_inside_a_run,
     code_version,
     config_sha256,
     is_finished,
@@ -100,9 +101,11 @@ def check_args(args):
         raise ValueError(f"--out {out} is a folder: give a file name, e.g. {out / f'eval-{args.split}.json'}")
     check_output_file(out, args.overwrite)
     check_output_belongs(out, ckpt, args.overwrite)
+    check_not_inside_a_run(out, "--out", out.parent, own=out.parent)  # out.parent a run: check_output_belongs
     writable_folder(out.parent, "--out")
     langs = parse_languages(args.langs)
     if args.predictions:
+        check_not_inside_a_run(args.predictions, "--predictions", args.predictions)
         writable_folder(args.predictions, "--predictions")
         existing = [str(Path(args.predictions) / f"{lang}.conll") for lang in langs
                     if (Path(args.predictions) / f"{lang}.conll").exists()]

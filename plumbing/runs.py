@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 RECORD = "run.json"
+STAGES = ("meta_pretrain", "finetune_peft")  # the stages whose --out is a run folder (its run.json names one)
 METRICS = "metrics.jsonl"
 LOCK = ".lock"
 TEMPORARY = (".save-tmp-*", "*.tmp-*")  # what write_atomic / save_model_atomic leave when killed
@@ -265,6 +266,7 @@ def claim_run_folder(out, stage, args, shaping=(), resume=False, overwrite=False
     a run writes (RUN_FILES): a folder holding anything else is refused whole. A refused folder keeps no
     .lock of ours. Returns the lock (keep it open while the run lasts)."""
     out = Path(out)
+    check_not_inside_a_run(out, "--out", out.resolve().parent)
     if out.is_symlink() and not out.exists():
         raise ValueError(f"--out {out} is a broken symbolic link (to {os.readlink(out)}): remove it or choose "
                          f"another --out")
@@ -283,6 +285,31 @@ def claim_run_folder(out, stage, args, shaping=(), resume=False, overwrite=False
             (out / LOCK).unlink(missing_ok=True)
         raise
     return lock
+
+
+def enclosing_run(folder):
+    """The nearest of `folder` and the folders above it that is a run folder of this project (its run.json
+    names one of STAGES), or None."""
+    folder = Path(folder).expanduser().resolve()
+    for candidate in (folder, *folder.parents):
+        try:
+            record = json_object_or_none(candidate / RECORD) if (candidate / RECORD).is_file() else None
+        except OSError:  # a folder above that cannot be read holds no run of ours we could see
+            continue
+        if record is not None and record.get("stage") in STAGES:
+            return candidate
+    return None
+
+
+def check_not_inside_a_run(value, flag, folder, own=None):
+    """Nothing is written inside a run folder but what its own run writes: `folder` (where `flag` `value`
+    writes) must not be inside one, unless the nearest is `own` (an evaluation's scores beside its run).
+    A run's --overwrite refuses a folder holding anything else, so a run nested in it would block it."""
+    run = enclosing_run(folder)
+    if run is not None and (own is None or run != Path(own).expanduser().resolve()):
+        stage = json_object_or_none(run / RECORD)["stage"]
+        raise ValueError(f"{flag} {value} is inside the run folder {run} (a {stage} run), which holds only what "
+                         f"that run writes: choose an {flag} outside it (nothing was written)")
 
 
 def check_ownership(out, stage, args, shaping, resume, overwrite, data, defaults=None):
