@@ -54,6 +54,7 @@ from plumbing.runs import (
     parser_taking_negative_numbers,
     read_json_object,
     read_record,
+    remove_stale_temporaries,
     run_cli,
     weights_sha256,
     write_json,
@@ -269,6 +270,8 @@ def write_scores(ckpt, record_bytes, out, scores):
         if record_snapshot(ckpt) != record_bytes:
             raise ValueError(f"{ckpt} was replaced by another run while it was evaluated: these scores belong to the "
                              f"old run and were not written; evaluate it again")
+        if Path(out).parent.resolve() == Path(ckpt).resolve():  # the run's folder, whose writers all hold its lock
+            remove_stale_temporaries(Path(out).parent, [Path(out).name])
         write_json(out, scores)
 
 

@@ -110,6 +110,17 @@ def write_atomic(path, write):
             raise
 
 
+def remove_stale_temporaries(folder, names):
+    """Delete what a kill left of write_atomic's temporary files for these file names (the name, TMP_INFIX and
+    mkstemp's 8 characters), nothing else. Call it holding the lock that every writer of those files holds:
+    then none of them is another process's write in progress."""
+    import re
+    left = re.compile("(" + "|".join(map(re.escape, names)) + ")" + re.escape(TMP_INFIX) + "[a-z0-9_]{8}")
+    for f in Path(folder).iterdir():
+        if left.fullmatch(f.name) and f.is_file():
+            f.unlink(missing_ok=True)
+
+
 def file_sha256(path, chunk=1 << 20):
     """The sha256 of a file's bytes (read in 1 MiB pieces: a 470 MB body takes ~1 s)."""
     digest = hashlib.sha256()
@@ -228,10 +239,9 @@ def read_record(folder):
 def json_object_or_none(path):
     """A JSON file's object (dict), or None where the file is damaged, not JSON, or not an object."""
     try:
-        value = json.loads(Path(path).read_text())
-    except (ValueError, UnicodeDecodeError):
+        return json_object_of(Path(path).read_text())
+    except UnicodeDecodeError:
         return None
-    return value if isinstance(value, dict) else None
 
 
 def read_json_object(path, fix):
@@ -542,10 +552,36 @@ class MetricsLog:
             f.write(json.dumps(metrics) + "\n")
 
     def truncate_after(self, step):
-        """On resume, drop lines logged after the checkpoint's step (they will be redone)."""
+        """On resume, drop lines logged after the checkpoint's step (they will be redone), and a last line
+        that a kill or a full disk cut short: it was being logged after the checkpoint (resume.pt is saved
+        after a step's line), so it is redone too."""
         if self.path.is_file():
-            lines = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-            write_atomic(self.path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
+            fix = "restore it, or start the run again with --overwrite (same --out)"
+            lines = [line for line in read_metrics(self.path, fix, torn_end=True) if line.get("step", 0) <= step]
+            write_atomic(self.path, lambda tmp: Path(tmp).write_text("".join(json.dumps(line) + "\n"
+                                                                             for line in lines)))
+
+
+def read_metrics(path, fix, torn_end=False):
+    """The lines of a metrics.jsonl, each a JSON object; a damaged line (a write cut short by a kill or a
+    full disk) is one line naming it and `fix`, unless it is the last and `torn_end` lets it go."""
+    lines = Path(path).read_text().splitlines()
+    values = [(n, json_object_of(line)) for n, line in enumerate(lines, 1) if line.strip()]
+    if torn_end and values and values[-1][1] is None:
+        values.pop()
+    for n, value in values:
+        if value is None:
+            raise ValueError(f"{path}: line {n} is cut short or damaged (not a JSON object): {fix}")
+    return [value for _, value in values]
+
+
+def json_object_of(text):
+    """A JSON text's object (dict), or None where it is damaged, not JSON, or not an object."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def user_error_message(e):

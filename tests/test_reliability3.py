@@ -3,13 +3,15 @@ a write that fails names its cause, compare.py reads damaged files in one line a
 stage down with it, the helpers' command lines, advice that keeps a run's flags, and a body whose
 config.json names another architecture. One fault injected per test, on a tiny model."""
 import contextlib
+import json
 import os
 import resource
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
-from test_compare import FakeStages
+from test_compare import FakeStages, base_argv
 from test_provenance import contents, evaluate_argv
 from test_robustness import error_of, prime_argv, tune_argv
 
@@ -173,3 +175,76 @@ def test_a_write_failure_while_converting_the_default_model_is_named(data_dir, t
     with file_size_limit(10**9) if os_error == 27 else contextlib.nullcontext():
         message = error_of(finetune_peft.main, tune_argv("e5-small", data_dir, tmp_path / "ft"), capsys)
     assert said in message and "delete" not in message and "corrupt" not in message
+
+
+# ----------------------------------------------------------------------------- compare.py: damaged files, atomic writes
+
+def compare_once(tmp_path, *extra):
+    argv = base_argv(tmp_path, "--finetune-seeds", "1", *extra)
+    compare.main(argv)
+    return argv
+
+
+@pytest.mark.parametrize("damage", ["{not json", "[]", '{"results": 3}'])
+def test_a_damaged_evaluation_is_named_by_compare(tmp_path, stages, capsys, damage):
+    argv = compare_once(tmp_path, "--conditions", "no priming")
+    result = next((tmp_path / "runs").glob("ft-*/eval-test-*.json"))
+    result.write_text(damage)
+    message = error_of(compare.main, argv, capsys)
+    assert f"{result} is damaged" in message and "delete it and re-run compare.py" in message
+
+
+def test_a_torn_metrics_line_is_named_by_compare(tmp_path, stages, capsys):
+    argv = compare_once(tmp_path, "--conditions", "MAML priming")
+    log = next((tmp_path / "runs").glob("primed-*/metrics.jsonl"))
+    with open(log, "a") as f:
+        f.write('{"step": 2, "seco')                              # a write cut short
+    message = error_of(compare.main, argv, capsys)
+    assert f"{log}: line 2 is cut short or damaged" in message and "compare.py runs it again" in message
+
+
+def test_a_torn_last_metrics_line_does_not_block_resume(tiny_model_dir, data_dir, primed_run, tmp_path):
+    out = tmp_path / "p"
+    shutil.copytree(primed_run, out)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "train_lo')                          # killed while logging step 4
+    meta_pretrain.main(prime_argv(tiny_model_dir, data_dir, out, "--resume", "--steps", "4"))
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_compare_writes_its_table_atomically(tmp_path, stages, monkeypatch):
+    argv = compare_once(tmp_path, "--conditions", "no priming")
+    out = tmp_path / "out"
+    before = {name: (out / name).read_text() for name in ("table.md", "results.json")}
+    real = Path.write_text
+
+    def killed_halfway(self, text, *args, **kwargs):
+        if self.name.startswith(("table.md", "results.json")):
+            real(self, text[:len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return real(self, text, *args, **kwargs)
+    monkeypatch.setattr(Path, "write_text", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        compare.main(argv)
+    assert {name: (out / name).read_text() for name in before} == before and not list(out.glob("*.tmp-*"))
+
+
+def test_compare_removes_the_temporaries_a_kill_left(tmp_path, stages):
+    out = tmp_path / "out"
+    out.mkdir()
+    left = [out / "table.md.tmp-k1ll3d_x", out / "results.json.tmp-abcd1234"]
+    mine = [out / "notes.tmp-abcd1234", out / "table.md.tmp-draft"]          # not what a kill of compare.py leaves
+    for f in left + mine:
+        f.write_text("x")
+    compare_once(tmp_path, "--conditions", "no priming")
+    assert [f.exists() for f in left + mine] == [False, False, True, True]
+
+
+def test_evaluation_removes_the_temporary_a_kill_left_of_its_scores(tuned_run, data_dir, tmp_path):
+    ft = tmp_path / "ft"
+    shutil.copytree(tuned_run, ft)
+    left = ft / "eval-test.json.tmp-abcd1234"                     # killed before the rename
+    left.write_text('{"ckpt": ')
+    evaluate_ner.main(evaluate_argv(ft, data_dir))
+    assert (ft / "eval-test.json").is_file() and not left.exists()
