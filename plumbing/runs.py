@@ -602,6 +602,15 @@ def user_error_message(e):
     return None
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop by a signal (SIGTERM, SIGHUP, or SIGINT passed on), said by run_cli as a Ctrl-C is
+    ("interrupted: ..."), with the shell's exit status for that signal (128 + its number)."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.status = 128 + signum
+
+
 def run_cli(main, argv=None, interrupted="the last complete checkpoint is kept"):
     """Run a stage's main(argv) (None: the command line); a user error (bad flag, missing folder,
     unknown language, unreadable file, ...) is one line on stderr and exit status 2, never a
@@ -611,7 +620,7 @@ def run_cli(main, argv=None, interrupted="the last complete checkpoint is kept")
         main(argv)
     except KeyboardInterrupt as e:
         print(f"interrupted: {str(e) or interrupted}", file=sys.stderr)
-        raise SystemExit(130)
+        raise SystemExit(getattr(e, "status", 130))
     except Exception as e:
         message = user_error_message(e)
         if message is None or os.environ.get("PRIMING_DEBUG"):

@@ -8,6 +8,9 @@ import os
 import resource
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,7 +45,7 @@ def primed_run(tiny_model_dir, data_dir, tmp_path_factory):
 def stages(monkeypatch):
     """compare.py's stages replaced by test_compare's fake, which writes what they would."""
     fake = FakeStages()
-    monkeypatch.setattr(compare.subprocess, "run", fake)
+    monkeypatch.setattr(compare, "run_child", fake)
     for name in ("plot_f1", "plot_paired", "plot_curves"):
         monkeypatch.setattr(f"experiments.compare_plots.{name}", lambda *a: None)
     monkeypatch.setattr(compare, "add_body_change", lambda *a: None)
@@ -248,3 +251,68 @@ def test_evaluation_removes_the_temporary_a_kill_left_of_its_scores(tuned_run, d
     left.write_text('{"ckpt": ')
     evaluate_ner.main(evaluate_argv(ft, data_dir))
     assert (ft / "eval-test.json").is_file() and not left.exists()
+
+
+# ----------------------------------------------------------------------------- compare.py takes its stage down with it
+
+FAKE_STAGE = """
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from plumbing.runs import try_lock
+out = Path(sys.argv[sys.argv.index("--out") + 1])
+out.mkdir(parents=True)
+lock = try_lock(out / ".lock")                                    # a stage holds its run's lock while it runs
+Path({started!r}).write_text(str(os.getpid()))
+try:
+    time.sleep(120)
+except KeyboardInterrupt:
+    raise SystemExit(130)
+"""
+COMPARE = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from experiments import compare
+from plumbing.runs import run_cli
+compare.ROOT = Path({stages!r})                                   # stages that only hold their lock
+run_cli(compare.main, sys.argv[1:])
+"""
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_compare_ends_its_running_stage(tmp_path, sig):
+    stages, started = tmp_path / "stages", tmp_path / "started"
+    stages.mkdir()
+    (stages / "finetune_peft.py").write_text(FAKE_STAGE.format(root=str(ROOT), started=str(started)))
+    (tmp_path / "compare.py").write_text(COMPARE.format(root=str(ROOT), stages=str(stages)))
+    argv = base_argv(tmp_path, "--conditions", "no priming", "--finetune-seeds", "1")
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "compare.py"), *argv], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    child = None
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists() and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.2)
+        child = int(started.read_text())
+        parent.send_signal(sig)
+        said = parent.communicate(timeout=60)[1]
+        assert parent.returncode == 128 + sig and not alive(child)
+        last = said.strip().splitlines()[-1]
+        assert last.startswith("interrupted: ") and "finetune_peft.py" in last and "re-run compare.py" in last
+        run = next((tmp_path / "runs").glob("ft-*"))
+        lock = runs.try_lock(run / ".lock")                       # nobody holds the run's lock any more
+        assert lock is not None
+        lock.close()
+    finally:
+        parent.kill()
+        if child is not None and alive(child):
+            os.kill(child, signal.SIGKILL)                        # an orphan of the code before the fix
