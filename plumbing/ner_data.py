@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from plumbing.runs import run_cli
+
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]  # the hub's wikiann order
 SPLITS = ("train", "dev", "test")
 HUB_DATASET = "unimelb-nlp/wikiann"  # the hub's wikiann; its "validation" is PAN-X's "dev"
@@ -565,19 +567,16 @@ class BatchStream:
         self.epoch, self.position, self._batches = state["epoch"], state["position"], None
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Print a summary of one WikiANN split.")
     parser.add_argument("--lang", default="en", help="language code, e.g. en, de")
     parser.add_argument("--split", default="train", choices=SPLITS, help="which split")
     add_data_flags(parser)
-    args = parser.parse_args()
-    try:
-        ds = load_wikiann(args.lang, args.split, args.data_dir, fmt=data_format_from_flags(args))
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+    args = parser.parse_args(argv)
+    ds = load_wikiann(args.lang, args.split, args.data_dir, fmt=data_format_from_flags(args))
     n_tokens = sum(len(t) for t in ds["tokens"])
     print(f"{args.lang}/{args.split}: {len(ds)} sentences, {n_tokens} words; first: {' '.join(ds[0]['tokens'])}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # bad input: one line, exit status 2, as the stages

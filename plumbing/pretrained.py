@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from plumbing.runs import failed_write_errno, few, write_failure
+from plumbing.runs import failed_write_errno, few, run_cli, write_failure
 
 PRECISIONS = ("fp32", "bf16")
 DEFAULT_MODEL = "e5-small"  # the offline default: small enough for a laptop CPU
@@ -253,12 +253,12 @@ def pick_device(gpu=None):
     return torch.device(f"cuda:{gpu}")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Convert/resolve a pretrained model and print where it is.")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="e5-small (offline default), a folder, or a hub id")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(resolve_model(args.model))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -316,3 +316,18 @@ def test_a_signal_to_compare_ends_its_running_stage(tmp_path, sig):
         parent.kill()
         if child is not None and alive(child):
             os.kill(child, signal.SIGKILL)                        # an orphan of the code before the fix
+
+
+# ----------------------------------------------------------------------------- the helpers' command lines
+
+@pytest.mark.parametrize("module, argv, said", [
+    ("plumbing.pretrained", ["--model", "/nonexistent/body"], "model folder /nonexistent/body does not exist"),
+    ("plumbing.pretrained", ["--model", "{tmp}"], "{tmp} is not a model folder: no config.json"),
+    ("plumbing.ner_data", ["--lang", "fr", "--data-dir", "{tmp}"], "unknown language 'fr': {tmp}")])
+def test_the_helpers_answer_bad_input_in_one_line(tmp_path, module, argv, said):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    run = subprocess.run([sys.executable, "-m", module, *argv], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), run.stderr[-2000:]
+    assert said.format(tmp=tmp_path) in lines[0]
