@@ -164,8 +164,29 @@ def damaged_model_fix(folder, files="weight files (model.safetensors)"):
     if folder.resolve() == (cache_root() / CONVERTED_NAME).resolve():
         return f"delete {folder}, the default model is converted again on the next run"
     if (folder / "resume.pt").is_file():
-        return f"meta_pretrain.py --resume --out {folder} saves the body again from its resume.pt"
+        return f"{resume_command(folder)} saves the body again from its resume.pt"
     return f"restore its {files}, or give another model folder"
+
+
+def resume_command(folder):
+    """The meta_pretrain.py --resume that re-saves a priming run's body and nothing more: the run's own
+    flags from its record (--steps first: the default would extend a finished run; a shaping flag left
+    out would be refused), its input model and data folder as the run resolved them (any directory)."""
+    import shlex
+
+    from plumbing.runs import flags_for, json_object_or_none
+    record = json_object_or_none(folder / "run.json") or {}
+    values = record.get("args")
+    if record.get("stage") != "meta_pretrain" or not isinstance(values, dict) or "steps" not in values:
+        return f"meta_pretrain.py --resume --out {folder} with the run's own flags (its --steps included)"
+    import meta_pretrain  # here, not above: the stage imports this module
+    values = dict(values)
+    if values.get("model") not in DEFAULT_ALIASES and record.get("input_model_path"):
+        values["model"] = record["input_model_path"]
+    values["data_dir"] = (record.get("data") or {}).get("dir") or values.get("data_dir")
+    flags = flags_for(meta_pretrain.build_parser(), values, meta_pretrain.check_args,
+                      leave_out={"resume", "overwrite", "out", "steps", "gpu", "reference_ft"})
+    return shlex.join(["meta_pretrain.py", "--resume", "--out", str(folder), "--steps", str(values["steps"]), *flags])
 
 
 def load_tokenizer(name_or_path=DEFAULT_MODEL):

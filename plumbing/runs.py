@@ -514,6 +514,44 @@ def parser_taking_negative_numbers(parser):
     return parser
 
 
+def flags_for(parser, values, check, leave_out=()):
+    """The command-line flags that give a run's recorded args (`values`) back through `parser` and its
+    stage's `check` (which fills in some values itself): every value that is not the parser's default,
+    but those that `check` fills in alone (given beside others, some of them would be refused)."""
+    import warnings
+    given = {}
+    for action in parser._actions:
+        if action.option_strings and action.dest in values and action.dest not in leave_out \
+                and values[action.dest] != action.default and flag_of(action, values[action.dest]):
+            given[action.dest] = flag_of(action, values[action.dest])
+    left_out = True
+    while left_out:  # again after each pass: leaving one out may let check accept leaving out another
+        left_out = False
+        for dest in list(given):
+            args = parser.parse_args([word for other, flag in given.items() if other != dest for word in flag])
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    check(args)
+            except ValueError:
+                continue
+            if getattr(args, dest) == values[dest]:
+                del given[dest]
+                left_out = True
+    return [word for flag in given.values() for word in flag]
+
+
+def flag_of(action, value):
+    """The words that give an argparse action `value` (not its default), or None where none can (None)."""
+    import argparse
+    long = [option for option in action.option_strings if option.startswith("--")] or action.option_strings
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return [long[0] if value else long[1]]
+    if action.nargs == 0:  # store_true, store_false, store_const: given, since the value is not the default
+        return [long[0]]
+    return None if value is None else [long[0], str(value)]
+
+
 def save_model_atomic(model, tokenizer, folder):
     """Save a transformers model and tokenizer into folder so that it is never half-written:
     config.json (what from_pretrained and resolve_model look for) is removed first and moved in

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -331,3 +332,21 @@ def test_the_helpers_answer_bad_input_in_one_line(tmp_path, module, argv, said):
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), run.stderr[-2000:]
     assert said.format(tmp=tmp_path) in lines[0]
+
+
+# ----------------------------------------------------------------------------- advice that keeps the run's flags
+
+def test_the_advice_for_a_damaged_tokenizer_keeps_the_runs_flags(data_dir, primed_run, tmp_path, capsys):
+    body = tmp_path / "p"
+    shutil.copytree(primed_run, body)
+    (body / "tokenizer.json").write_bytes((body / "tokenizer.json").read_bytes()[:1000])
+    message = error_of(finetune_peft.main, tune_argv(body, data_dir, tmp_path / "ft"), capsys)
+    advice = message[message.index("meta_pretrain.py --resume"):message.index(" saves the body again")]
+    steps = json.loads((body / "run.json").read_text())["args"]["steps"]                # not the default 60
+    assert f"--out {body} --steps {steps} " in advice
+    meta_pretrain.main(shlex.split(advice)[1:])                   # as the user would follow it
+    record = json.loads((body / "run.json").read_text())
+    assert record["status"] == "finished" and record["args"]["steps"] == steps
+    logged = [json.loads(line)["step"] for line in (body / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, steps + 1))
+    finetune_peft.main(tune_argv(body, data_dir, tmp_path / "ft"))  # the body loads again
