@@ -135,12 +135,36 @@ def model_config(path):
     """A resolved model's config, without loading its weights (for checks before a run starts)."""
     from transformers import AutoConfig
     try:
-        return AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
     except Exception as e:
         if Path(path).is_dir():  # a damaged config.json (not JSON, `[]`, no model_type)
             raise ValueError(f"{Path(path) / 'config.json'} does not load ({type(e).__name__}: {str(e)[:80]}): "
                              f"{damaged_model_fix(Path(path), 'config.json')}") from None
         raise
+    check_architecture(config, path)
+    return config
+
+
+# model types of one architecture under several names (XLM-R and CamemBERT are RoBERTa's code): one may stand
+# for another
+SAME_ARCHITECTURE = ({"roberta", "xlm-roberta", "camembert"},)
+
+
+def check_architecture(config, path):
+    """A model folder's config.json names the model type of the model saved with it (its "architectures",
+    which save_pretrained writes). An edited model_type loads another architecture: BERT's weights all
+    load into RoBERTa by name, and training or scores would run silently on other position embeddings."""
+    import transformers
+    if not Path(path).is_dir():
+        return  # a hub id: the hub's config, as published
+    for name in getattr(config, "architectures", None) or []:
+        saved = getattr(getattr(transformers, name, None), "config_class", None)  # None: a class we do not know
+        same = {saved.model_type} if saved is not None else set()
+        same = next((family for family in SAME_ARCHITECTURE if same & family), same)
+        if saved is not None and config.model_type not in same:
+            raise ValueError(f"{Path(path) / 'config.json'} names model_type {config.model_type!r}, but the model "
+                             f"saved there is a {name} (model_type {saved.model_type!r}): restore its model_type "
+                             f"({saved.model_type!r}), or give another model folder")
 
 
 def check_max_len(max_len, config, tokenizer=None):
@@ -238,6 +262,7 @@ def load_token_classifier(name_or_path=DEFAULT_MODEL, num_labels=7, id2label=Non
     finally:
         hf_logging.set_verbosity(verbosity)
     check_weights_loaded(model, info, path)
+    check_architecture(model.config, path)  # (weights that all loaded into another architecture)
     return model.to(device)
 
 

@@ -350,3 +350,18 @@ def test_the_advice_for_a_damaged_tokenizer_keeps_the_runs_flags(data_dir, prime
     logged = [json.loads(line)["step"] for line in (body / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, steps + 1))
     finetune_peft.main(tune_argv(body, data_dir, tmp_path / "ft"))  # the body loads again
+
+
+# ----------------------------------------------------------------------------- a config.json of another architecture
+
+@pytest.mark.parametrize("stage", ["tune", "prime"])
+def test_a_body_whose_model_type_was_edited_is_refused(tiny_model_dir, data_dir, tmp_path, capsys, stage):
+    body, out = tmp_path / "body", tmp_path / "out"
+    shutil.copytree(tiny_model_dir, body)
+    config = json.loads((body / "config.json").read_text())
+    (body / "config.json").write_text(json.dumps({**config, "model_type": "roberta"}))  # every BERT weight loads
+    main, argv = (finetune_peft.main, tune_argv) if stage == "tune" else (meta_pretrain.main, prime_argv)
+    message = error_of(main, argv(body, data_dir, out), capsys)
+    assert f"{body / 'config.json'} names model_type 'roberta', but the model saved there is a BertModel " \
+           f"(model_type 'bert')" in message and "restore" in message
+    assert not out.exists()
