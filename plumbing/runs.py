@@ -41,12 +41,15 @@ METRICS = "metrics.jsonl"
 LOCK = ".lock"
 TMP_INFIX = ".tmp-"  # write_atomic's temporary file: <name>.tmp-<8 characters of mkstemp>
 TEMPORARY = (".save-tmp-*", f"*{TMP_INFIX}*")  # what write_atomic / save_model_atomic leave when killed
-# every file a stage of this project writes into its run folder (records, weights, tokenizer, model card,
-# scores of evaluate_ner.py and compare.py): all --overwrite may delete
+# every file a stage of this project writes into its run folder (records, weights, the names transformers
+# gives a model's and a tokenizer's files, scores of evaluate_ner.py and compare.py): all --overwrite may
+# delete, with the model card (is_model_card). Names, not patterns, where a user's file could match one.
 RUN_FILES = (RECORD, METRICS, LOCK, "resume.pt", "peft.safetensors", "peft_config.json", "config.json",
-             "generation_config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
-             "tokenizer*", "special_tokens_map.json", "added_tokens.json", "sentencepiece*", "vocab*", "merges*",
-             "README.md", "eval-*.json", *TEMPORARY)
+             "generation_config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+             "pytorch_model*.bin", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+             "special_tokens_map.json", "added_tokens.json", "sentencepiece.bpe.model", "spiece.model", "vocab.txt",
+             "vocab.json", "merges.txt", "chat_template.jinja", "eval-*.json", *TEMPORARY)
+CARD_TAG = '- "peft-priming"'  # in the front matter of the model card model_card.py writes (README.md)
 
 
 def set_seed(seed):
@@ -435,8 +438,17 @@ def foreign_files(folder):
     nested inside (a folder is never a run's file, but for an interrupted save's temporary one)."""
     from fnmatch import fnmatch
     return sorted(p.name for p in Path(folder).iterdir()
-                  if not any(fnmatch(p.name, pattern) for pattern in RUN_FILES)
+                  if not (any(fnmatch(p.name, pattern) for pattern in RUN_FILES) or is_model_card(p))
                   or (p.is_dir() and not any(fnmatch(p.name, pattern) for pattern in TEMPORARY)))
+
+
+def is_model_card(path):
+    """Whether `path` is the README.md that model_card.py writes into a primed folder (a user's README.md
+    in a run folder is the user's)."""
+    if path.name != "README.md" or not path.is_file():
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return CARD_TAG in f.read(4096)
 
 
 def check_only_run_files(folder):

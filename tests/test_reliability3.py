@@ -74,6 +74,16 @@ def test_evaluation_writes_nothing_inside_a_run_folder_but_its_scores(tuned_run,
     assert contents(tuned_run) == before
 
 
+@pytest.mark.parametrize("mine", ["README.md", "vocab-notes.txt", "my-adapter.safetensors"])
+def test_overwrite_refuses_a_users_file_named_like_a_runs(tiny_model_dir, data_dir, tmp_path, capsys, mine):
+    out = tmp_path / "ft"
+    finetune_peft.main(tune_argv(tiny_model_dir, data_dir, out, "--steps", "2"))
+    (out / mine).write_text("the user's")                         # beside a run's tokenizer, weights, model card
+    argv = tune_argv(tiny_model_dir, data_dir, out, "--steps", "2", "--overwrite")
+    message = error_of(finetune_peft.main, argv, capsys)
+    assert f"holds what no run of this project wrote ({mine})" in message and (out / mine).read_text() == "the user's"
+
+
 # ----------------------------------------------------------------------------- a failed write names its cause
 
 @contextlib.contextmanager
