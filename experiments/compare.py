@@ -45,7 +45,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root
 from experiments.compare_report import add_body_change, collect, paired_rows, read_run, write_results  # noqa: E402
 from experiments.stats import seeds_for_half_width  # noqa: E402
 from plumbing.ner_data import DATA_FORMATS, files_sha256, parse_languages, parse_tag_map, resolve_data_dir  # noqa: E402
-from plumbing.runs import Stopped, is_finished, json_object_or_none, read_record, run_cli, try_lock  # noqa: E402
+from plumbing.runs import (  # noqa: E402
+    Stopped,
+    is_finished,
+    json_object_or_none,
+    read_record,
+    run_cli,
+    try_lock,
+    write_atomic,
+)
 
 ROOT = Path(__file__).resolve().parents[1]  # where the stage scripts are
 
@@ -396,7 +404,7 @@ def keep_record(folder, records, weights=False):
     for pattern in RECORD_FILES + (REFERENCE_FILES if weights else ()):
         for f in folder.glob(pattern):
             if not (dest / f.name).is_file() or (dest / f.name).read_bytes() != f.read_bytes():
-                shutil.copy2(f, dest / f.name)
+                write_atomic(dest / f.name, lambda tmp, f=f: shutil.copy2(f, tmp))  # a kill leaves no torn record
 
 
 def restore_records(records, runs):

@@ -244,6 +244,24 @@ def test_compare_writes_its_table_atomically(tmp_path, stages, monkeypatch):
     assert {name: (out / name).read_text() for name in before} == before and not list(out.glob("*.tmp-*"))
 
 
+def test_compare_mirrors_a_record_atomically(tmp_path, stages, monkeypatch):
+    argv = compare_once(tmp_path, "--conditions", "no priming")
+    run = next((tmp_path / "runs").glob("ft-*"))
+    kept = tmp_path / "out" / "records" / run.name / "metrics.jsonl"
+    before = kept.read_text()
+    with open(run / "metrics.jsonl", "a") as f:                   # the run's log grew since it was mirrored
+        f.write(json.dumps({"step": 2}) + "\n")
+    next(run.glob("eval-*.json")).unlink()                        # its evaluation runs again, then the mirroring
+
+    def killed_halfway(source, dest, *args, **kwargs):
+        Path(dest).write_text(Path(source).read_text()[:10])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(compare.shutil, "copy2", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        compare.main(argv)
+    assert kept.read_text() == before and not list(kept.parent.glob("*.tmp-*"))
+
+
 def test_compare_removes_the_temporaries_a_kill_left(tmp_path, stages):
     out = tmp_path / "out"
     out.mkdir()
