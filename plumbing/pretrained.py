@@ -201,15 +201,19 @@ def resume_command(folder):
     from plumbing.runs import flags_for, json_object_or_none
     record = json_object_or_none(folder / "run.json") or {}
     values = record.get("args")
+    plain = f"meta_pretrain.py --resume --out {folder} with the run's own flags (its --steps included)"
     if record.get("stage") != "meta_pretrain" or not isinstance(values, dict) or "steps" not in values:
-        return f"meta_pretrain.py --resume --out {folder} with the run's own flags (its --steps included)"
+        return plain
     import meta_pretrain  # here, not above: the stage imports this module
     values = dict(values)
     if values.get("model") not in DEFAULT_ALIASES and record.get("input_model_path"):
         values["model"] = record["input_model_path"]
     values["data_dir"] = (record.get("data") or {}).get("dir") or values.get("data_dir")
-    flags = flags_for(meta_pretrain.build_parser(), values, meta_pretrain.check_args,
-                      leave_out={"resume", "overwrite", "out", "steps", "gpu", "reference_ft"})
+    try:
+        flags = flags_for(meta_pretrain.build_parser(), values, meta_pretrain.check_args,
+                          leave_out={"resume", "overwrite", "out", "steps", "gpu", "reference_ft"})
+    except (argparse.ArgumentError, TypeError):  # a record of older code: a flag's value the parser refuses now
+        return plain
     return shlex.join(["meta_pretrain.py", "--resume", "--out", str(folder), "--steps", str(values["steps"]), *flags])
 
 

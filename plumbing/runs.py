@@ -531,6 +531,7 @@ def flags_for(parser, values, check, leave_out=()):
     stage's `check` (which fills in some values itself): every value that is not the parser's default,
     but those that `check` fills in alone (given beside others, some of them would be refused)."""
     import warnings
+    parser.exit_on_error = False  # a value it refuses (a record of older code) raises, not exits
     given = {}
     for action in parser._actions:
         if action.option_strings and action.dest in values and action.dest not in leave_out \
