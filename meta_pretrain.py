@@ -59,11 +59,11 @@ SAVE_EVERY = 20          # resumable checkpoint every N meta-steps
 
 # ============================================================================ the algorithm
 
-def prime(args, model, tokenizer, source, held_out, out, device, world, rank, data):
+def prime(args, model, tokenizer, source, held_out, out, device, world, rank, inputs):
     """The priming loop (METHOD.md, "One priming episode"): --steps meta-steps from the start or
     from resume.pt, then the primed body. `model`: the input model with its initial PEFT tensors
     and head (drawn after runs.set_seed)."""
-    run = start(args, model, source, held_out, out, device, rank, data)
+    run = start(args, model, source, held_out, out, device, rank, inputs)
     bar = tqdm(range(run.start, args.steps), initial=run.start, total=args.steps, desc=f"priming ({args.method})",
                disable=rank != 0)
     for step in bar:
@@ -95,7 +95,7 @@ def prime(args, model, tokenizer, source, held_out, out, device, world, rank, da
                                    also=adapters.peft_parameters(model))
     if rank == 0:
         body, change = priming_run.body_only(model, args), episodes.body_change(model, run.origin)
-        priming_run.finish(out, args, body, tokenizer, change, data, run.rates)
+        priming_run.finish(out, args, body, tokenizer, change, inputs, run.rates)
     distributed.wait_for_all(world)
 
 
@@ -144,7 +144,7 @@ class PrimingRun:
     log: runs.MetricsLog | None     # metrics.jsonl (rank 0)
 
 
-def start(args, model, source, held_out, out, device, rank, data):
+def start(args, model, source, held_out, out, device, rank, inputs):
     """Everything the loop needs, from the start or from resume.pt."""
     if rank == 0:
         print(f"priming into {out}", flush=True)
@@ -169,7 +169,7 @@ def start(args, model, source, held_out, out, device, rank, data):
     if rank == 0:
         run.log = runs.MetricsLog(out, fresh=not args.resume)
         run.log.truncate_after(run.start)
-        priming_run.start_log(out, args, data, run.start)
+        priming_run.start_log(out, args, inputs, run.start)
     return run
 
 
@@ -329,12 +329,13 @@ def run(args, config, claimed):
     labels = ner_data.LABELS
     model = pretrained.load_token_classifier(args.model, num_labels=len(labels), id2label=labels, device=device)
     adapters.add_peft(model, config, seed=runs.derive_seed(args.seed, "initial phi"))
+    inputs = {"data": data, "resume_flags": priming_run.resume_flags(args, data, build_parser(), check_args)}
     out, lock = Path(args.out), None
     if rank == 0:  # only rank 0 writes the run folder; it owns it for the run's whole life
         lock = priming_run.claim(args, data)
     claimed.append(out)
     try:
-        prime(args, model, tokenizer, source, held_out, out, device, world, rank, data)
+        prime(args, model, tokenizer, source, held_out, out, device, world, rank, inputs)
     finally:
         if lock is not None:
             lock.close()

@@ -37,6 +37,7 @@ import json
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root
 from experiments.compare_report import add_body_change, collect, paired_rows, read_run, write_results  # noqa: E402
 from experiments.stats import seeds_for_half_width  # noqa: E402
 from plumbing.ner_data import DATA_FORMATS, files_sha256, parse_languages, parse_tag_map, resolve_data_dir  # noqa: E402
-from plumbing.runs import HelpFormatter, is_finished, json_object_or_none, read_record, run_cli, try_lock  # noqa: E402
+from plumbing.runs import (  # noqa: E402
+    HelpFormatter,
+    Stopped,
+    is_finished,
+    json_object_or_none,
+    read_record,
+    run_cli,
+    try_lock,
+    write_atomic,
+)
 
 ROOT = Path(__file__).resolve().parents[1]  # where the stage scripts are
 
@@ -352,12 +362,43 @@ def run_stage(script, flags, done_marker, extra=(), records=None, weights=False)
                     ["--resume"] if (folder / "resume.pt").is_file() else ["--overwrite"]  # an interrupted run
                 command = [sys.executable, str(ROOT / script), *flags, *extra, *restart]
                 print("+", " ".join(command), flush=True)
-                if subprocess.run(command).returncode != 0:
+                if run_child(command).returncode != 0:
                     raise ValueError(f"{script} failed (its message is above); fix that and re-run compare.py: "
                                      f"finished runs are kept")
     if records is not None:
         keep_record(folder, records, weights)
     return True
+
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # what compare.py passes on to its running stage
+
+
+def run_child(command):
+    """Run a stage in its own process group (a terminal's Ctrl-C reaches compare.py alone) and pass on
+    SIGTERM, SIGINT and SIGHUP to it (those compare.py does not ignore, as under nohup): the stage ends
+    as its own handling says (Ctrl-C: its last checkpoint kept), compare.py waits for it and then stops,
+    so no stage outlives compare.py holding its run's lock."""
+    child, received = None, []
+
+    def forward(signum, frame):
+        received.append(signum)
+        if child is not None:
+            child.send_signal(signum)
+    forwarded = [sig for sig in FORWARDED if signal.getsignal(sig) != signal.SIG_IGN]
+    previous = {sig: signal.signal(sig, forward) for sig in forwarded}
+    try:
+        child = subprocess.Popen(command, process_group=0)
+        for signum in received:  # arrived while it was starting
+            child.send_signal(signum)
+        returncode = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise Stopped(f"{signal.Signals(received[0]).name}: the running stage ({Path(command[1]).name}) was stopped "
+                      f"with it and has ended; re-run compare.py to continue (finished runs are kept, an interrupted "
+                      f"priming run resumes from its last checkpoint)", received[0])
+    return subprocess.CompletedProcess(command, returncode)
 
 
 # --------------------------------------------------------------- records: continuing in a fresh checkout
@@ -371,7 +412,7 @@ def keep_record(folder, records, weights=False):
     for pattern in RECORD_FILES + (REFERENCE_FILES if weights else ()):
         for f in folder.glob(pattern):
             if not (dest / f.name).is_file() or (dest / f.name).read_bytes() != f.read_bytes():
-                shutil.copy2(f, dest / f.name)
+                write_atomic(dest / f.name, lambda tmp, f=f: shutil.copy2(f, tmp))  # a kill leaves no torn record
 
 
 def restore_records(records, runs):

@@ -5,9 +5,11 @@
 matplotlib is imported inside each function: nothing else in the project needs it.
 """
 
-import json
 import statistics
 from pathlib import Path
+
+from experiments.compare_report import METRICS_FIX
+from plumbing.runs import read_metrics
 
 
 def pyplot():
@@ -53,7 +55,7 @@ def plot_paired(paired, path):
 
 def read_curve(folder, key):
     """(steps, values) of one metric from a run folder's metrics.jsonl."""
-    points = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+    points = read_metrics(Path(folder) / "metrics.jsonl", METRICS_FIX)
     points = [p for p in points if key in p]
     return [p["step"] for p in points], [p[key] for p in points]
 

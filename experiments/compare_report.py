@@ -6,17 +6,23 @@ and the table that says where every number comes from.
     write_results(table, paired_rows(table, primed_conditions), langs, args, out)   # table.md, results.json
 """
 
+import contextlib
 import json
 from pathlib import Path
 
 from experiments.stats import mean_std, priming_sd, two_level_difference
-from plumbing.runs import read_record
+from plumbing.runs import read_json_object, read_metrics, read_record, remove_stale_temporaries, write_atomic
+
+# what to do about a finished run's log with a damaged line (a finished run never leaves one: its last line is
+# written before its record says "finished")
+METRICS_FIX = "remove that line by hand, or delete the run's folder: compare.py runs it again"
+RESULTS = ("table.md", "results.json")  # what write_results writes into --out
 
 
 def read_run(result):
     """One finished run: its scores, priming and fine-tuning seeds, code versions, folders and
     the seconds its priming took (the sum of the meta-steps' times in the priming run's log)."""
-    scores = json.loads(Path(result).read_text())
+    scores = read_scores(result)
     tuned = Path(result).parent
     record = read_record(tuned) or {}
     primed = (record.get("init_record") or {})
@@ -27,6 +33,16 @@ def read_run(result):
             "versions": sorted(versions), "tuned": tuned, "primed": primed_folder,
             "body_change": primed.get("body_change"), "priming_seconds": priming_seconds(primed_folder),
             "exposure": data_exposure(primed.get("args") if primed else None, record.get("args", {}))}
+
+
+def read_scores(result):
+    """An evaluation's JSON, or one line naming it: a damaged one (not JSON, not an object of scores) is
+    evaluated again once it is gone, as any evaluation that is not there."""
+    fix = "delete it and re-run compare.py, which evaluates that run again"
+    scores = read_json_object(result, fix)
+    if not isinstance(scores.get("results"), dict):
+        raise ValueError(f"{result} is damaged (it holds no \"results\" of evaluate_ner.py): {fix}")
+    return scores
 
 
 def data_exposure(priming, tuning):
@@ -74,7 +90,7 @@ def priming_seconds(primed):
     log = Path(primed) / "metrics.jsonl" if primed else None
     if log is None or not log.is_file():
         return None
-    return sum(json.loads(line).get("seconds", 0.0) for line in log.read_text().splitlines() if line.strip())
+    return sum(line.get("seconds", 0.0) for line in read_metrics(log, METRICS_FIX))
 
 
 def collect(runs_of_row, langs):
@@ -212,12 +228,29 @@ def write_results(table, paired, langs, args, out, doses=()):
     dose = dose_markdown(table, paired, doses)
     if dose:
         text += "\nDose-response: MAML priming after 0, ..., N meta-steps (same fine-tuning seeds):\n\n" + dose + "\n"
-    (out / "table.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({
+    results = json.dumps({
         "provenance": provenance(table, args),
         "rows": {f"{p} | {c}": {k: v if k != "scores" else {f"p{ps}-f{fs}": x for (ps, fs), x in v.items()}
                                 for k, v in r.items()} for (p, c), r in table.items()},
-        "paired": paired}, indent=1, default=str))
+        "paired": paired}, indent=1, default=str)
+    with results_lock(out):  # every compare.py writing into --out holds it: a temporary left now is a kill's
+        remove_stale_temporaries(out, RESULTS)
+        write_atomic(out / "table.md", lambda tmp: Path(tmp).write_text(text))
+        write_atomic(out / "results.json", lambda tmp: Path(tmp).write_text(results))
+
+
+@contextlib.contextmanager
+def results_lock(out):
+    """A lock on the folder --out itself (no lock file beside the results), held while the table and
+    results are written: a second compare.py on the same --out waits a moment for it."""
+    import fcntl
+    import os
+    folder = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(folder)
 
 
 def primed_body_change(primed, model):

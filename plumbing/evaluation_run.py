@@ -25,8 +25,10 @@ def check_output_paths(args, langs):
         raise ValueError(f"--out {out} is a folder: give a file name, e.g. {out / f'eval-{args.split}.json'}")
     check_output_file(out, args.overwrite)
     check_output_belongs(out, ckpt, args.overwrite)
+    runs.check_not_inside_a_run(out, "--out", out.parent, own=out.parent)  # out.parent a run: check_output_belongs
     writable_folder(out.parent, "--out")
     if args.predictions:
+        runs.check_not_inside_a_run(args.predictions, "--predictions", args.predictions)
         writable_folder(args.predictions, "--predictions")
         existing = [str(Path(args.predictions) / f"{lang}.conll") for lang in langs
                     if (Path(args.predictions) / f"{lang}.conll").exists()]
@@ -130,6 +132,8 @@ def write_scores(ckpt, record_bytes, out, scores):
         if record_snapshot(ckpt) != record_bytes:
             raise ValueError(f"{ckpt} was replaced by another run while it was evaluated: these scores belong to the "
                              f"old run and were not written; evaluate it again")
+        if Path(out).parent.resolve() == Path(ckpt).resolve():  # the run's folder, whose writers all hold its lock
+            runs.remove_stale_temporaries(Path(out).parent, [Path(out).name])
         runs.write_json(out, scores)
 
 

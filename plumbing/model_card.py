@@ -18,7 +18,7 @@ from pathlib import Path
 
 from plumbing.ner_data import HUB_DATASET
 from plumbing.pretrained import DEFAULT_ALIASES
-from plumbing.runs import METRICS, is_finished, read_record, run_cli, write_atomic
+from plumbing.runs import METRICS, is_finished, read_metrics, read_record, run_cli, write_atomic
 
 CARD = "README.md"  # the file name the hub shows as the model card
 DEFAULT_HUB_ID = "intfloat/multilingual-e5-small"  # what the offline default e5-small is a copy of (pretrained.py)
@@ -34,7 +34,7 @@ def base_model_id(model):
 def logged_held_out_losses(folder):
     """(first, last) metrics.jsonl lines that carry the held-out query loss; (None, None) without any."""
     path = Path(folder) / METRICS
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    lines = read_metrics(path, "restore it, or start the run again with --overwrite") if path.is_file() else []
     evaluated = [line for line in lines if "held_out_query_loss" in line]
     return (evaluated[0], evaluated[-1]) if evaluated else (None, None)
 

@@ -427,19 +427,17 @@ def data_description(fmt):
     return {"format": "panx"} if fmt is None else {"format": "conll", **asdict(fmt)}
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Print a summary of one WikiANN split.")
     parser.add_argument("--lang", default="en", help="language code, e.g. en, de")
     parser.add_argument("--split", default="train", choices=SPLITS, help="which split")
     add_data_flags(parser)
-    args = parser.parse_args()
-    try:
-        ds = load_wikiann(args.lang, args.split, args.data_dir, fmt=data_format_from_flags(args))
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+    args = parser.parse_args(argv)
+    ds = load_wikiann(args.lang, args.split, args.data_dir, fmt=data_format_from_flags(args))
     n_tokens = sum(len(t) for t in ds["tokens"])
     print(f"{args.lang}/{args.split}: {len(ds)} sentences, {n_tokens} words; first: {' '.join(ds[0]['tokens'])}")
 
 
 if __name__ == "__main__":
-    main()
+    from plumbing.runs import run_cli
+    run_cli(main)  # bad input: one line, exit status 2, as the stages

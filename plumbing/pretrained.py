@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from plumbing.runs import few
+from plumbing.runs import failed_write_errno, few, run_cli, write_failure
 
 PRECISIONS = ("fp32", "bf16")
 DEFAULT_MODEL = "e5-small"  # the offline default: small enough for a laptop CPU
@@ -55,11 +55,15 @@ def default_model_dir():
         return out_dir
     try:
         return convert_once(out_dir)
-    except OSError as e:  # a read-only or full cache: the variable that moves it is the fix
-        if e.errno not in CACHE_WRITE_ERRORS:
+    except Exception as e:  # a read-only or full cache: the variable that moves it is the fix
+        code = failed_write_errno(e)  # an OSError's, or safetensors' "(os error N)"
+        if code == errno.EFBIG:  # the file size limit: the cache's place is not the problem
+            raise ValueError(write_failure(e, f"the default model into {out_dir}", kept="nothing was converted")) \
+                from None
+        if code not in CACHE_WRITE_ERRORS:
             raise
-        raise ValueError(f"the model cache {cache_root()} cannot be written ({e.strerror or e}): set PRIMING_CACHE to "
-                         f"a writable folder with ~500 MB free") from None
+        raise ValueError(f"the model cache {cache_root()} cannot be written ({os.strerror(code)}): set PRIMING_CACHE "
+                         f"to a writable folder with ~500 MB free") from None
 
 
 def convert_once(out_dir):
@@ -133,12 +137,36 @@ def model_config(path):
     """A resolved model's config, without loading its weights (for checks before a run starts)."""
     from transformers import AutoConfig
     try:
-        return AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
     except Exception as e:
         if Path(path).is_dir():  # a damaged config.json (not JSON, `[]`, no model_type)
             raise ValueError(f"{Path(path) / 'config.json'} does not load ({type(e).__name__}: {str(e)[:80]}): "
                              f"{damaged_model_fix(Path(path), 'config.json')}") from None
         raise
+    check_architecture(config, path)
+    return config
+
+
+# model types of one architecture under several names (XLM-R and CamemBERT are RoBERTa's code): one may stand
+# for another
+SAME_ARCHITECTURE = ({"roberta", "xlm-roberta", "camembert"},)
+
+
+def check_architecture(config, path):
+    """A model folder's config.json names the model type of the model saved with it (its "architectures",
+    which save_pretrained writes). An edited model_type loads another architecture: BERT's weights all
+    load into RoBERTa by name, and training or scores would run silently on other position embeddings."""
+    import transformers
+    if not Path(path).is_dir():
+        return  # a hub id: the hub's config, as published
+    for name in getattr(config, "architectures", None) or []:
+        saved = getattr(getattr(transformers, name, None), "config_class", None)  # None: a class we do not know
+        same = {saved.model_type} if saved is not None else set()
+        same = next((family for family in SAME_ARCHITECTURE if same & family), same)
+        if saved is not None and config.model_type not in same:
+            raise ValueError(f"{Path(path) / 'config.json'} names model_type {config.model_type!r}, but the model "
+                             f"saved there is a {name} (model_type {saved.model_type!r}): restore its model_type "
+                             f"({saved.model_type!r}), or give another model folder")
 
 
 def check_max_len(max_len, config, tokenizer=None):
@@ -162,8 +190,22 @@ def damaged_model_fix(folder, files="weight files (model.safetensors)"):
     if folder.resolve() == (cache_root() / CONVERTED_NAME).resolve():
         return f"delete {folder}, the default model is converted again on the next run"
     if (folder / "resume.pt").is_file():
-        return f"meta_pretrain.py --resume --out {folder} saves the body again from its resume.pt"
+        return f"{resume_command(folder)} saves the body again from its resume.pt"
     return f"restore its {files}, or give another model folder"
+
+
+def resume_command(folder):
+    """The meta_pretrain.py --resume that re-saves a priming run's body and nothing more: the run's own
+    flags as its record keeps them (priming_run.resume_flags), --steps first (the default would extend
+    a finished run)."""
+    import shlex
+
+    from plumbing.runs import json_object_or_none
+    record = json_object_or_none(folder / "run.json") or {}
+    flags, steps = record.get("resume_flags"), (record.get("args") or {}).get("steps")
+    if record.get("stage") != "meta_pretrain" or not isinstance(flags, list) or steps is None:
+        return f"meta_pretrain.py --resume --out {folder} with the run's own flags (its --steps included)"
+    return shlex.join(["meta_pretrain.py", "--resume", "--out", str(folder), "--steps", str(steps), *flags])
 
 
 def load_tokenizer(name_or_path=DEFAULT_MODEL):
@@ -215,6 +257,7 @@ def load_token_classifier(name_or_path=DEFAULT_MODEL, num_labels=7, id2label=Non
     finally:
         hf_logging.set_verbosity(verbosity)
     check_weights_loaded(model, info, path)
+    check_architecture(model.config, path)  # (weights that all loaded into another architecture)
     return model.to(device)
 
 
@@ -263,12 +306,12 @@ def pick_device(gpu=None):
     return torch.device(f"cuda:{gpu}")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Convert/resolve a pretrained model and print where it is.")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="e5-small (offline default), a folder, or a hub id")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(resolve_model(args.model))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -50,13 +50,25 @@ def interrupted_advice(out, save_every, claimed):
     return f"nothing in {out} was written or changed"
 
 
-def start_log(out, args, data, start):
+def start_log(out, args, inputs, start):
     """A run being extended is no finished model until it ends; run.json says "running"."""
     for finished_only in ("config.json", model_card.CARD):
         (out / finished_only).unlink(missing_ok=True)
-    record(out, args, status="running", data=data)
+    record(out, args, status="running", **inputs)
     if args.resume:
         print(f"resuming {out} from step {start}")
+
+
+def resume_flags(args, data, parser, check):
+    """The flags that give this run back to meta_pretrain.py --resume (runs.flags_for through the stage's
+    `parser` and `check`), its input model and data folder as the run resolved them; run.json keeps them
+    so that advice to re-save the body (pretrained.resume_command) is the run's own command."""
+    values = dict(vars(args))
+    if values["model"] not in pretrained.DEFAULT_ALIASES:
+        values["model"] = pretrained.resolve_model(args.model)
+    values["data_dir"] = (data or {}).get("dir") or values.get("data_dir")
+    return runs.flags_for(parser, values, check, leave_out={"resume", "overwrite", "out", "steps", "gpu",
+                                                            "reference_ft"})
 
 
 def record(out, args, status, **extra):
@@ -66,11 +78,11 @@ def record(out, args, status, **extra):
                  input_record=runs.read_record(source) if Path(source).is_dir() else None, **extra)
 
 
-def finish(out, args, body, tokenizer, body_change, data, rates):
+def finish(out, args, body, tokenizer, body_change, inputs, rates):
     """The primed body and its model card, then the record that marks the run finished (written last)."""
     runs.save_model_atomic(body, tokenizer, out)
     model_card.write_model_card(out, vars(args), body_change, runs.code_version())
-    record(out, args, status="finished", body_change=body_change, data=data,
+    record(out, args, status="finished", body_change=body_change, **inputs,
            **({"meta_sgd_rates": {n: r.item() for n, r in rates.items()}} if rates else {}))
     resume = out / resume_state.FILE
     if not args.keep_resume:

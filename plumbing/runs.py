@@ -37,15 +37,20 @@ from pathlib import Path
 import torch
 
 RECORD = "run.json"
+STAGES = ("meta_pretrain", "finetune_peft")  # the stages whose --out is a run folder (its run.json names one)
 METRICS = "metrics.jsonl"
 LOCK = ".lock"
-TEMPORARY = (".save-tmp-*", "*.tmp-*")  # what write_atomic / save_model_atomic leave when killed
-# every file a stage of this project writes into its run folder (records, weights, tokenizer, model card,
-# scores of evaluate_ner.py and compare.py): all --overwrite may delete
+TMP_INFIX = ".tmp-"  # write_atomic's temporary file: <name>.tmp-<8 characters of mkstemp>
+TEMPORARY = (".save-tmp-*", f"*{TMP_INFIX}*")  # what write_atomic / save_model_atomic leave when killed
+# every file a stage of this project writes into its run folder (records, weights, the names transformers
+# gives a model's and a tokenizer's files, scores of evaluate_ner.py and compare.py): all --overwrite may
+# delete, with the model card (is_model_card). Names, not patterns, where a user's file could match one.
 RUN_FILES = (RECORD, METRICS, LOCK, "resume.pt", "peft.safetensors", "peft_config.json", "config.json",
-             "generation_config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
-             "tokenizer*", "special_tokens_map.json", "added_tokens.json", "sentencepiece*", "vocab*", "merges*",
-             "README.md", "eval-*.json", *TEMPORARY)
+             "generation_config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+             "pytorch_model*.bin", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+             "special_tokens_map.json", "added_tokens.json", "sentencepiece.bpe.model", "spiece.model", "vocab.txt",
+             "vocab.json", "merges.txt", "chat_template.jinja", "eval-*.json", *TEMPORARY)
+CARD_TAG = '- "peft-priming"'  # in the front matter of the model card model_card.py writes (README.md)
 
 
 def set_seed(seed):
@@ -93,21 +98,31 @@ def give_umask_modes(folder):
 
 def write_atomic(path, write):
     """Call write(tmp_path), then rename tmp_path to path (atomic on one file system). The file
-    gets the umask's mode like any new file (mkstemp alone would leave it 0600)."""
+    gets the umask's mode like any new file (mkstemp alone would leave it 0600). A full device or
+    the file size limit is one line naming the file (write_failure)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if is_disk_full(e):
-            raise ValueError(f"no space left on {path.parent} while writing {path.name}: free space there (what was "
-                             f"written before is kept), or choose another --out") from None
-        raise
+    with naming_write_failures(path):
+        fd, tmp = tempfile.mkstemp(prefix=path.name + TMP_INFIX, dir=path.parent)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.chmod(tmp, umask_mode())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def remove_stale_temporaries(folder, names):
+    """Delete what a kill left of write_atomic's temporary files for these file names (the name, TMP_INFIX and
+    mkstemp's 8 characters), nothing else. Call it holding the lock that every writer of those files holds:
+    then none of them is another process's write in progress."""
+    import re
+    left = re.compile("(" + "|".join(map(re.escape, names)) + ")" + re.escape(TMP_INFIX) + "[a-z0-9_]{8}")
+    for f in Path(folder).iterdir():
+        if left.fullmatch(f.name) and f.is_file():
+            f.unlink(missing_ok=True)
 
 
 def file_sha256(path, chunk=1 << 20):
@@ -143,12 +158,50 @@ def config_sha256(folder):
     return file_sha256(path) if path.is_file() else None
 
 
-def is_disk_full(error):
-    """A write that failed for want of space: ENOSPC (or EDQUOT), or torch.save's own wording of it."""
+def write_failure(error, what, kept="what was written before is kept"):
+    """One line for a write that failed for want of space or under the file size limit (`what`: the file
+    or folder written; `kept`: what is left as it was), or None for any other failure."""
     import errno
-    if isinstance(error, OSError):
-        return error.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(error, RuntimeError) and "write failed" in str(error)
+    import resource
+    code = failed_write_errno(error)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device{' (disk quota)' if code == errno.EDQUOT else ''} while writing {what}: "
+                f"free space there ({kept}), or choose another --out")
+    if code == errno.EFBIG:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit == resource.RLIM_INFINITY:
+            return (f"{what} is larger than the file system there allows (EFBIG): choose an --out on another "
+                    f"file system ({kept})")
+        return (f"the file size limit (ulimit -f: {limit} bytes) stopped the writing of {what}: raise it "
+                f"(ulimit -f unlimited) and run again ({kept})")
+    return None
+
+
+def failed_write_errno(error):
+    """The errno of the OSError behind a failed write, or None. torch.save says only "unexpected pos" and
+    keeps the OSError as its exception's context (when it writes to a file object: torch_save); the Rust
+    writers (safetensors, tokenizers) say "(os error N)"."""
+    import re
+    while error is not None:
+        if isinstance(error, OSError) and error.errno:
+            return error.errno
+        said = re.search(r"\(os error (\d+)\)", str(error))
+        if said:
+            return int(said.group(1))
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)  # `from None`: named
+    return None
+
+
+@contextlib.contextmanager
+def naming_write_failures(what, kept="what was written before is kept"):
+    """A write inside that fails for want of space or under the file size limit is one line naming `what`."""
+    try:
+        yield
+    except Exception as e:
+        message = write_failure(e, what, kept)
+        if message is None:
+            raise
+        raise ValueError(message) from None
 
 
 def write_json(path, obj):
@@ -157,8 +210,13 @@ def write_json(path, obj):
 
 
 def torch_save(path, obj):
-    """torch.save atomically (resumable states)."""
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save atomically (resumable states), through a Python file object: a failed write then keeps its
+    OSError (ENOSPC, EFBIG) as the context of torch's RuntimeError, whose own words ("unexpected pos") name
+    no cause."""
+    def save(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    write_atomic(path, save)
 
 
 def write_record(folder, stage, args, status="finished", **extra):
@@ -185,10 +243,9 @@ def read_record(folder):
 def json_object_or_none(path):
     """A JSON file's object (dict), or None where the file is damaged, not JSON, or not an object."""
     try:
-        value = json.loads(Path(path).read_text())
-    except (ValueError, UnicodeDecodeError):
+        return json_object_of(Path(path).read_text())
+    except UnicodeDecodeError:
         return None
-    return value if isinstance(value, dict) else None
 
 
 def read_json_object(path, fix):
@@ -266,6 +323,7 @@ def claim_run_folder(out, stage, args, shaping=(), resume=False, overwrite=False
     a run writes (RUN_FILES): a folder holding anything else is refused whole. A refused folder keeps no
     .lock of ours. Returns the lock (keep it open while the run lasts)."""
     out = Path(out)
+    check_not_inside_a_run(out, "--out", out.resolve().parent)
     if out.is_symlink() and not out.exists():
         raise ValueError(f"--out {out} is a broken symbolic link (to {os.readlink(out)}): remove it or choose "
                          f"another --out")
@@ -284,6 +342,31 @@ def claim_run_folder(out, stage, args, shaping=(), resume=False, overwrite=False
             (out / LOCK).unlink(missing_ok=True)
         raise
     return lock
+
+
+def enclosing_run(folder):
+    """The nearest of `folder` and the folders above it that is a run folder of this project (its run.json
+    names one of STAGES), or None."""
+    folder = Path(folder).expanduser().resolve()
+    for candidate in (folder, *folder.parents):
+        try:
+            record = json_object_or_none(candidate / RECORD) if (candidate / RECORD).is_file() else None
+        except OSError:  # a folder above that cannot be read holds no run of ours we could see
+            continue
+        if record is not None and record.get("stage") in STAGES:
+            return candidate
+    return None
+
+
+def check_not_inside_a_run(value, flag, folder, own=None):
+    """Nothing is written inside a run folder but what its own run writes: `folder` (where `flag` `value`
+    writes) must not be inside one, unless the nearest is `own` (an evaluation's scores beside its run).
+    A run's --overwrite refuses a folder holding anything else, so a run nested in it would block it."""
+    run = enclosing_run(folder)
+    if run is not None and (own is None or run != Path(own).expanduser().resolve()):
+        stage = json_object_or_none(run / RECORD)["stage"]
+        raise ValueError(f"{flag} {value} is inside the run folder {run} (a {stage} run), which holds only what "
+                         f"that run writes: choose an {flag} outside it (nothing was written)")
 
 
 def check_ownership(out, stage, args, shaping, resume, overwrite, data, defaults=None):
@@ -356,8 +439,17 @@ def foreign_files(folder):
     nested inside (a folder is never a run's file, but for an interrupted save's temporary one)."""
     from fnmatch import fnmatch
     return sorted(p.name for p in Path(folder).iterdir()
-                  if not any(fnmatch(p.name, pattern) for pattern in RUN_FILES)
+                  if not (any(fnmatch(p.name, pattern) for pattern in RUN_FILES) or is_model_card(p))
                   or (p.is_dir() and not any(fnmatch(p.name, pattern) for pattern in TEMPORARY)))
+
+
+def is_model_card(path):
+    """Whether `path` is the README.md that model_card.py writes into a primed folder (a user's README.md
+    in a run folder is the user's)."""
+    if path.name != "README.md" or not path.is_file():
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return CARD_TAG in f.read(4096)
 
 
 def check_only_run_files(folder):
@@ -446,6 +538,45 @@ def parser_taking_negative_numbers(parser):
     return parser
 
 
+def flags_for(parser, values, check, leave_out=()):
+    """The command-line flags that give a run's recorded args (`values`) back through `parser` and its
+    stage's `check` (which fills in some values itself): every value that is not the parser's default,
+    but those that `check` fills in alone (given beside others, some of them would be refused)."""
+    import warnings
+    parser.exit_on_error = False  # a value it refuses (a record of older code) raises, not exits
+    given = {}
+    for action in parser._actions:
+        if action.option_strings and action.dest in values and action.dest not in leave_out \
+                and values[action.dest] != action.default and flag_of(action, values[action.dest]):
+            given[action.dest] = flag_of(action, values[action.dest])
+    left_out = True
+    while left_out:  # again after each pass: leaving one out may let check accept leaving out another
+        left_out = False
+        for dest in list(given):
+            args = parser.parse_args([word for other, flag in given.items() if other != dest for word in flag])
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    check(args)
+            except ValueError:
+                continue
+            if getattr(args, dest) == values[dest]:
+                del given[dest]
+                left_out = True
+    return [word for flag in given.values() for word in flag]
+
+
+def flag_of(action, value):
+    """The words that give an argparse action `value` (not its default), or None where none can (None)."""
+    import argparse
+    long = [option for option in action.option_strings if option.startswith("--")] or action.option_strings
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return [long[0] if value else long[1]]
+    if action.nargs == 0:  # store_true, store_false, store_const: given, since the value is not the default
+        return [long[0]]
+    return None if value is None else [long[0], str(value)]
+
+
 def save_model_atomic(model, tokenizer, folder):
     """Save a transformers model and tokenizer into folder so that it is never half-written:
     config.json (what from_pretrained and resolve_model look for) is removed first and moved in
@@ -456,17 +587,14 @@ def save_model_atomic(model, tokenizer, folder):
     (folder / "config.json").unlink(missing_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".save-tmp-", dir=folder))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        give_umask_modes(tmp)
-        files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")  # config.json last
-        for f in files:
-            os.replace(f, folder / f.name)
-    except Exception as e:
-        if is_disk_full(e):
-            raise ValueError(f"no space left on {folder} while saving the model: free space there (resume.pt, "
-                             f"when there is one, is kept: --resume saves it again), or choose another --out") from None
-        raise
+        with naming_write_failures(f"the model into {folder}",
+                                   kept="resume.pt, when there is one, is kept: --resume saves the model again"):
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            give_umask_modes(tmp)
+            files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")  # config.json last
+            for f in files:
+                os.replace(f, folder / f.name)
     finally:
         for f in tmp.iterdir():
             f.unlink()
@@ -483,19 +611,48 @@ class MetricsLog:
             self.path.unlink(missing_ok=True)
 
     def write(self, **metrics):
-        with open(self.path, "a") as f:
+        with naming_write_failures(self.path, kept="the lines before are kept"), open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
 
     def truncate_after(self, step):
-        """On resume, drop lines logged after the checkpoint's step (they will be redone)."""
+        """On resume, drop lines logged after the checkpoint's step (they will be redone), and a last line
+        that a kill or a full disk cut short: it was being logged after the checkpoint (resume.pt is saved
+        after a step's line), so it is redone too."""
         if self.path.is_file():
-            lines = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-            write_atomic(self.path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
+            fix = "restore it, or start the run again with --overwrite (same --out)"
+            lines = [line for line in read_metrics(self.path, fix, torn_end=True) if line.get("step", 0) <= step]
+            write_atomic(self.path, lambda tmp: Path(tmp).write_text("".join(json.dumps(line) + "\n"
+                                                                             for line in lines)))
+
+
+def read_metrics(path, fix, torn_end=False):
+    """The lines of a metrics.jsonl, each a JSON object; a damaged line (a write cut short by a kill or a
+    full disk) is one line naming it and `fix`, unless it is the last and `torn_end` lets it go."""
+    lines = Path(path).read_text().splitlines()
+    values = [(n, json_object_of(line)) for n, line in enumerate(lines, 1) if line.strip()]
+    if torn_end and values and values[-1][1] is None:
+        values.pop()
+    for n, value in values:
+        if value is None:
+            raise ValueError(f"{path}: line {n} is cut short or damaged (not a JSON object): {fix}")
+    return [value for _, value in values]
+
+
+def json_object_of(text):
+    """A JSON text's object (dict), or None where it is damaged, not JSON, or not an object."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def user_error_message(e):
     """One line for an error a user can fix, or None for a bug (which keeps its traceback)."""
     from safetensors import SafetensorError
+    failed_write = write_failure(e, getattr(e, "filename", None) or "a file (its name was not said)")
+    if failed_write:  # before the damaged-file advice below: a full disk is no corrupt file
+        return failed_write
     if isinstance(e, SafetensorError):
         return (f"a .safetensors file is truncated or corrupt ({e}): restore it, or re-run the stage that wrote "
                 f"it into a new --out (a damaged default model: delete its cache folder, it is converted again)")
@@ -508,6 +665,15 @@ def user_error_message(e):
     return None
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop by a signal (SIGTERM, SIGHUP, or SIGINT passed on), said by run_cli as a Ctrl-C is
+    ("interrupted: ..."), with the shell's exit status for that signal (128 + its number)."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.status = 128 + signum
+
+
 def run_cli(main, argv=None, interrupted="the last complete checkpoint is kept"):
     """Run a stage's main(argv) (None: the command line); a user error (bad flag, missing folder,
     unknown language, unreadable file, ...) is one line on stderr and exit status 2, never a
@@ -517,7 +683,7 @@ def run_cli(main, argv=None, interrupted="the last complete checkpoint is kept")
         main(argv)
     except KeyboardInterrupt as e:
         print(f"interrupted: {str(e) or interrupted}", file=sys.stderr)
-        raise SystemExit(130)
+        raise SystemExit(getattr(e, "status", 130))
     except Exception as e:
         message = user_error_message(e)
         if message is None or os.environ.get("PRIMING_DEBUG"):

@@ -163,7 +163,7 @@ def fake(monkeypatch):
 
     from experiments import compare
     stages = FakeStages()
-    monkeypatch.setattr(compare.subprocess, "run", stages)
+    monkeypatch.setattr(compare, "run_child", stages)
     for name in ("plot_f1", "plot_paired", "plot_curves"):
         monkeypatch.setattr(f"experiments.compare_plots.{name}", lambda *a: None)
     monkeypatch.setattr(compare, "add_body_change", lambda *a: None)

@@ -28,7 +28,7 @@ def stage_args(script, command):
 
 
 class FakeStages:
-    """Stands in for subprocess.run: records each stage command and writes what the stage would."""
+    """Stands in for compare.run_child: records each stage command and writes what the stage would."""
 
     def __init__(self, version="abc1234"):
         self.commands, self.version = [], version
@@ -232,7 +232,7 @@ def test_an_interrupted_stage_is_started_again_with_overwrite(tmp_path, fake, mo
             shutil.rmtree(flag(command, "--out"))
             fake.overwrites.append(Path(command[1]).name)
         return real(command, *a, **k)
-    monkeypatch.setattr(compare.subprocess, "run", clean_then_run)
+    monkeypatch.setattr(compare, "run_child", clean_then_run)
     compare.main(base_argv(tmp_path, "--conditions", "no priming", "--finetune-seeds", "1"))
     assert scripts(fake.commands[first:]) == ["finetune_peft.py", "evaluate_ner.py"]
     assert fake.overwrites == ["finetune_peft.py"]

@@ -41,8 +41,9 @@ def test_overwrite_refuses_a_run_folder_holding_what_no_run_wrote(tiny_model_dir
     elif mine == "plots":
         (out / mine).mkdir()
         (out / mine / "f1.png").write_bytes(b"png")
-    else:                                                         # a finished run nested inside the run
-        finetune_peft.main(tune_argv(tiny_model_dir, data_dir, out / mine))
+    else:                                                         # a finished run moved inside the run
+        finetune_peft.main(tune_argv(tiny_model_dir, data_dir, tmp_path / mine))
+        shutil.move(tmp_path / mine, out / mine)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     message = error_of(finetune_peft.main, tune_argv(tiny_model_dir, data_dir, out, "--overwrite", "--seed", "1"),
                        capsys)
