@@ -45,7 +45,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for python experiments/compare.py
 from experiments.compare_report import add_body_change, collect, paired_rows, read_run, write_results  # noqa: E402
 from experiments.stats import seeds_for_half_width  # noqa: E402
-from plumbing.ner_data import DATA_FORMATS, files_sha256, parse_languages, parse_tag_map, resolve_data_dir  # noqa: E402
+from plumbing.conll import parse_tag_map  # noqa: E402
+from plumbing.ner_data import DATA_FORMATS, files_sha256, parse_languages, resolve_data_dir  # noqa: E402
 from plumbing.runs import (  # noqa: E402
     HelpFormatter,
     Stopped,

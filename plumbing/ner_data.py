@@ -16,7 +16,7 @@ Where the data comes from (`load_wikiann`): a PAN-X folder `<dir>/<lang>/{train,
 `--data-dir` or `$WIKIANN_DIR`; else the hub's `wikiann` dataset. Either way the result is a
 `datasets.Dataset` with `tokens` and `ner_tags` (a ClassLabel in the hub's label order).
 
-With `--data-format conll` (`read_conll_file`), `--data-dir` is a folder of CoNLL column files,
+With `--data-format conll` (conll.py), `--data-dir` is a folder of CoNLL column files,
 `<dir>/<lang>/<split>` (or `<split>.txt`, `<split>.conll`), e.g. CoNLL-2002's esp.testb saved
 as `<dir>/es/test.txt`: whitespace-separated columns, the token in --token-column (default the
 first), the NER tag in --tag-column (default the last), a blank line between sentences,
@@ -30,8 +30,10 @@ import hashlib
 import os
 import re
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+
+from plumbing import conll
 
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]  # the hub's wikiann order
 SPLITS = ("train", "dev", "test")
@@ -40,10 +42,7 @@ HUB_WAYS_OUT = ("connect to huggingface.co for the hub route, or pass --data-dir
                 "to a local PAN-X folder (README: The data)")
 TYPES = sorted({label[2:] for label in LABELS if label != "O"})  # entity types the models predict
 DATA_FORMATS = ("panx", "conll")
-TAG_SCHEMES = ("auto", "iob2", "iob1", "bioes")
 CONLL_NAMES = ("{split}", "{split}.txt", "{split}.conll")  # file names of a split in <dir>/<lang>/
-DOCSTART = "-DOCSTART-"  # CoNLL-2003's document separator line
-TO_IOB2 = {"B": "B", "I": "I", "E": "I", "S": "B", "L": "I", "U": "B"}  # BIOES and BILOU prefixes -> IOB2
 
 
 # ----------------------------------------------------------------------------------------
@@ -190,7 +189,7 @@ def load_wikiann(lang, split, data_dir=None, max_sentences=None, fmt=None):
         return _load_from_hub(lang, split, max_sentences)
     path = split_file(folder, lang, split, fmt)
     sentences = (read_panx_file(path, max_sentences, expected_lang=lang) if fmt is None
-                 else read_conll_file(path, fmt, max_sentences))
+                 else conll.read_conll_file(path, fmt, max_sentences))
     if not sentences:
         layout = "PAN-X layout, one 'lang:token<TAB>tag' per line" if fmt is None else "CoNLL columns"
         raise ValueError(f"{path} holds no sentences: restore the file ({layout}) or point --data-dir at a "
@@ -246,17 +245,7 @@ def from_hub_rows(ds):
 
 
 # ----------------------------------------------------------------------------------------
-# CoNLL column files
-
-@dataclass(frozen=True)
-class ConllFormat:
-    """How to read CoNLL column files: the token and tag columns, the tag scheme, and the
-    renamed entity types ((type, new type or "O"), ...)."""
-    token_column: int = 0
-    tag_column: int = -1
-    tag_scheme: str = "auto"
-    tag_map: tuple = ()
-
+# The data flags (the CoNLL reader itself: conll.py)
 
 def add_data_flags(parser):
     """--data-dir and the flags of the data format, the same on every stage."""
@@ -268,7 +257,7 @@ def add_data_flags(parser):
                              "columns, <lang>/<split>[.txt|.conll] files (CoNLL-2002/2003 style)")
     parser.add_argument("--token-column", type=int, default=0, help="conll: column of the tokens (0: the first)")
     parser.add_argument("--tag-column", type=int, default=-1, help="conll: column of the NER tags (-1: the last)")
-    parser.add_argument("--tag-scheme", choices=TAG_SCHEMES, default="auto",
+    parser.add_argument("--tag-scheme", choices=conll.TAG_SCHEMES, default="auto",
                         help="conll: the files' tag scheme, normalised to IOB2 (auto: bioes when a file has "
                              "E-/S- tags, else iob1, which leaves IOB2 tags unchanged)")
     parser.add_argument("--tag-map", default=None,
@@ -285,141 +274,7 @@ def data_format_from_flags(args):
         return None
     if not args.data_dir:
         raise ValueError("--data-format conll needs --data-dir: the folder of <lang>/<split> CoNLL files")
-    return ConllFormat(args.token_column, args.tag_column, args.tag_scheme, parse_tag_map(args.tag_map))
-
-
-def parse_tag_map(text):
-    """'MISC=O,GPE=LOC' -> (("GPE", "LOC"), ("MISC", "O")); a target must be O or a known type."""
-    pairs = {}
-    for item in text.split(",") if text else []:
-        old, eq, new = (part.strip() for part in item.partition("="))
-        if not eq or not old or not new:
-            raise ValueError(f"bad --tag-map item {item!r}: give TYPE=TYPE or TYPE=O, comma-separated, e.g. MISC=O")
-        if new != "O" and new not in TYPES:
-            raise ValueError(f"--tag-map {old}={new}: {new} is not a type the model predicts ({', '.join(TYPES)}) "
-                             f"nor O")
-        if old in pairs:  # else the last one would win silently
-            raise ValueError(f"--tag-map {text}: {old} is mapped twice ({old}={pairs[old]} and {old}={new}): "
-                             f"give each type once")
-        pairs[old] = new
-    return tuple(sorted(pairs.items()))
-
-
-def read_conll_file(path, fmt, max_sentences=None):
-    """Sentences of one CoNLL column file as (tokens, tag ids), tags in IOB2 over LABELS."""
-    sentences = read_conll_columns(path, fmt, max_sentences)
-    check_not_panx(sentences, path)
-    scheme = detect_tag_scheme(sentences) if fmt.tag_scheme == "auto" else fmt.tag_scheme
-    tag_map = dict(fmt.tag_map)
-    result = []
-    for sentence in sentences:
-        check_tag_scheme(sentence, scheme, path)
-        tags = to_iob2([(prefix, kind) for _, prefix, kind, _ in sentence], scheme)
-        ids = [label_id(prefix, kind, tag_map, f"{path}:{lineno}")
-               for (prefix, kind), (_, _, _, lineno) in zip(tags, sentence)]
-        result.append(([token for token, *_ in sentence], ids))
-    return result
-
-
-PANX_TOKEN = re.compile(r"^[a-z]{2,3}(-[a-z0-9]+)*:.")  # PAN-X's `lang:token`, e.g. nl:Word
-
-
-def check_not_panx(sentences, path):
-    """A PAN-X file read as CoNLL columns: every token keeps its `lang:` prefix, none is in the
-    vocabulary and the scores are silently near 0; refused when every token carries one."""
-    tokens = [token for sentence in sentences for token, *_ in sentence]
-    if tokens and all(PANX_TOKEN.match(token) for token in tokens):
-        raise ValueError(f"{path}: every token starts with a language code ({tokens[0]!r}): a PAN-X file; "
-                         f"read it with --data-format panx")
-
-
-def read_conll_columns(path, fmt, max_sentences=None):
-    """The raw sentences of a CoNLL file: lists of (token, tag prefix, entity type, line number)."""
-    sentences, words = [], []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            columns = decode_line(raw, path, lineno).split()
-            if columns and columns[0] != DOCSTART:
-                token, tag = column(columns, fmt.token_column, "--token-column", path, lineno), \
-                    column(columns, fmt.tag_column, "--tag-column", path, lineno)
-                words.append((token, *split_tag(tag, fmt.tag_column, f"{path}:{lineno}"), lineno))
-            elif words:  # a blank line (or -DOCSTART-) ends the sentence
-                sentences.append(words)
-                words = []
-                if max_sentences is not None and len(sentences) >= max_sentences:
-                    return sentences
-    return sentences + [words] if words else sentences
-
-
-def decode_line(raw, path, lineno):
-    """A line as text; a UTF-8 byte-order mark at the start of the file is dropped (editors on Windows
-    write one: it would make "\ufeff-DOCSTART-" a token)."""
-    try:
-        text = raw.decode("utf-8")
-        return text.removeprefix("\ufeff") if lineno == 1 else text
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}:{lineno}: not UTF-8 text: convert the file, e.g. iconv -f latin1 -t utf-8 "
-                         f"(CoNLL-2002's files are Latin-1)") from None
-
-
-def column(columns, index, flag, path, lineno):
-    if not -len(columns) <= index < len(columns):
-        raise ValueError(f"{path}:{lineno}: {len(columns)} column(s), no column {index}: check {flag} "
-                         f"(columns count from 0; -1 is the last)")
-    return columns[index]
-
-
-def split_tag(tag, tag_column, where):
-    """'B-PER' -> ('B', 'PER'); 'O' -> ('O', None); anything else is not a NER tag."""
-    prefix, dash, kind = tag.partition("-")
-    if tag == "O":
-        return "O", None
-    if not dash or prefix not in TO_IOB2 or not kind:
-        raise ValueError(f"{where}: {tag!r} in column {tag_column} is not a NER tag (O, B-TYPE, I-TYPE, E-TYPE, "
-                         f"S-TYPE): set --tag-column to the column of the NER tags")
-    return prefix, kind
-
-
-def detect_tag_scheme(sentences):
-    """bioes when any tag is E-/S- (or BILOU's L-/U-), else iob1 (which leaves IOB2 unchanged)."""
-    prefixes = {prefix for sentence in sentences for _, prefix, _, _ in sentence}
-    return "bioes" if prefixes & {"E", "S", "L", "U"} else "iob1"
-
-
-def check_tag_scheme(sentence, scheme, path):
-    """E-/S- (L-/U-) tags in a file read as IOB1 or IOB2: the --tag-scheme flag is wrong."""
-    for _, prefix, kind, lineno in sentence if scheme != "bioes" else []:
-        if prefix not in ("O", "B", "I"):
-            raise ValueError(f"{path}:{lineno}: tag {prefix}-{kind} is BIOES, but --tag-scheme {scheme}: "
-                             f"pass --tag-scheme bioes (or auto)")
-
-
-def to_iob2(tags, scheme):
-    """One sentence's (prefix, type) tags in IOB2. IOB1: an I- that starts an entity becomes
-    B-; BIOES: S- -> B-, E- -> I-; IOB2 as it is."""
-    if scheme == "bioes":
-        return [(TO_IOB2.get(prefix, prefix), kind) for prefix, kind in tags]
-    if scheme == "iob2":
-        return list(tags)
-    previous, result = None, []
-    for prefix, kind in tags:
-        starts = prefix == "I" and previous != kind
-        result.append(("B" if starts else prefix, kind))
-        previous = kind
-    return result
-
-
-def label_id(prefix, kind, tag_map, where):
-    """The LABELS index of an IOB2 tag after --tag-map; an unknown type names the flag that fixes it."""
-    if prefix == "O":
-        return 0
-    kind = tag_map.get(kind, kind)
-    if kind == "O":
-        return 0
-    if kind not in TYPES:
-        raise ValueError(f"{where}: entity type {kind} is not one the model predicts ({', '.join(TYPES)}): "
-                         f"map it with --tag-map {kind}=O (or {kind}=<type>)")
-    return LABELS.index(f"{prefix}-{kind}")
+    return conll.ConllFormat(args.token_column, args.tag_column, args.tag_scheme, conll.parse_tag_map(args.tag_map))
 
 
 def data_description(fmt):

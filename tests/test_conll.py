@@ -11,7 +11,8 @@ import evaluate_ner
 import finetune_peft
 import meta_pretrain
 from experiments import compare
-from plumbing.ner_data import LABELS, ConllFormat, load_wikiann, read_conll_file, read_panx_file
+from plumbing.conll import ConllFormat, read_conll_file
+from plumbing.ner_data import LABELS, load_wikiann, read_panx_file
 from plumbing.runs import claim_run_folder, run_cli, write_json
 
 AUTO = ConllFormat()

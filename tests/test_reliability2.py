@@ -230,7 +230,7 @@ def test_a_type_mapped_twice_by_tag_map_is_refused(tmp_path, capsys):
 
 
 def test_a_byte_order_mark_is_dropped_in_conll_files(tmp_path):
-    from plumbing.ner_data import ConllFormat, read_conll_file
+    from plumbing.conll import ConllFormat, read_conll_file
     path = tmp_path / "test"
     path.write_bytes("\ufeff-DOCSTART- -X- O O\n\nParis NNP B-LOC\n".encode("utf-8"))
     assert [tokens for tokens, _ in read_conll_file(path, ConllFormat())] == [["Paris"]]
