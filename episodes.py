@@ -107,7 +107,9 @@ def held_out_episode(tokenizer, source_lang, priming_langs, data_dir, eval_sente
 def peft_start(model, generator, outer_peft):
     """The paper: fresh PEFT tensors and head drawn as downstream PEFT draws them, so the inner loop
     simulates a fresh fine-tuning; --outer-peft: the model's own meta-learned ones (plain MAML)."""
+    # BEGIN ASSIGNMENT phi_start
     return dict(peft_parameters(model)) if outer_peft else dict(fresh_peft_tensors(model, generator))
+    # END ASSIGNMENT phi_start
 
 
 def all_start(model, generator, outer_peft):
@@ -116,16 +118,22 @@ def all_start(model, generator, outer_peft):
     return {**body, **peft_start(model, generator, outer_peft)}
 
 
-# What the inner loop adapts (--inner-params): name -> start(model, generator, outer_peft) -> phi_0 of one task.
+# What the inner loop adapts (--inner-params): name -> start(model, generator, outer_peft), called for every task of
+# the meta-batch, in order, when the meta-step begins. It returns the task's phi_0, or a function of no argument
+# that returns it, called when the task's inner loop begins: for a task that must also set the model up (tensors the
+# forward uses but the inner loop does not adapt).
 INNER_PARAMS = {"peft": peft_start, "all": all_start}
 
 
 def phi_0_of_tasks(model, inner_params, outer_peft, generator, n_tasks, mine):
     """phi_0 of this process's tasks `mine` (indices into the meta-batch), as a function of the
     task's position in `mine`. Drawn for every task of the meta-batch in order, so task j starts
-    from the same phi_0 whichever process runs it (and as in a one-process run)."""
-    phis = [INNER_PARAMS[inner_params](model, generator, outer_peft) for _ in range(n_tasks)]
-    return lambda i: phis[mine[i]]
+    from the same phi_0 whichever process runs it (and as in a one-process run); a start that
+    returned a function is called when its task begins (only for this process's tasks)."""
+    # BEGIN ASSIGNMENT phi_start
+    starts = [INNER_PARAMS[inner_params](model, generator, outer_peft) for _ in range(n_tasks)]
+    return lambda i: starts[mine[i]]() if callable(starts[mine[i]]) else starts[mine[i]]
+    # END ASSIGNMENT phi_start
 
 
 def query_loss(loss_fn, fast, batches):

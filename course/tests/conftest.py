@@ -1,8 +1,10 @@
-"""Shared by the course's tests (run them with `python -m course test NAME`). The tiny random models
-are the project's own (tests/conftest.py: tiny_classifier)."""
+"""Shared by the course's tests (run them with `python -m course test NAME`). The tiny random models,
+the tiny model folder and the test corpus are the project's own (tests/conftest.py)."""
 
 import pytest
 import torch
+
+from tests.conftest import data_dir, default_tokenizer, each_tokenizer_read_once, tiny_model_dir  # noqa: F401
 
 
 @pytest.fixture(autouse=True, scope="session")

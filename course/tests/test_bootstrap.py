@@ -1,7 +1,7 @@
 """Assignment `bootstrap` (course/bootstrap.md), an extension: stats.bootstrap_difference, a 95%
 percentile-bootstrap interval of the mean paired difference beside the t interval. It fails on the
-reference until done (the solution: course/solutions/bootstrap.patch); marked `assignment`, so the
-README's test command leaves it out.
+reference until done (the solution: course/solutions/bootstrap.patch); marked `assignment`, so `-m "not assignment"`
+leaves it out.
 """
 
 import random

@@ -119,6 +119,40 @@ def test_meta_sgd_rates_per_tensor_get_gradients():
     assert torch.allclose(d_rate, -g_phi.sum())
 
 
+def test_the_step_is_the_chosen_rule_of_inner_optimizers(monkeypatch):
+    """optimizer="NAME" takes each step with maml.INNER_OPTIMIZERS[NAME](tensor, grad, lr, state): one state
+    dict per fast tensor, kept across the steps of one inner loop, fresh for the next. Here a rule whose
+    j-th step is j times an SGD step: phi_{j+1} = phi_j - (j + 1) lr g_j."""
+    calls = []
+
+    def growing(tensor, grad, lr, state):
+        state["steps"] = state.get("steps", 0) + 1
+        calls.append((tensor.shape, state, lr))
+        return tensor - state["steps"] * lr * grad
+    monkeypatch.setitem(maml.INNER_OPTIMIZERS, "growing", growing)
+
+    def loss(fast, batch):
+        return toy_loss(fast, batch) + fast["psi"].sum() ** 2
+    rate = torch.tensor(0.05, dtype=torch.float64)
+    fast = {"phi": PHI_0, "psi": torch.tensor([2.0], dtype=torch.float64), "unused": torch.ones(2)}
+    adapted = maml.inner_loop(loss, fast, batches(THETA)[0], 3, 0.2, optimizer="growing", rates={"phi": rate})
+    phi, psi = PHI_0, fast["psi"]
+    for j in range(3):
+        phi, psi = phi - (j + 1) * 0.05 * THETA * (THETA * phi - Y_SUPPORT), psi - (j + 1) * 0.2 * 2 * psi
+    assert torch.allclose(adapted["phi"], phi) and torch.allclose(adapted["psi"], psi)
+    assert torch.equal(adapted["unused"], fast["unused"])                    # no gradient: no step
+    phi_calls = [c for c in calls if c[0] == PHI_0.shape]
+    psi_calls = [c for c in calls if c[0] == fast["psi"].shape]
+    assert len(phi_calls) == len(psi_calls) == 3 and len(calls) == 6
+    assert all(c[1] is phi_calls[0][1] for c in phi_calls) and all(c[1] is psi_calls[0][1] for c in psi_calls)
+    assert phi_calls[0][1] is not psi_calls[0][1]                            # one state per tensor
+    assert all(c[2] is rate for c in phi_calls) and all(c[2] == 0.2 for c in psi_calls)   # Meta-SGD's rate is lr
+    again = maml.inner_loop(loss, fast, batches(THETA)[0], 3, 0.2, optimizer="growing", rates={"phi": rate})
+    assert torch.allclose(again["phi"], phi)                                 # a new inner loop: new states
+    sgd = maml.inner_loop(toy_loss, {"phi": PHI_0}, batches(THETA)[0], 2, 0.2)
+    assert len(calls) == 12 and torch.allclose(sgd["phi"], closed_form(THETA, PHI_0, 2, 0.2))   # default: sgd
+
+
 # ----------------------------------------------------------------------------- a real encoder
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

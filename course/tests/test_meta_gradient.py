@@ -33,10 +33,13 @@ def closed_form(theta, phi, y, steps):
     return phi
 
 
-def toy_inner_loop(loss_fn, fast, support_batch, steps, lr, first_order=False, clip=None, rates=None, losses=None):
-    """maml.inner_loop for the toy loss, by its closed form (calls are recorded in CALLS)."""
+def toy_inner_loop(loss_fn, fast, support_batch, steps, lr, first_order=False, clip=None, rates=None, losses=None,
+                   optimizer="sgd"):
+    """maml.inner_loop for the toy loss, by its closed form (calls are recorded in CALLS: theta's .grad
+    when the call began; the settings in SETTINGS). Always SGD, whatever `optimizer` says."""
     theta, y, phi = support_batch["theta"], support_batch["y"], fast["phi"]
     CALLS.append(theta.grad.clone() if theta.grad is not None else None)
+    SETTINGS.append({"first_order": first_order, "clip": clip, "rates": rates, "optimizer": optimizer})
     for _ in range(steps):
         if losses is not None:
             losses.append(loss_fn({"phi": phi}, support_batch).detach())
@@ -45,13 +48,14 @@ def toy_inner_loop(loss_fn, fast, support_batch, steps, lr, first_order=False, c
     return {"phi": phi}
 
 
-CALLS = []
+CALLS, SETTINGS = [], []
 
 
 @pytest.fixture(autouse=True)
 def closed_form_inner_loop(monkeypatch):
     monkeypatch.setattr(maml, "inner_loop", toy_inner_loop)
     CALLS.clear()
+    SETTINGS.clear()
 
 
 def toy_tasks(theta, n=len(TASKS)):
@@ -91,6 +95,14 @@ def test_first_order_is_passed_to_the_inner_loop():
     assert torch.allclose(theta.grad, direct)
 
 
+def test_the_inner_loop_settings_are_passed_on():
+    theta = THETA.clone().requires_grad_(True)
+    rates = {"phi": torch.tensor(0.1)}
+    maml.meta_step(toy_loss, toy_tasks(theta), lambda i: {"phi": TASKS[i][2]}, STEPS, LR, clip=2.0, rates=rates,
+                   optimizer="adam")
+    assert SETTINGS == [{"first_order": False, "clip": 2.0, "rates": rates, "optimizer": "adam"}] * len(TASKS)
+
+
 def test_each_task_is_back_propagated_before_the_next_one_starts():
     """Memory: only one task's graph alive at a time. When the inner loop of task i starts, tasks 0 .. i-1
     are already in theta.grad, each divided by the number of tasks."""
@@ -98,6 +110,20 @@ def test_each_task_is_back_propagated_before_the_next_one_starts():
     assert CALLS[0] is None and len(CALLS) == len(TASKS)
     for i in (1, 2):
         assert torch.allclose(CALLS[i], grad(meta_objective)(THETA, i) * i / len(TASKS))
+
+
+def test_each_tasks_phi_0_is_asked_for_when_the_task_begins():
+    """init_fast(i) may set the model up for task i (the `head` extension does): ask for it when task i
+    begins, after task i-1 is back-propagated, not for every task up front."""
+    theta = THETA.clone().requires_grad_(True)
+    asked = []
+
+    def init_fast(i):
+        asked.append((i, theta.grad.clone() if theta.grad is not None else None, len(CALLS)))
+        return {"phi": TASKS[i][2]}
+    maml.meta_step(toy_loss, toy_tasks(theta), init_fast, STEPS, LR)
+    assert [(i, calls) for i, _, calls in asked] == [(0, 0), (1, 1), (2, 2)]
+    assert asked[0][1] is None and torch.allclose(asked[2][1], grad(meta_objective)(THETA, 2) * 2 / len(TASKS))
 
 
 def test_the_returned_losses_are_means_over_tasks():
