@@ -1,29 +1,19 @@
 """Parameter-efficient fine-tuning (PEFT) methods written from scratch: adapters, prefixes, LoRA.
 
-    import torch
-    from transformers import BertConfig, BertForTokenClassification
     from adapters import PeftConfig, add_peft, freeze_body, peft_parameters
-    from peft_checkpoint import save_peft, load_peft
-
-    model = BertForTokenClassification(BertConfig(num_labels=7)).eval()
-    add_peft(model, PeftConfig("adapter", placement="houlsby"), seed=0)
+    model = add_peft(BertForTokenClassification(BertConfig(num_labels=7)), PeftConfig("adapter"), seed=0)
     freeze_body(model)                           # theta frozen, phi = PEFT + head trainable
-    optimizer = torch.optim.AdamW(peft_parameters(model).values(), lr=1e-3)
-    save_peft(model, "/tmp/peft-demo")           # megabytes: PEFT tensors + head only
-    load_peft(BertForTokenClassification(BertConfig(num_labels=7)), "/tmp/peft-demo")
+    optimizer = torch.optim.AdamW(peft_parameters(model).values(), lr=1e-3)   # (phi on disk: peft_checkpoint.py)
 
 For the BERT and XLM-R token classifiers of transformers 5 (the head is `model.classifier`).
-Notation as in METHOD.md: theta = the encoder's own parameters ("body"), phi = the PEFT
-tensors plus the head.
+METHOD.md's notation: theta = the encoder's own parameters ("body"), phi = PEFT tensors + head.
 
-Injection never renames a parameter of the model: PEFT modules are added as new children
-(`...attention.output.dropout.adapter` for Houlsby, `...output.LayerNorm.adapter` for Pfeiffer,
-`...attention.self.query.lora`, `<base>.encoder.peft_prefix`) and act through forward hooks
-on the module that owns them (so libraries that copy the module tree, like `higher`, see the
-copies' tensors), or, for prefixes, through a replacement forward of the self-attention modules.
-Hooks read their tensors as module attributes, so
-`torch.func.functional_call(model, fast_tensors, ...)` sees the swapped tensors, and every
-computation is plain autograd, so `autograd.grad(create_graph=True)` differentiates through it.
+Injection never renames a parameter: PEFT modules are new children (`...dropout.adapter` for Houlsby,
+`...output.LayerNorm.adapter` for Pfeiffer, `...query.lora`, `<base>.encoder.peft_prefix`) acting through
+forward hooks on their owner (copies of the module tree, as `higher` makes, see their own tensors) or, for
+prefixes, a replacement self-attention forward. Hooks read their tensors as module attributes, so
+`torch.func.functional_call(model, fast_tensors, ...)` sees swapped tensors, and all is plain autograd
+(`autograd.grad(create_graph=True)` differentiates through it).
 
 Bottleneck adapter (Houlsby et al. 2019), on a hidden state a of width d, bottleneck m:
 
@@ -328,9 +318,7 @@ def peft_config_of(model) -> PeftConfig | None:
     return getattr(model, _CONFIG_ATTR, None)
 
 
-# ----------------------------------------------------------------------------- theta and phi
-# phi = the tensors of the PEFT modules that add_peft injected, plus the task head (HEAD);
-# theta = every other parameter of the model (METHOD.md's notation).
+# ------------------------------------------------ theta and phi: phi = add_peft's tensors + HEAD, theta = the rest
 
 def _peft_names(model, include_head):
     names = set()
