@@ -24,9 +24,9 @@ import maml
 from adapters import body_parameters, fresh_peft_tensors, peft_parameters
 from peft_checkpoint import read_peft
 from plumbing.batches import BatchStream, encode_sentences
+from plumbing.cli import derive_seed
 from plumbing.ner_data import load_wikiann
 from plumbing.pretrained import evaluation_mode
-from plumbing.runs import derive_seed
 
 
 def query_languages(source_lang, priming_langs, query):

@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 import peft_checkpoint
-from plumbing import batches, evaluation_run, ner_data, pretrained, runs
+from plumbing import batches, cli, evaluation_run, files, ner_data, pretrained, runs
 from plumbing.scoring import entity_scores, predict_words, write_conll
 
 LANGS = "fr,nl,pt"  # target languages: never used in the default priming (de,es) or training (en)
@@ -62,7 +62,7 @@ def load_finetuned(ckpt, device):
     if record is not None and not runs.is_finished(record):
         raise ValueError(evaluation_run.unfinished_advice(ckpt, record))
     if (ckpt / "peft_config.json").is_file():
-        saved = runs.read_json_object(ckpt / "peft_config.json", f"run finetune_peft.py again with --overwrite --out "
+        saved = files.read_json_object(ckpt / "peft_config.json", f"run finetune_peft.py again with --overwrite --out "
                                                             f"{ckpt}").get("extra", {})
         body = saved.get("body_path")
         if body is None:
@@ -112,7 +112,7 @@ def languages_seen(record):
 
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate a fine-tuned NER checkpoint zero-shot on other languages.",
-                                formatter_class=runs.HelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--ckpt", required=True, help="a folder written by finetune_peft.py")
     scoring = p.add_argument_group("what is scored")
     scoring.add_argument("--langs", default=LANGS, help="comma-separated target languages")
@@ -134,12 +134,12 @@ def build_parser():
     hardware.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass")
     hardware.add_argument("--precision", choices=pretrained.PRECISIONS, default="fp32",
                           help="fp32, or bf16 autocast for the forward passes")
-    return runs.parser_taking_negative_numbers(p)
+    return cli.parser_taking_negative_numbers(p)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    runs.check_at_least(args, 1, "max_sentences", "batch_size", "max_len")
+    cli.check_at_least(args, 1, "max_sentences", "batch_size", "max_len")
     langs = ner_data.parse_languages(args.langs)
     out = evaluation_run.check_output_paths(args, langs)  # before the model is loaded or anything is scored
     fmt = ner_data.data_format_from_flags(args)
@@ -165,4 +165,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    runs.run_cli(main)
+    cli.run_cli(main)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 import adapters
 import peft_checkpoint
 import peft_config
-from plumbing import batches, finetune_run, ner_data, pretrained, runs
+from plumbing import batches, cli, files, finetune_run, ner_data, pretrained, runs
 from plumbing.scoring import score_model
 
 # --------------------------------------------------------------------- defaults -----
@@ -50,7 +50,7 @@ def build_model(init, config, seed, device):
     labels = ner_data.LABELS
     model = pretrained.load_token_classifier(init, num_labels=len(labels), id2label=labels, device=device)
     if config is not None:
-        adapters.add_peft(model, config, seed=runs.derive_seed(seed, "fresh phi"))
+        adapters.add_peft(model, config, seed=cli.derive_seed(seed, "fresh phi"))
         adapters.freeze_body(model)
     return model
 
@@ -59,7 +59,7 @@ def fine_tune(args, model, tokenizer, train, dev, out, record, device):
     """The training loop: AdamW with linear warmup and decay on the trainable tensors; the PEFT
     tensors and head (or the model) of the best dev step are saved. Returns that step's record."""
     stream = batches.BatchStream(batches.encode_sentences(train, tokenizer, args.max_len), args.batch_size,
-                                  seed=runs.derive_seed(args.seed, "train stream"), pad_id=tokenizer.pad_token_id,
+                                  seed=cli.derive_seed(args.seed, "train stream"), pad_id=tokenizer.pad_token_id,
                                   device=device, max_tokens=args.max_tokens)
     dev_examples = batches.encode_sentences(dev, tokenizer, args.max_len)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -75,7 +75,7 @@ def fine_tune(args, model, tokenizer, train, dev, out, record, device):
         t0 = time.perf_counter()
         with pretrained.precision_context(device, args.precision):
             loss = model(**stream.next_batch()).loss
-        runs.check_finite(loss.item(), f"the training loss at step {step}",
+        cli.check_finite(loss.item(), f"the training loss at step {step}",
                           "lower --lr, and start again with --overwrite")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -111,7 +111,7 @@ def linear_schedule(step, steps, warmup):
 def save_checkpoint(model, tokenizer, out, extra):
     """PEFT tensors + head (or the whole model after full fine-tuning), atomically."""
     if adapters.peft_config_of(model) is None:
-        runs.save_model_atomic(model, tokenizer, out)
+        files.save_model_atomic(model, tokenizer, out)
     else:
         peft_checkpoint.save_peft(model, out, extra=extra)
 
@@ -131,7 +131,7 @@ def load_training_sentences(args, fmt=None):
 
 def build_parser():
     p = argparse.ArgumentParser(description="Fine-tune PEFT tensors (or the full model) for NER on one language.",
-                                formatter_class=runs.HelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     method = p.add_argument_group("what trains")
     method.add_argument("--init", default=pretrained.DEFAULT_MODEL,
                         help="the body: a primed folder, e5-small, a model folder or hub id")
@@ -173,7 +173,7 @@ def build_parser():
     hardware.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
     hardware.add_argument("--precision", choices=pretrained.PRECISIONS, default="fp32",
                           help="fp32, or bf16 autocast for the forward passes")
-    return runs.parser_taking_negative_numbers(p)
+    return cli.parser_taking_negative_numbers(p)
 
 
 def main(argv=None):
@@ -190,7 +190,7 @@ def main(argv=None):
     train = load_training_sentences(args, fmt)  # bad data: an error before any write
     dev = ner_data.load_wikiann(args.lang, "dev", args.data_dir, args.dev_sentences, fmt)
     record = finetune_run.body_record(args, init_path, fmt)
-    runs.set_seed(args.seed)
+    cli.set_seed(args.seed)
     model = build_model(args.init, config, args.seed, device)  # a body that does not load: an error before any write
     with finetune_run.run_folder(args, record) as (out, finished):
         finished["best"] = best = fine_tune(args, model, tokenizer, train, dev, out, record, device)
@@ -209,4 +209,4 @@ INTERRUPTED = finetune_run.INTERRUPTED
 
 
 if __name__ == "__main__":
-    runs.run_cli(main, interrupted=INTERRUPTED)
+    cli.run_cli(main, interrupted=INTERRUPTED)

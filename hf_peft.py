@@ -31,8 +31,10 @@ from safetensors.torch import load_file, save_file
 
 from adapters import CONFIG_FILE, HEAD, WEIGHTS_FILE, PeftConfig, peft_config_of
 from peft_checkpoint import saved_peft_config
+from plumbing.cli import run_cli
+from plumbing.files import read_json_object, write_atomic
 from plumbing.ner_data import LABELS
-from plumbing.runs import is_finished, read_json_object, read_record, run_cli, write_atomic
+from plumbing.runs import is_finished, read_record
 
 HF_CONFIG_FILE, HF_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"  # what PeftModel reads
 PREFIX = "base_model.model."  # HF peft keys: the wrapped model's own parameter names behind this

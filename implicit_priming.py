@@ -34,8 +34,8 @@ import episodes
 import implicit
 import maml
 from adapters import body_parameters, fresh_peft_tensors
+from plumbing.cli import check_at_least, check_positive
 from plumbing.pretrained import evaluation_mode
-from plumbing.runs import check_at_least, check_positive
 
 # --------------------------------------------------------------------- defaults -----
 # The Gauss-Newton system's defaults, measured on e5-small (RESULTS.md, "The implicit hypergradient, honestly

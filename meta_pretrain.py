@@ -39,7 +39,7 @@ import episodes
 import implicit_priming
 import maml
 import peft_config
-from plumbing import distributed, ner_data, pretrained, priming_run, runs
+from plumbing import cli, distributed, ner_data, pretrained, priming_run, runs
 
 # --------------------------------------------------------------------- defaults -----
 # Budget: the README's main job; a meta-step of these defaults takes ~5 s on a quiet CPU core (RESULTS.md).
@@ -62,7 +62,7 @@ SAVE_EVERY = 20          # resumable checkpoint every N meta-steps
 def prime(args, model, tokenizer, source, held_out, out, device, world, rank, inputs):
     """The priming loop (METHOD.md, "One priming episode"): --steps meta-steps from the start or
     from resume.pt, then the primed body. `model`: the input model with its initial PEFT tensors
-    and head (drawn after runs.set_seed)."""
+    and head (drawn after cli.set_seed)."""
     run = start(args, model, source, held_out, out, device, rank, inputs)
     bar = tqdm(range(run.start, args.steps), initial=run.start, total=args.steps, desc=f"priming ({args.method})",
                disable=rank != 0)
@@ -152,15 +152,15 @@ def start(args, model, source, held_out, out, device, rank, inputs):
     set_trainable(model, args.method, args.outer_peft, args.inner_params, args.freeze_embeddings)
     model.train()  # from_pretrained returns eval mode; priming trains with dropout as fine-tuning will
     if rank:  # the model is alike everywhere; dropout masks differ (rank 0 keeps a one-process run's)
-        torch.manual_seed(runs.derive_seed(args.seed, f"dropout of rank {rank}"))
+        torch.manual_seed(cli.derive_seed(args.seed, f"dropout of rank {rank}"))
     rates = meta_sgd_rates(model, args.inner_lr, args.inner_params, device) if args.meta_sgd else {}
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     if rates:  # the learned rates are no weights: their own step size, no weight decay
         groups.append({"params": list(rates.values()), "lr": args.meta_sgd_lr, "weight_decay": 0.0})
     loss_fn = maml.functional_loss(model)
     run = PrimingRun(start=0, optimizer=torch.optim.AdamW(groups, lr=args.outer_lr), loss_fn=loss_fn,
-                     task_rng=torch.Generator().manual_seed(runs.derive_seed(args.seed, "task sampling")),
-                     phi_rng=torch.Generator().manual_seed(runs.derive_seed(args.seed, "fresh phi")),  # CPU, any device
+                     task_rng=torch.Generator().manual_seed(cli.derive_seed(args.seed, "task sampling")),
+                     phi_rng=torch.Generator().manual_seed(cli.derive_seed(args.seed, "fresh phi")),  # CPU, any device
                      rates=rates, carried={} if args.inner_loop == "implicit" else None, origin=origin,
                      reference_loss=(episodes.reference_query_loss(model, args.reference_ft, held_out, loss_fn)
                                      if args.reference_ft else None), log=None)
@@ -203,7 +203,7 @@ def check_args(args):
 
 def build_parser():
     p = argparse.ArgumentParser(description="Prime a pretrained encoder for PEFT with MAML (or MTL).",
-                                formatter_class=runs.HelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--model", default=pretrained.DEFAULT_MODEL,
                    help="e5-small (offline default), a folder, or a hub id (xlm-roberta-base)")
     method = p.add_argument_group("the method (METHOD.md)")
@@ -287,7 +287,7 @@ def build_parser():
                                "on the CPU)")
     hardware.add_argument("--precision", choices=pretrained.PRECISIONS, default="fp32",
                           help="fp32, or bf16 autocast for the forward passes (second-order MAML included)")
-    return runs.parser_taking_negative_numbers(p)
+    return cli.parser_taking_negative_numbers(p)
 
 
 def main(argv=None):
@@ -325,10 +325,10 @@ def run(args, config, claimed):
     read = [(args.source_lang, "train"), *[(q, "train") for q in query_langs], (args.source_lang, "dev"),
             *[(p, "dev") for p in priming_langs]]
     data = ner_data.data_provenance(args.data_dir, read, fmt)
-    runs.set_seed(args.seed)
+    cli.set_seed(args.seed)
     labels = ner_data.LABELS
     model = pretrained.load_token_classifier(args.model, num_labels=len(labels), id2label=labels, device=device)
-    adapters.add_peft(model, config, seed=runs.derive_seed(args.seed, "initial phi"))
+    adapters.add_peft(model, config, seed=cli.derive_seed(args.seed, "initial phi"))
     inputs = {"data": data, "resume_flags": priming_run.resume_flags(args, data, build_parser(), check_args)}
     out, lock = Path(args.out), None
     if rank == 0:  # only rank 0 writes the run folder; it owns it for the run's whole life
@@ -346,4 +346,4 @@ def run(args, config, claimed):
 
 
 if __name__ == "__main__":
-    runs.run_cli(main, interrupted=priming_run.INTERRUPTED)
+    cli.run_cli(main, interrupted=priming_run.INTERRUPTED)

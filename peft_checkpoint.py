@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapters import CONFIG_FILE, HEAD, WEIGHTS_FILE, PeftConfig, add_peft, peft_config_of, peft_parameters
-from plumbing.runs import check_finite_tensors, few, read_json_object, write_atomic
+from plumbing.cli import few
+from plumbing.files import check_finite_tensors, read_json_object, write_atomic
 
 
 def save_peft(model, folder, extra: dict | None = None):

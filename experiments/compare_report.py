@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 from experiments.stats import mean_std, priming_sd, two_level_difference
-from plumbing.runs import read_json_object, read_metrics, read_record, remove_stale_temporaries, write_atomic
+from plumbing.files import read_json_object, remove_stale_temporaries, write_atomic
+from plumbing.runs import read_metrics, read_record
 
 # what to do about a finished run's log with a damaged line (a finished run never leaves one: its last line is
 # written before its record says "finished")
@@ -113,7 +114,7 @@ def collect(runs_of_row, langs):
 
 
 def paired_rows(table, baselines):
-    """Every row against each of its baselines of the same PEFT (compare.baselines_of: no
+    """Every row against each of its baselines of the same PEFT (compare_conditions.baselines_of: no
     priming; MAML against MTL priming; each ablation against the MAML priming it removes one
     piece of; primings against the multi-source fine-tuning), as stats.two_level_difference:
     over priming runs where a row has several."""

@@ -32,9 +32,11 @@ import adapters  # noqa: E402
 import episodes  # noqa: E402
 import maml  # noqa: E402
 import peft_config  # noqa: E402
+from plumbing.cli import HelpFormatter, derive_seed, run_cli, set_seed  # noqa: E402
+from plumbing.files import write_json  # noqa: E402
 from plumbing.ner_data import LABELS, parse_languages  # noqa: E402
 from plumbing.pretrained import DEFAULT_MODEL, load_token_classifier, load_tokenizer, pick_device  # noqa: E402
-from plumbing.runs import HelpFormatter, code_version, derive_seed, run_cli, set_seed, write_json  # noqa: E402
+from plumbing.runs import code_version  # noqa: E402
 
 
 def build_parser():

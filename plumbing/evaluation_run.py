@@ -5,7 +5,7 @@ scored are the ones recorded, and the scores file itself. Nothing here scores; e
 import json
 from pathlib import Path
 
-from plumbing import ner_data, runs
+from plumbing import files, ner_data, runs
 
 LOCK_WAIT = 10.0  # seconds to wait for the checkpoint's lock: another evaluation holds it for a moment, a run for hours
 # files of a run folder that --out must never replace, even with --overwrite: the run would be lost
@@ -79,14 +79,14 @@ def check_body_unchanged(ckpt, body, saved_sha256, saved_config_sha256=None):
                          f"{Path(body).expanduser().resolve()}): move it back there, or fine-tune the body where it "
                          f"is now into a new --out (finetune_peft.py --init <its folder>)")
     if saved_config_sha256 is not None:  # None: a hub body (no folder to hash)
-        now = runs.config_sha256(body)
+        now = files.config_sha256(body)
         if now != saved_config_sha256:
             raise ValueError(f"{Path(body) / 'config.json'} changed since {ckpt} was fine-tuned on it (sha256 "
                              f"{str(now)[:12]}, then {saved_config_sha256[:12]}): restore it, or fine-tune the body "
                              f"as it is now into a new --out")
     if saved_sha256 is None:
         return None  # a hub body (no folder to hash)
-    now = runs.weights_sha256(body)
+    now = files.weights_sha256(body)
     if now != saved_sha256:
         raise ValueError(f"the body {body} changed since {ckpt} was fine-tuned on it (weights sha256 {now[:12]}, "
                          f"then {saved_sha256[:12]}): fine-tune the new body into a new --out, or restore the old one")
@@ -133,8 +133,8 @@ def write_scores(ckpt, record_bytes, out, scores):
             raise ValueError(f"{ckpt} was replaced by another run while it was evaluated: these scores belong to the "
                              f"old run and were not written; evaluate it again")
         if Path(out).parent.resolve() == Path(ckpt).resolve():  # the run's folder, whose writers all hold its lock
-            runs.remove_stale_temporaries(Path(out).parent, [Path(out).name])
-        runs.write_json(out, scores)
+            files.remove_stale_temporaries(Path(out).parent, [Path(out).name])
+        files.write_json(out, scores)
 
 
 def read_data(args, langs, fmt):

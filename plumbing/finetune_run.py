@@ -5,16 +5,16 @@ from recorded, the folder claimed and recorded. Nothing here trains; finetune_pe
 from contextlib import contextmanager
 from pathlib import Path
 
-from plumbing import ner_data, runs
+from plumbing import cli, files, ner_data, runs
 
 STAGE = "finetune_peft"
-# what Ctrl-C leaves, said by runs.run_cli
+# what Ctrl-C leaves, said by cli.run_cli
 INTERRUPTED = "the folder holds an unfinished run that evaluate_ner.py refuses; start it again with --overwrite"
 
 
 def check_finetune_flags(args, evals, lr_peft, lr_full):
     """Out-of-range flags: one clear error each; fills in --eval-every (--steps / evals), --lr and --out."""
-    runs.check_at_least(args, 1, "steps", "batch_size", "max_sentences", "dev_sentences", "eval_every", "max_len",
+    cli.check_at_least(args, 1, "steps", "batch_size", "max_sentences", "dev_sentences", "eval_every", "max_len",
                         "max_tokens", "extra_sentences")
     args.extra_langs = check_extra_langs(args.lang, args.extra_langs, args.extra_sentences)
     if args.eval_every is None:
@@ -23,8 +23,8 @@ def check_finetune_flags(args, evals, lr_peft, lr_full):
         raise ValueError(f"--warmup must be in [0, 1) (got {args.warmup}): the fraction of --steps that warms up")
     if args.lr is None:
         args.lr = lr_full if args.peft == "full" else lr_peft
-    runs.check_positive(args, "lr")
-    runs.check_seed(args)
+    cli.check_positive(args, "lr")
+    cli.check_seed(args)
     ner_data.check_language(args.lang, "--lang")
     if args.out is None:
         args.out = f"checkpoints/ft-{Path(args.init).name}-{args.peft}-{args.lang}-s{args.seed}"
@@ -49,7 +49,7 @@ def body_record(args, init_path, fmt):
     extra = [(lang, "train") for lang in ner_data.parse_languages(args.extra_langs)] if args.extra_langs else []
     read = [(args.lang, "train"), (args.lang, "dev"), *extra]
     return dict(init=args.init, init_path=init_path, init_record=init_record(init_path),
-                init_sha256=runs.weights_sha256(init_path), init_config_sha256=runs.config_sha256(init_path),
+                init_sha256=files.weights_sha256(init_path), init_config_sha256=files.config_sha256(init_path),
                 data=ner_data.data_provenance(args.data_dir, read, fmt))
 
 

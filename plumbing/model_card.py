@@ -16,9 +16,11 @@ import argparse
 import json
 from pathlib import Path
 
+from plumbing.cli import run_cli
+from plumbing.files import write_atomic
 from plumbing.ner_data import HUB_DATASET
 from plumbing.pretrained import DEFAULT_ALIASES
-from plumbing.runs import METRICS, is_finished, read_metrics, read_record, run_cli, write_atomic
+from plumbing.runs import METRICS, is_finished, read_metrics, read_record
 
 CARD = "README.md"  # the file name the hub shows as the model card
 DEFAULT_HUB_ID = "intfloat/multilingual-e5-small"  # what the offline default e5-small is a copy of (pretrained.py)

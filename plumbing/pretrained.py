@@ -31,7 +31,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from plumbing.runs import failed_write_errno, few, run_cli, write_failure
+from plumbing.cli import few, run_cli
+from plumbing.files import failed_write_errno, write_failure
 
 PRECISIONS = ("fp32", "bf16")
 DEFAULT_MODEL = "e5-small"  # the offline default: small enough for a laptop CPU
@@ -200,7 +201,7 @@ def resume_command(folder):
     a finished run)."""
     import shlex
 
-    from plumbing.runs import json_object_or_none
+    from plumbing.files import json_object_or_none
     record = json_object_or_none(folder / "run.json") or {}
     flags, steps = record.get("resume_flags"), (record.get("args") or {}).get("steps")
     if record.get("stage") != "meta_pretrain" or not isinstance(flags, list) or steps is None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from plumbing import distributed, model_card, ner_data, pretrained, resume_state, runs
+from plumbing import cli, distributed, files, model_card, ner_data, pretrained, resume_state, runs
 
 STAGE = "meta_pretrain"
 # flags that may change between an interrupted run and its --resume (everything else shapes the run;
@@ -60,14 +60,14 @@ def start_log(out, args, inputs, start):
 
 
 def resume_flags(args, data, parser, check):
-    """The flags that give this run back to meta_pretrain.py --resume (runs.flags_for through the stage's
+    """The flags that give this run back to meta_pretrain.py --resume (cli.flags_for through the stage's
     `parser` and `check`), its input model and data folder as the run resolved them; run.json keeps them
     so that advice to re-save the body (pretrained.resume_command) is the run's own command."""
     values = dict(vars(args))
     if values["model"] not in pretrained.DEFAULT_ALIASES:
         values["model"] = pretrained.resolve_model(args.model)
     values["data_dir"] = (data or {}).get("dir") or values.get("data_dir")
-    return runs.flags_for(parser, values, check, leave_out={"resume", "overwrite", "out", "steps", "gpu",
+    return cli.flags_for(parser, values, check, leave_out={"resume", "overwrite", "out", "steps", "gpu",
                                                             "reference_ft"})
 
 
@@ -80,7 +80,7 @@ def record(out, args, status, **extra):
 
 def finish(out, args, body, tokenizer, body_change, inputs, rates):
     """The primed body and its model card, then the record that marks the run finished (written last)."""
-    runs.save_model_atomic(body, tokenizer, out)
+    files.save_model_atomic(body, tokenizer, out)
     model_card.write_model_card(out, vars(args), body_change, runs.code_version())
     record(out, args, status="finished", body_change=body_change, **inputs,
            **({"meta_sgd_rates": {n: r.item() for n, r in rates.items()}} if rates else {}))
@@ -114,11 +114,11 @@ def check_priming_flags(args, world, local_rank):
                           ("--inner-params all", args.inner_params == "all"), ("--meta-sgd", args.meta_sgd)]:
             if bad:
                 raise ValueError(f"{flag} is a MAML option; it has no meaning with --method mtl")
-    runs.check_at_least(args, 1, "steps", "tasks_per_step", "batch_size", "max_len", "inner_steps", "max_sentences",
+    cli.check_at_least(args, 1, "steps", "tasks_per_step", "batch_size", "max_len", "inner_steps", "max_sentences",
                    "save_every", "eval_sentences", "max_tokens", "log_adaptation_every")
-    runs.check_at_least(args, 0, "eval_every")
-    runs.check_positive(args, "inner_lr", "outer_lr", "inner_clip", "meta_sgd_lr")
-    runs.check_seed(args)
+    cli.check_at_least(args, 0, "eval_every")
+    cli.check_positive(args, "inner_lr", "outer_lr", "inner_clip", "meta_sgd_lr")
+    cli.check_seed(args)
     ner_data.check_language(args.source_lang, "--source-lang")
     if args.tasks_per_step % world:
         raise ValueError(f"--tasks-per-step {args.tasks_per_step} must be divisible by the number of processes "
@@ -146,7 +146,7 @@ def check_reference_ft(args):
     if not config.is_file():
         raise ValueError(f"--reference-ft {args.reference_ft} holds no peft_config.json: give a finetune_peft.py "
                          f"folder of --peft {args.peft}")
-    saved = runs.read_json_object(config, "give another --reference-ft").get("peft_config")
+    saved = files.read_json_object(config, "give another --reference-ft").get("peft_config")
     method = saved.get("method") if isinstance(saved, dict) else None
     if method is None:
         raise ValueError(f"{config} holds no \"peft_config\" (the PEFT method and its sizes): give another "
@@ -205,6 +205,6 @@ def check_losses(metrics, step, inner_loop="unrolled"):
     rates = "--implicit-lr / --outer-lr" if inner_loop == "implicit" else "--inner-lr / --outer-lr or set --inner-clip"
     for name, value in metrics.items():
         if "loss" in name:
-            runs.check_finite(value, f"{name} at meta-step {step}",  # not --overwrite: it would delete resume.pt
+            cli.check_finite(value, f"{name} at meta-step {step}",  # not --overwrite: it would delete resume.pt
                          f"lower {rates} and start again with a new --out (this folder's resume.pt, "
                          f"saved before the failure, is kept)")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from plumbing.runs import torch_save
+from plumbing.files import torch_save
 
 FILE = "resume.pt"
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from plumbing.batches import bucketed_batches, collate, word_predictions
+from plumbing.files import write_atomic
 from plumbing.ner_data import LABELS
 from plumbing.pretrained import evaluation_mode
-from plumbing.runs import write_atomic
 
 MODES = ("default", "strict")
 SPACES = re.compile(r"\s+")

@@ -161,9 +161,9 @@ def fake(monkeypatch):
     """compare.py with its three stages replaced by test_compare.FakeStages (returned: the commands it ran)."""
     from test_compare import FakeStages
 
-    from experiments import compare
+    from experiments import compare, compare_runs
     stages = FakeStages()
-    monkeypatch.setattr(compare, "run_child", stages)
+    monkeypatch.setattr(compare_runs, "run_child", stages)
     for name in ("plot_f1", "plot_paired", "plot_curves"):
         monkeypatch.setattr(f"experiments.compare_plots.{name}", lambda *a: None)
     monkeypatch.setattr(compare, "add_body_change", lambda *a: None)

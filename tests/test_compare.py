@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import compare, compare_report, stats
+from experiments import compare, compare_conditions, compare_report, compare_runs, stats
 
 SEED_EFFECT = {0: 0.0, 1: -3.0, 2: 2.0, 3: -1.0, 4: 1.5}        # shared by every row: the pairing cancels it
 CONDITION_EFFECT = {"none": 0.0, "MTL_priming": 0.5, "MAML_priming": 1.0}
@@ -28,7 +28,7 @@ def stage_args(script, command):
 
 
 class FakeStages:
-    """Stands in for compare.run_child: records each stage command and writes what the stage would."""
+    """Stands in for compare_runs.run_child: records each stage command and writes what the stage would."""
 
     def __init__(self, version="abc1234"):
         self.commands, self.version = [], version
@@ -200,7 +200,7 @@ def test_a_run_locked_by_another_process_is_left_to_it(tmp_path, fake):
     tuned = next((tmp_path / "runs").glob("ft-adapter-no_priming-f0-*"))
     result = next(tuned.glob("eval-test-*.json"))
     result.unlink()
-    held = try_lock(tmp_path / "runs" / compare.LOCKS / f"{tuned.name}-{result.stem}.lock")  # another compare.py
+    held = try_lock(tmp_path / "runs" / compare_runs.LOCKS / f"{tuned.name}-{result.stem}.lock")  # another compare.py
     compare.main(base_argv(tmp_path, "--conditions", "no priming"))
     assert len(fake.commands) == first                 # left to the lock's holder
     held.close()                                       # that process ended (or was killed): the lock is free
@@ -232,7 +232,7 @@ def test_an_interrupted_stage_is_started_again_with_overwrite(tmp_path, fake, mo
             shutil.rmtree(flag(command, "--out"))
             fake.overwrites.append(Path(command[1]).name)
         return real(command, *a, **k)
-    monkeypatch.setattr(compare, "run_child", clean_then_run)
+    monkeypatch.setattr(compare_runs, "run_child", clean_then_run)
     compare.main(base_argv(tmp_path, "--conditions", "no priming", "--finetune-seeds", "1"))
     assert scripts(fake.commands[first:]) == ["finetune_peft.py", "evaluate_ner.py"]
     assert fake.overwrites == ["finetune_peft.py"]
@@ -278,14 +278,14 @@ def test_the_main_rows_run_first_and_the_table_keeps_the_papers_order(tmp_path, 
             for c in fake.commands if "evaluate_ner.py" in c[1]]
     main = {"no_priming", "MTL_priming", "MAML_priming", "dose_MAML_priming_for_1_4_of_the_meta_steps",
             "multi_source_fine_tuning_en_priming_languages", "MTL_priming_at_MAML_s_compute"}
-    assert main == {compare.slug(c) for c in compare.FIRST}
+    assert main == {compare.slug(c) for c in compare_conditions.FIRST}
     first_ablation = next(i for i, r in enumerate(rows) if r[1] not in main)
     assert all(r[1] in main for r in rows[:first_ablation]) and len(rows[:first_ablation]) == 2 * 6 * 2
     assert rows[-1][0] == "full"
     lines = [line for line in (tmp_path / "out" / "table.md").read_text().splitlines() if line.startswith("| adapter |")
              or line.startswith("| prefix |") or line.startswith("| full |")]
-    expected = [f"| {p} | {c} |" for p in ("adapter", "prefix") for c in compare.CONDITIONS
-                if c not in compare.OPT_IN] + ["| full | full"]                # the implicit rows: only when named
+    expected = [f"| {p} | {c} |" for p in ("adapter", "prefix") for c in compare_conditions.CONDITIONS
+                if c not in compare_conditions.OPT_IN] + ["| full | full"]   # the implicit rows: only when named
     assert [line[:len(e)] for line, e in zip(lines, expected)] == expected
 
 
@@ -331,7 +331,7 @@ def test_body_change_is_the_relative_change_of_non_embedding_weights(tmp_path):
 def test_a_new_training_code_version_makes_new_runs(tmp_path, fake, monkeypatch):
     compare.main(base_argv(tmp_path, "--conditions", "no priming", "--finetune-seeds", "1"))
     first = len(fake.commands)
-    monkeypatch.setattr(compare, "TRAINING_CODE", "999")
+    monkeypatch.setattr(compare_runs, "TRAINING_CODE", "999")
     compare.main(base_argv(tmp_path, "--conditions", "no priming", "--finetune-seeds", "1"))
     assert scripts(fake.commands[first:]) == ["finetune_peft.py", "evaluate_ner.py"]
 
@@ -352,10 +352,10 @@ def test_an_interrupted_priming_run_is_resumed(tmp_path, fake):
 
 
 def test_the_dose_row_primes_a_quarter_of_the_steps_with_the_main_rows_seeds(tmp_path, fake, monkeypatch):
-    prime = list(compare.BUDGETS["smoke"]["prime"])
+    prime = list(compare_conditions.BUDGETS["smoke"]["prime"])
     prime[prime.index("--steps") + 1] = "8"
-    budget = {**compare.BUDGETS["smoke"], "prime": prime}
-    monkeypatch.setitem(compare.BUDGETS, "smoke", budget)
+    budget = {**compare_conditions.BUDGETS["smoke"], "prime": prime}
+    monkeypatch.setitem(compare_conditions.BUDGETS, "smoke", budget)
     dose = "dose: MAML priming for 1/4 of the meta-steps"
     compare.main(base_argv(tmp_path, "--conditions", f"no priming,MAML priming,{dose}",
                            "--ablation-finetune-seeds", "1"))
@@ -411,7 +411,7 @@ def test_rows_without_a_common_seed_have_no_paired_difference():
     table = {("adapter", "no priming"): {"scores": {(None, 0): 70.0, (None, 2): 71.0}},  # what one of two processes
              ("adapter", "MTL priming"): {"scores": {(0, 1): 72.0, (0, 3): 73.0}},       # has seen when it writes
              ("adapter", "MAML priming"): {"scores": {(0, 0): 71.0, (0, 1): 74.0}}}
-    paired = compare_report.paired_rows(table, compare.baselines_of)
+    paired = compare_report.paired_rows(table, compare_conditions.baselines_of)
     assert list(paired) == ["adapter | MAML priming vs no priming", "adapter | MAML priming vs MTL priming"]
     assert paired["adapter | MAML priming vs no priming"]["n"] == 1
     compare_report.paired_markdown(paired)  # one seed: no CI, no error
@@ -509,16 +509,16 @@ def test_a_curve_is_averaged_step_by_step_over_the_runs_that_logged_the_step(tmp
 
 def test_the_conditions_plotted_get_distinct_colours():
     from experiments import compare_plots
-    rows = {("adapter", c): [] for c in ("no priming", "MTL priming", "MAML priming", compare.EQUAL_COMPUTE,
+    rows = {("adapter", c): [] for c in ("no priming", "MTL priming", "MAML priming", compare_conditions.EQUAL_COMPUTE,
                                          "implicit MAML priming", "implicit MAML priming (first order)")}
-    colors = compare_plots.condition_colors(rows, list(compare.CONDITIONS))
+    colors = compare_plots.condition_colors(rows, list(compare_conditions.CONDITIONS))
     assert set(colors) == {c for _, c in rows} and len(set(colors.values())) == len(rows)
 
 
 def legacy_run(runs, prefix, flags, old_runs, status="finished"):
     """A run folder as compare.py named it before identities were location free: the hash of the raw
     flags (absolute paths of the machine that ran it); its run.json records the stage command."""
-    folder = runs / f"{prefix}-{compare.flags_hash(flags)}"
+    folder = runs / f"{prefix}-{compare_runs.flags_hash(flags)}"
     folder.mkdir(parents=True)
     command = ["/old/clone/stage.py", *flags, "--out", f"{old_runs}/{folder.name}", "--overwrite"]
     (folder / "run.json").write_text(json.dumps({"command": " ".join(command), "status": status}))
@@ -547,7 +547,7 @@ def test_runs_recorded_under_their_older_absolute_identity_are_found(tmp_path):
     assert compare.finetune_plan(args, runs, primed, "adapter", 0, tag)[1] == tuned
     assert not compare.finetune_plan(args, runs, primed, "adapter", 1, tag)[1].exists()   # flags differ: not taken
     flags, _ = compare.evaluate_plan(args, tuned, ["fr", "nl"], "test")
-    evaluation = tuned / f"eval-test-{compare.flags_hash(old(flags))}.json"
+    evaluation = tuned / f"eval-test-{compare_runs.flags_hash(old(flags))}.json"
     evaluation.write_text("{}")
     assert compare.evaluate_plan(args, tuned, ["fr", "nl"], "test")[1] == evaluation
     assert compare.evaluate_plan(args, tuned, ["fr", "pt"], "test")[1] != evaluation
@@ -577,7 +577,7 @@ def test_the_implicit_rows_prime_with_the_implicit_loop_and_pair_with_mtl_and_ma
             "adapter | implicit MAML priming (first order) vs implicit MAML priming"} <= set(paired)
     assert paired["adapter | implicit MAML priming vs MAML priming"]["priming_seeds"] == 2   # over priming runs
     args = compare.build_parser().parse_args(["--data-dir", str(tmp_path)])
-    assert not set(compare.OPT_IN) & set(compare.check_args(args)[1])            # not in the default comparison
+    assert not set(compare_conditions.OPT_IN) & set(compare.check_args(args)[1])   # not in the default comparison
 
 
 def test_an_older_name_is_taken_only_for_the_same_training_code_and_a_finished_run_first(tmp_path, monkeypatch):
@@ -595,7 +595,7 @@ def test_an_older_name_is_taken_only_for_the_same_training_code_and_a_finished_r
     assert compare.finetune_plan(args, runs, "e5-small", "adapter", 0, "adapter-no_priming")[1] == done
     (done / "run.json").unlink()                                   # only the running one left: shared, not re-run
     assert compare.finetune_plan(args, runs, "e5-small", "adapter", 0, "adapter-no_priming")[1] == running
-    monkeypatch.setattr(compare, "TRAINING_CODE", compare.TRAINING_CODE + "-changed")
+    monkeypatch.setattr(compare_runs, "TRAINING_CODE", compare_runs.TRAINING_CODE + "-changed")
     new = compare.finetune_plan(args, runs, "e5-small", "adapter", 0, "adapter-no_priming")[1]
     assert new != running and not new.exists()                     # code that trains differently: a new run
 
@@ -617,27 +617,27 @@ def test_a_reused_run_must_have_read_the_same_data_bytes(tmp_path):
     data = data_provenance(str(tmp_path / "a" / "wikiann"), [("en", "train")])
     (folder / "run.json").write_text(json.dumps({"status": "finished", "data": data}))
     assert plan("a")[1] == folder
-    compare.current_sha256.cache_clear()
+    compare_runs.current_sha256.cache_clear()
     with pytest.raises(ValueError, match=r"made from other data than .*b/wikiann holds \(en/train differ"):
         plan("b")                                                   # same folder name, other bytes
     shutil.copy(tmp_path / "a" / "wikiann" / "en" / "train", tmp_path / "b" / "wikiann" / "en" / "train")
-    compare.current_sha256.cache_clear()
+    compare_runs.current_sha256.cache_clear()
     assert plan("b")[1] == folder                                   # same bytes elsewhere: reused
 
 
 def test_second_order_implicit_records_from_before_curvature_are_the_exact_hessian_row(tmp_path, monkeypatch):
     """Committed implicit runs ran the exact Hessian's system before --curvature existed: the row that
     says --curvature hessian finds them; the Gauss-Newton row (the new default) does not reuse them."""
-    monkeypatch.setattr(compare, "check_data", lambda *a: None)      # the data's bytes: not what this tests
+    monkeypatch.setattr(compare_runs, "check_data", lambda *a: None)      # the data's bytes: not what this tests
     records = compare.ROOT / "experiments" / "results" / "verdict-cpu" / "records"
     args = compare.build_parser().parse_args(["--data-dir", str(tmp_path / "wikiann"), "--pefts", "adapter"])
     runs = tmp_path / "runs"
     runs.mkdir()
-    compare.restore_records(records, runs)
+    compare_runs.restore_records(records, runs)
     _, exact = compare.prime_plan(args, runs, "adapter", "implicit MAML priming", 0)
     _, ggn = compare.prime_plan(args, runs, "adapter", "implicit MAML priming (Gauss-Newton)", 0)
     assert exact.name in {p.name for p in records.iterdir()}
-    assert "--curvature" not in compare.read_record(exact)["command"]
+    assert "--curvature" not in compare_runs.read_record(exact)["command"]
     assert ggn.name != exact.name                       # the Gauss-Newton row never reuses the exact Hessian's runs
     _, first = compare.prime_plan(args, runs, "adapter", "implicit MAML priming (first order)", 0)
     assert first.name in {p.name for p in records.iterdir()}                 # first order: untouched

@@ -11,9 +11,11 @@ import evaluate_ner
 import finetune_peft
 import meta_pretrain
 from experiments import compare
+from plumbing.cli import run_cli
 from plumbing.conll import ConllFormat, read_conll_file
+from plumbing.files import write_json
 from plumbing.ner_data import LABELS, load_wikiann, read_panx_file
-from plumbing.runs import claim_run_folder, run_cli, write_json
+from plumbing.runs import claim_run_folder
 
 AUTO = ConllFormat()
 

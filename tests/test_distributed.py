@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import episodes
 import meta_pretrain
 from plumbing import distributed
-from plumbing.runs import run_cli
+from plumbing.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5

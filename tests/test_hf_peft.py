@@ -175,9 +175,9 @@ def test_pipeline_groups_become_one_tag_per_word():
 def test_trainer_reads_the_batches_of_our_fine_tuning(tiny_model_dir, data_dir, tmp_path):
     """bench_vs_hf's Trainer gets finetune_peft's batches: same sentences, same padded shapes."""
     from plumbing.batches import BatchStream, encode_sentences
+    from plumbing.cli import derive_seed
     from plumbing.ner_data import load_wikiann
     from plumbing.pretrained import load_tokenizer
-    from plumbing.runs import derive_seed
     bench, trainer_script = load_benchmark("bench_vs_hf"), load_benchmark("hf_peft_trainer")
     tokenizer = load_tokenizer(str(tiny_model_dir))
     examples = encode_sentences(load_wikiann("en", "train", data_dir, 200), tokenizer, 32)

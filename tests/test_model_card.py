@@ -7,7 +7,7 @@ from conftest import prime_argv
 import maml
 import meta_pretrain
 from plumbing import model_card
-from plumbing.runs import run_cli
+from plumbing.cli import run_cli
 
 
 def front_matter(text):

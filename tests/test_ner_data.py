@@ -195,7 +195,7 @@ def test_hub_unreachable_is_a_clear_error(monkeypatch):
 def test_hub_unreachable_from_a_stage_is_one_line_naming_both_ways_out(tmp_path, monkeypatch, capsys):
     """A newcomer with neither the hub nor a folder: exit 2, one line, both routes named."""
     import finetune_peft
-    from plumbing.runs import run_cli
+    from plumbing.cli import run_cli
     monkeypatch.delenv("WIKIANN_DIR", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -15,7 +15,7 @@ import evaluate_ner
 import finetune_peft
 import maml
 import meta_pretrain
-from plumbing import evaluation_run, priming_run, runs
+from plumbing import cli, evaluation_run, files, priming_run, runs
 
 
 def evaluate_argv(ckpt, data_dir, *extra):
@@ -26,7 +26,7 @@ def last_error_line(main, argv, capsys):
     """A stage's error (exit 2) after its own progress bar: the last line on stderr, no traceback."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
-        runs.run_cli(main, argv)
+        cli.run_cli(main, argv)
     said = capsys.readouterr().err
     assert stop.value.code == 2 and "Traceback" not in said
     return said.strip().splitlines()[-1]
@@ -177,7 +177,7 @@ def test_evaluation_refuses_a_body_that_changed_after_fine_tuning(tiny_model_dir
     body, ft = tmp_path / "p", tmp_path / "ft"
     shutil.copytree(primed, body)
     finetune_peft.main(tune_argv(body, data_dir, ft, "--steps", "2", "--eval-every", "2"))
-    assert json.loads((ft / "run.json").read_text())["init_sha256"] == runs.weights_sha256(body)
+    assert json.loads((ft / "run.json").read_text())["init_sha256"] == files.weights_sha256(body)
     meta_pretrain.main(prime_argv(tiny_model_dir, data_dir, body, "--seed", "7", "--overwrite"))  # re-primed
     message = error_of(evaluate_ner.main, evaluate_argv(ft, data_dir), capsys)
     assert f"the body {body.resolve()} changed since {ft} was fine-tuned on it" in message
@@ -298,7 +298,7 @@ def test_a_full_disk_is_named(tiny_model_dir, data_dir, tuned, tmp_path, capsys,
 
     def no_space(tmp):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(runs, "write_json", lambda path, obj: runs.write_atomic(path, no_space))
+    monkeypatch.setattr(files, "write_json", lambda path, obj: files.write_atomic(path, no_space))
     out = tmp_path / "scores" / "eval.json"
     message = error_of(evaluate_ner.main, evaluate_argv(tuned, data_dir, "--out", str(out)), capsys)
     assert f"no space left on the device while writing {out}" in message and not list(out.parent.iterdir())
@@ -316,12 +316,12 @@ def test_a_full_disk_is_named(tiny_model_dir, data_dir, tuned, tmp_path, capsys,
 
         def flush(self):
             self.f.flush()
-    real_save = runs.torch.save
+    real_save = files.torch.save
 
     def save_on_a_full_device(obj, f, *args, **kwargs):         # torch 2.13 raises RuntimeError("... unexpected pos")
         with open(f, "wb") if isinstance(f, (str, os.PathLike)) else contextlib.nullcontext(f) as handle:
             return real_save(obj, FillsUp(handle), *args, **kwargs)
-    monkeypatch.setattr(runs.torch, "save", save_on_a_full_device)
+    monkeypatch.setattr(files.torch, "save", save_on_a_full_device)
     message = last_error_line(meta_pretrain.main, prime_argv(tiny_model_dir, data_dir, tmp_path / "p"), capsys)
     resume = tmp_path / "p" / "resume.pt"
     assert message.startswith("error: ") and f"no space left on the device while writing {resume}" in message

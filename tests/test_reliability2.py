@@ -153,7 +153,7 @@ def mode(path):
 def test_a_saved_model_gets_the_umasks_mode(tiny_model_dir, default_tokenizer, tmp_path, umask_022):
     from conftest import tiny_classifier
 
-    from plumbing.runs import save_model_atomic
+    from plumbing.files import save_model_atomic
     save_model_atomic(tiny_classifier(), default_tokenizer, tmp_path / "m")   # the primed body, --peft full
     assert {p.name: mode(p) for p in (tmp_path / "m").iterdir()} == {p.name: 0o644 for p in (tmp_path / "m").iterdir()}
 
@@ -257,7 +257,7 @@ def test_the_evaluation_record_holds_what_shapes_its_scores(tuned, data_dir, tmp
 # ----------------------------------------------------------------------------- what Ctrl-C leaves
 
 def ctrl_c_message(argv, capsys):
-    from plumbing.runs import run_cli
+    from plumbing.cli import run_cli
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
         run_cli(meta_pretrain.main, argv, priming_run.INTERRUPTED)

@@ -22,8 +22,8 @@ from test_robustness import error_of, prime_argv, tune_argv
 import evaluate_ner
 import finetune_peft
 import meta_pretrain
-from experiments import compare
-from plumbing import runs
+from experiments import compare, compare_runs
+from plumbing import cli, files, runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def primed_run(tiny_model_dir, data_dir, tmp_path_factory):
 def stages(monkeypatch):
     """compare.py's stages replaced by test_compare's fake, which writes what they would."""
     fake = FakeStages()
-    monkeypatch.setattr(compare, "run_child", fake)
+    monkeypatch.setattr(compare_runs, "run_child", fake)
     for name in ("plot_f1", "plot_paired", "plot_curves"):
         monkeypatch.setattr(f"experiments.compare_plots.{name}", lambda *a: None)
     monkeypatch.setattr(compare, "add_body_change", lambda *a: None)
@@ -103,7 +103,7 @@ def final_error(main, argv, capsys):
     """A stage's error (exit 2) after its own progress bar: one line "error: ...", the last on stderr."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
-        runs.run_cli(main, argv)
+        cli.run_cli(main, argv)
     said = capsys.readouterr().err
     assert stop.value.code == 2 and "Traceback" not in said, said[-3000:]
     last = said.strip().splitlines()[-1]
@@ -123,7 +123,7 @@ def under_file_size_limit(monkeypatch, target, name, nbytes):
 
 def test_a_file_size_limit_while_saving_the_body_is_named(tiny_model_dir, data_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "p"
-    under_file_size_limit(monkeypatch, runs, "save_model_atomic", 100_000)   # the body's weights: 32 MB
+    under_file_size_limit(monkeypatch, files, "save_model_atomic", 100_000)   # the body's weights: 32 MB
     message = final_error(meta_pretrain.main, prime_argv(tiny_model_dir, data_dir, out), capsys)
     assert f"the file size limit (ulimit -f: 100000 bytes) stopped the writing of the model into {out}" in message
     assert "delete" not in message and "corrupt" not in message
@@ -256,7 +256,7 @@ def test_compare_mirrors_a_record_atomically(tmp_path, stages, monkeypatch):
     def killed_halfway(source, dest, *args, **kwargs):
         Path(dest).write_text(Path(source).read_text()[:10])
         raise KeyboardInterrupt
-    monkeypatch.setattr(compare.shutil, "copy2", killed_halfway)
+    monkeypatch.setattr(compare_runs.shutil, "copy2", killed_halfway)
     with pytest.raises(KeyboardInterrupt):
         compare.main(argv)
     assert kept.read_text() == before and not list(kept.parent.glob("*.tmp-*"))
@@ -302,9 +302,9 @@ COMPARE = """
 import sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from experiments import compare
-from plumbing.runs import run_cli
-compare.ROOT = Path({stages!r})                                   # stages that only hold their lock
+from experiments import compare, compare_runs
+from plumbing.cli import run_cli
+compare_runs.ROOT = Path({stages!r})                                   # stages that only hold their lock
 run_cli(compare.main, sys.argv[1:])
 """
 

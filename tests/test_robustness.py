@@ -14,8 +14,9 @@ import evaluate_ner
 import finetune_peft
 import maml
 import meta_pretrain
-from plumbing import pretrained, priming_run, runs
-from plumbing.runs import run_cli, try_lock
+from plumbing import cli, pretrained, priming_run
+from plumbing.cli import run_cli
+from plumbing.runs import try_lock
 
 
 def prime_argv(model, data, out, *extra):
@@ -162,7 +163,7 @@ def test_records_hold_absolute_paths(tiny_model_dir, data_dir, tmp_path, monkeyp
 def test_ctrl_c_in_fine_tuning_leaves_a_folder_evaluation_refuses(tiny_model_dir, data_dir, tmp_path, capsys,
                                                                   monkeypatch):
     out = tmp_path / "ft"
-    interrupt(monkeypatch, runs, "check_finite", after=3)   # after the step-2 checkpoint
+    interrupt(monkeypatch, cli, "check_finite", after=3)   # after the step-2 checkpoint
     with pytest.raises(SystemExit) as stop:
         run_cli(finetune_peft.main, tune_argv(tiny_model_dir, data_dir, out), finetune_peft.INTERRUPTED)
     said = capsys.readouterr().err

@@ -8,7 +8,8 @@ import statistics
 import pytest
 from test_compare import base_argv, flag
 
-from experiments import compare, stats
+from experiments import compare, compare_runs, stats
+from experiments.compare_conditions import EQUAL_COMPUTE, MULTI_SOURCE, OPT_IN, baselines_of
 
 
 def test_two_level_difference_by_hand():
@@ -191,19 +192,19 @@ def test_replicated_priming_runs_get_their_own_fine_tuning_seeds(tmp_path, fake)
 
 
 def test_the_multi_source_row_fine_tunes_on_the_priming_languages_and_pairs_with_the_primings(tmp_path, fake):
-    compare.main(base_argv(tmp_path, "--conditions", f"no priming,MTL priming,MAML priming,{compare.MULTI_SOURCE}"))
+    compare.main(base_argv(tmp_path, "--conditions", f"no priming,MTL priming,MAML priming,{MULTI_SOURCE}"))
     tunes = [c for c in fake.commands if "finetune_peft.py" in c[1]]
     multi = [c for c in tunes if "--extra-langs" in c]
     assert len(multi) == 3 and all(flag(c, "--extra-langs") == "de,es" and flag(c, "--init") == "e5-small"
                                    and flag(c, "--extra-sentences") == "40" for c in multi)   # smoke priming pool
     assert not any("--extra-langs" in c for c in tunes if c not in multi)   # the other rows keep their identity
     paired = json.loads((tmp_path / "out" / "results.json").read_text())["paired"]
-    assert {f"adapter | {c} vs {compare.MULTI_SOURCE}" for c in ("MTL priming", "MAML priming")} <= set(paired)
-    assert f"adapter | {compare.MULTI_SOURCE} vs no priming" in paired
+    assert {f"adapter | {c} vs {MULTI_SOURCE}" for c in ("MTL priming", "MAML priming")} <= set(paired)
+    assert f"adapter | {MULTI_SOURCE} vs no priming" in paired
 
 
 def test_the_equal_compute_row_primes_mtl_for_mamls_time(tmp_path, fake):
-    compare.main(base_argv(tmp_path, "--conditions", f"no priming,MTL priming,MAML priming,{compare.EQUAL_COMPUTE}",
+    compare.main(base_argv(tmp_path, "--conditions", f"no priming,MTL priming,MAML priming,{EQUAL_COMPUTE}",
                            "--budget", "cpu", "--finetune-seeds", "1"))
     primes = {flag(c, "--out").rsplit("/", 1)[1].split("-p0-")[0]: c
               for c in fake.commands if "meta_pretrain.py" in c[1]}
@@ -213,20 +214,20 @@ def test_the_equal_compute_row_primes_mtl_for_mamls_time(tmp_path, fake):
     assert parse(equal[2:]).method == "mtl" and parse(equal[2:]).steps == round(200 * 1021 / 180)
     assert parse(primes["primed-adapter-MTL_priming"][2:]).steps == 200
     paired = json.loads((tmp_path / "out" / "results.json").read_text())["paired"]
-    assert f"adapter | MAML priming vs {compare.EQUAL_COMPUTE}" in paired
+    assert f"adapter | MAML priming vs {EQUAL_COMPUTE}" in paired
 
 
 def test_the_table_says_how_many_labelled_priming_language_sentences_each_row_saw(tmp_path, fake):
     """cpu budget: 200 (meta-)steps x 2 tasks x 8 query sentences = 3,200 of the 2 x 2,000 pool (0.80
     passes); MTL given MAML's time 1134 steps: 18,144 (4.54); multi-source fine-tuning: 1,000 x 16
     sentences drawn from 20,000 en + 4,000 de/es, ~2,667 expected (0.67)."""
-    compare.main(base_argv(tmp_path, "--conditions", f"no priming,MTL priming,MAML priming,{compare.EQUAL_COMPUTE},"
-                           f"{compare.MULTI_SOURCE}", "--budget", "cpu", "--finetune-seeds", "1"))
+    compare.main(base_argv(tmp_path, "--conditions", f"no priming,MTL priming,MAML priming,{EQUAL_COMPUTE},"
+                           f"{MULTI_SOURCE}", "--budget", "cpu", "--finetune-seeds", "1"))
     table = (tmp_path / "out" / "table.md").read_text()
     cell = {line.split("|")[2].strip(): line.split("|")[-2].strip() for line in table.splitlines()
             if line.startswith("| adapter |") and line.count("|") > 12}
     assert cell["no priming"] == "0 (0.00)" and cell["MTL priming"] == cell["MAML priming"] == "3,200 (0.80)"
-    assert cell[compare.EQUAL_COMPUTE] == "18,144 (4.54)" and cell[compare.MULTI_SOURCE] == "~2,667 (0.67)"
+    assert cell[EQUAL_COMPUTE] == "18,144 (4.54)" and cell[MULTI_SOURCE] == "~2,667 (0.67)"
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
     assert rows["adapter | MAML priming"]["exposure"] == {"sentences": 3200, "passes": 0.8, "expected": False}
 
@@ -244,13 +245,13 @@ def test_data_exposure_by_hand():
 
 def test_the_equal_compute_row_pairs_with_multi_source_fine_tuning():
     """Is MTL given MAML's time worth more than simply fine-tuning on the same languages?"""
-    assert compare.MULTI_SOURCE in compare.baselines_of(compare.EQUAL_COMPUTE)
+    assert MULTI_SOURCE in baselines_of(EQUAL_COMPUTE)
 
 
 def test_the_implicit_rows_pair_with_mtl_given_unrolled_maml_s_time():
     """The implicit loop costs more than unrolled MAML: is it worth more than MTL given MAML's time?"""
-    for condition in compare.OPT_IN:
-        assert compare.EQUAL_COMPUTE in compare.baselines_of(condition)
+    for condition in OPT_IN:
+        assert EQUAL_COMPUTE in baselines_of(condition)
 
 
 def test_the_cost_column_is_priming_seconds_and_f1_per_priming_hour(tmp_path, fake):
@@ -362,9 +363,9 @@ def test_the_readme_headline_is_what_the_committed_records_give(tmp_path, data_d
     from pathlib import Path
     root = Path(compare.__file__).resolve().parents[1]
     # the records name a folder "wikiann"; its bytes: not here
-    monkeypatch.setattr(compare, "check_data", lambda *a: None)
+    monkeypatch.setattr(compare_runs, "check_data", lambda *a: None)
     compare.main(["--data-dir", data_dir, "--pefts", "adapter", "--conditions",
-                  f"no priming,MTL priming,MAML priming,{compare.MULTI_SOURCE},{compare.EQUAL_COMPUTE}",
+                  f"no priming,MTL priming,MAML priming,{MULTI_SOURCE},{EQUAL_COMPUTE}",
                   "--priming-seeds", "5", "--replicate-finetune-seeds", "2", "--no-full",
                   "--out", str(tmp_path / "out"),
                   "--runs", str(tmp_path / "runs"), "--records", str(root / "experiments/results/verdict-cpu/records"),
@@ -375,11 +376,11 @@ def test_the_readme_headline_is_what_the_committed_records_give(tmp_path, data_d
         return f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
     headline = (root / "README.md").read_text().split("## The headline result")[1].split("In plain words")[0]
     rows = {"MTL priming": "MTL priming", "MAML priming": "MAML priming",
-            "MTL priming for MAML's time (3 runs)": compare.EQUAL_COMPUTE}
+            "MTL priming for MAML's time (3 runs)": EQUAL_COMPUTE}
     for label, condition in rows.items():
         line = next(entry for entry in headline.splitlines() if entry.startswith(f"| {label} |"))
         assert cell(paired[f"adapter | {condition} vs no priming"]) in line, label
-        assert cell(paired[f"adapter | {condition} vs {compare.MULTI_SOURCE}"]) in line, label
+        assert cell(paired[f"adapter | {condition} vs {MULTI_SOURCE}"]) in line, label
     line = next(entry for entry in headline.splitlines() if entry.startswith("| multi-source"))
-    assert cell(paired[f"adapter | {compare.MULTI_SOURCE} vs no priming"]) in line
+    assert cell(paired[f"adapter | {MULTI_SOURCE} vs no priming"]) in line
     assert re.search(r"\| MTL priming \| 77\.93 ", headline)

@@ -48,9 +48,9 @@ import implicit  # noqa: E402
 import implicit_priming  # noqa: E402
 import maml  # noqa: E402
 import meta_pretrain  # noqa: E402
+from plumbing.cli import derive_seed  # noqa: E402
 from plumbing.ner_data import LABELS, parse_languages  # noqa: E402
 from plumbing.pretrained import load_token_classifier, load_tokenizer, pick_device  # noqa: E402
-from plumbing.runs import derive_seed  # noqa: E402
 
 FINE_TUNE_BATCHES = 4   # cycled by every N, so the widest fine-tuning batch is the same for all
 

@@ -84,9 +84,9 @@ import episodes
 import maml  # noqa: E402
 import meta_pretrain  # noqa: E402
 from plumbing.batches import bucketed_batches, collate, encode_sentences  # noqa: E402
+from plumbing.cli import derive_seed  # noqa: E402
 from plumbing.ner_data import load_wikiann  # noqa: E402
 from plumbing.pretrained import PRECISIONS, load_token_classifier, load_tokenizer, pick_device, precision_context  # noqa: E402
-from plumbing.runs import derive_seed  # noqa: E402
 
 MB = 2 ** 20
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

@@ -40,11 +40,11 @@ from hf_peft_trainer import hf_lora_model, hf_trainer, trainer_dataset  # noqa: 
 
 import adapters  # noqa: E402
 import finetune_peft  # noqa: E402
-from plumbing import runs  # noqa: E402
+from plumbing import cli, runs  # noqa: E402
 from plumbing.batches import BatchStream, encode_sentences  # noqa: E402
+from plumbing.cli import check_at_least, derive_seed, run_cli  # noqa: E402
 from plumbing.ner_data import LABELS, load_wikiann  # noqa: E402
 from plumbing.pretrained import load_token_classifier, load_tokenizer  # noqa: E402
-from plumbing.runs import check_at_least, derive_seed, run_cli  # noqa: E402
 from plumbing.scoring import predict_words  # noqa: E402
 
 STEPS = 60            # fine-tuning steps per side and repeat (the first WARMUP are not timed)
@@ -89,7 +89,7 @@ def ours_train(args, train, seed):
         config = finetune_peft.check_args(ft_args)
         runs.MetricsLog = timed_metrics_log(clock)
         try:
-            runs.set_seed(seed)  # as finetune_peft.main: the same PEFT draw and data order per seed
+            cli.set_seed(seed)  # as finetune_peft.main: the same PEFT draw and data order per seed
             model = finetune_peft.build_model(args.model, config, seed, torch.device("cpu"))
             tokenizer = load_tokenizer(args.model)
             finetune_peft.fine_tune(ft_args, model, tokenizer, train, train.select(range(8)), Path(out),

@@ -28,9 +28,11 @@ from experiments.stats import mean_std, paired_difference  # noqa: E402
 from hf_peft import hf_lora_config  # noqa: E402
 from peft_config import PeftConfig  # noqa: E402
 from plumbing.batches import encode_sentences  # noqa: E402
+from plumbing.cli import check_at_least, run_cli  # noqa: E402
+from plumbing.files import write_json  # noqa: E402
 from plumbing.ner_data import LABELS, load_wikiann, parse_languages  # noqa: E402
 from plumbing.pretrained import load_tokenizer, resolve_model  # noqa: E402
-from plumbing.runs import check_at_least, read_record, run_cli, write_json  # noqa: E402
+from plumbing.runs import read_record  # noqa: E402
 from plumbing.scoring import entity_scores, predict_words  # noqa: E402
 
 STEPS = 300            # a modest CPU budget; finetune_peft.py's default is 1000
