@@ -82,10 +82,8 @@ def read_record(folder):
 
 
 def is_finished(record):
-    """Whether a run.json describes a complete run (records older than the status field: those
-    that name their result)."""
-    return record is not None and record.get("status", "finished" if "best" in record or
-                                             record.get("stage") == "meta_pretrain" else None) == "finished"
+    """Whether a run.json describes a complete run (its status, written last)."""
+    return record is not None and record.get("status") == "finished"
 
 
 # ------------------------------------------------------------------ who owns a run folder
@@ -136,14 +134,13 @@ def only_first_record_leftovers(names):
     return bool(names) and all(n.startswith(RECORD + ".tmp-") for n in names)
 
 
-def claim_run_folder(out, stage, args, shaping=(), resume=False, overwrite=False, data=None, defaults=None):
+def claim_run_folder(out, stage, args, shaping=(), resume=False, overwrite=False, data=None):
     """Make `out` this run's folder, or stop with one line naming the problem and the fix.
 
     Refuses: a folder another process is writing (lock); a file; a folder of files that no
     run wrote; another stage's folder or a finished run (unless --overwrite); an interrupted
     run without --resume (the stage says whether it can resume); --resume whose flags in
-    `shaping` differ from the run's (a flag that a record predates counts as its value in
-    `defaults`, the parser's defaults), or whose data (`data`: ner_data.data_provenance) differ.
+    `shaping` differ from the run's, or whose data (`data`: ner_data.data_provenance) differ.
     Nothing is deleted before the folder is known to be a run's, and --overwrite deletes only the files
     a run writes (RUN_FILES): a folder holding anything else is refused whole. A refused folder keeps no
     .lock of ours. Returns the lock (keep it open while the run lasts)."""
@@ -160,7 +157,7 @@ def claim_run_folder(out, stage, args, shaping=(), resume=False, overwrite=False
     if lock is None:
         raise ValueError(f"{out} is being written by another running process: wait for it, or choose another --out")
     try:
-        check_ownership(out, stage, args, shaping, resume, overwrite, data, defaults)
+        check_ownership(out, stage, args, shaping, resume, overwrite, data)
     except BaseException:
         lock.close()  # else the error's traceback keeps it open: a caller in the same process could not retry
         if not had_lock:  # a folder we refused keeps no trace of us
@@ -194,7 +191,7 @@ def check_not_inside_a_run(value, flag, folder, own=None):
                          f"that run writes: choose an {flag} outside it (nothing was written)")
 
 
-def check_ownership(out, stage, args, shaping, resume, overwrite, data, defaults=None):
+def check_ownership(out, stage, args, shaping, resume, overwrite, data):
     """claim_run_folder's decision, taken with the lock held; clears or tidies only a run's folder."""
     try:
         record = read_record(out)
@@ -218,7 +215,7 @@ def check_ownership(out, stage, args, shaping, resume, overwrite, data, defaults
         raise ValueError(f"{out} holds a {owner}: choose another --out (or --overwrite to replace it)")
     if resume:
         for flag in shaping:
-            was, now = record["args"].get(flag, (defaults or {}).get(flag)), getattr(args, flag)
+            was, now = record["args"].get(flag), getattr(args, flag)
             if was != now:
                 raise ValueError(f"--resume: --{flag.replace('_', '-')} is {now} here but {was} in the run in {out}: "
                                  f"resume with the same flags, or start a new --out")

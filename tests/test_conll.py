@@ -1,7 +1,6 @@
 """CoNLL column files (--data-format conll): tag schemes, -DOCSTART-, --tag-map, bad columns and
 types as one-line errors; the same sentences in CoNLL and PAN-X layout train and score alike."""
 import json
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,7 @@ import meta_pretrain
 from experiments import compare
 from plumbing.cli import run_cli
 from plumbing.conll import ConllFormat, read_conll_file
-from plumbing.files import write_json
 from plumbing.ner_data import LABELS, load_wikiann, read_panx_file
-from plumbing.runs import claim_run_folder
 
 AUTO = ConllFormat()
 
@@ -153,20 +150,6 @@ def test_unknown_type_is_one_line_from_evaluate_ner(tmp_path, capsys):
     assert "MISC=FOO: FOO is not a type" in error_of(evaluate_ner.main, argv + ["--tag-map", "MISC=FOO"], capsys)
     assert "needs --data-dir" in error_of(evaluate_ner.main, argv[:6], capsys)
     assert list((tmp_path / "ckpt").iterdir()) == []   # nothing written
-
-
-def test_resume_of_a_run_recorded_before_the_data_flags(tmp_path):
-    """A record that predates a flag counts as that flag's default: old runs still resume."""
-    out = tmp_path / "p"
-    out.mkdir()
-    write_json(out / "run.json", {"stage": "meta_pretrain", "status": "running", "args": {"seed": 0}})
-    defaults = vars(meta_pretrain.build_parser().parse_args([]))
-    args = Namespace(**defaults)
-    shaping = ["seed", "data_format", "tag_map", "tag_column"]
-    claim_run_folder(out, "meta_pretrain", args, shaping, resume=True, defaults=defaults).close()
-    args.data_format = "conll"
-    with pytest.raises(ValueError, match="--resume: --data-format is conll here but panx"):
-        claim_run_folder(out, "meta_pretrain", args, shaping, resume=True, defaults=defaults)
 
 
 def test_compare_passes_the_evaluation_data_and_keeps_existing_identities(tmp_path):
