@@ -299,8 +299,9 @@ except KeyboardInterrupt:
     raise SystemExit(130)
 """
 COMPARE = """
-import sys
+import signal, sys
 from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal: a background job inherits SIGINT ignored
 sys.path.insert(0, {root!r})
 from experiments import compare, compare_runs
 from plumbing.cli import run_cli
