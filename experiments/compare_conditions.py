@@ -79,6 +79,8 @@ def baselines_of(condition):
     if condition in OPT_IN:   # does a faithful simulation of the fine-tuning change the answer? and at what cost?
         bases += ["MTL priming", "MAML priming", EQUAL_COMPUTE]
         bases += ["implicit MAML priming"] if "first order" in condition else []
+        if "Gauss-Newton" in condition:   # the second-order term, measured: against first order and the exact Hessian
+            bases += ["implicit MAML priming (first order)", "implicit MAML priming"]
     if condition.startswith("ablation:"):
         bases.append("MAML priming")
     if condition in ("MTL priming", "MAML priming", EQUAL_COMPUTE):

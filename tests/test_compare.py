@@ -641,3 +641,10 @@ def test_second_order_implicit_records_from_before_curvature_are_the_exact_hessi
     assert ggn.name != exact.name                       # the Gauss-Newton row never reuses the exact Hessian's runs
     _, first = compare.prime_plan(args, runs, "adapter", "implicit MAML priming (first order)", 0)
     assert first.name in {p.name for p in records.iterdir()}                 # first order: untouched
+
+
+def test_the_gauss_newton_row_is_paired_with_first_order_and_the_exact_hessian():
+    """Its second-order term, measured: the same implicit loop without it, and with the exact Hessian."""
+    bases = compare_conditions.baselines_of("implicit MAML priming (Gauss-Newton)")
+    assert bases[-2:] == ["implicit MAML priming (first order)", "implicit MAML priming"]
+    assert "implicit MAML priming (Gauss-Newton)" not in compare_conditions.baselines_of("implicit MAML priming")
