@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_compare import FakeStages, base_argv
+from test_compare import base_argv
 from test_provenance import contents, evaluate_argv
 from test_robustness import error_of, prime_argv, tune_argv
 
@@ -40,19 +40,6 @@ def primed_run(tiny_model_dir, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("primed") / "p"
     meta_pretrain.main(prime_argv(tiny_model_dir, data_dir, out))
     return out
-
-
-@pytest.fixture
-def stages(monkeypatch):
-    """compare.py's stages replaced by test_compare's fake, which writes what they would."""
-    fake = FakeStages()
-    monkeypatch.setattr(compare_runs, "run_child", fake)
-    for name in ("plot_f1", "plot_paired", "plot_curves"):
-        monkeypatch.setattr(f"experiments.compare_plots.{name}", lambda *a: None)
-    monkeypatch.setattr(compare, "add_body_change", lambda *a: None)
-    return fake
-
-# ----------------------------------------------------------------------------- no run inside a run
 
 
 @pytest.mark.parametrize("stage, inside", [("tune", "sub"), ("prime", "a/b")])
@@ -200,7 +187,7 @@ def compare_once(tmp_path, *extra):
 
 
 @pytest.mark.parametrize("damage", ["{not json", "[]", '{"results": 3}'])
-def test_a_damaged_evaluation_is_named_by_compare(tmp_path, stages, capsys, damage):
+def test_a_damaged_evaluation_is_named_by_compare(tmp_path, fake, capsys, damage):
     argv = compare_once(tmp_path, "--conditions", "no priming")
     result = next((tmp_path / "runs").glob("ft-*/eval-test-*.json"))
     result.write_text(damage)
@@ -208,7 +195,7 @@ def test_a_damaged_evaluation_is_named_by_compare(tmp_path, stages, capsys, dama
     assert f"{result} is damaged" in message and "delete it and re-run compare.py" in message
 
 
-def test_a_torn_metrics_line_is_named_by_compare(tmp_path, stages, capsys):
+def test_a_torn_metrics_line_is_named_by_compare(tmp_path, fake, capsys):
     argv = compare_once(tmp_path, "--conditions", "MAML priming")
     log = next((tmp_path / "runs").glob("primed-*/metrics.jsonl"))
     with open(log, "a") as f:
@@ -227,7 +214,7 @@ def test_a_torn_last_metrics_line_does_not_block_resume(tiny_model_dir, data_dir
     assert steps == [1, 2, 3, 4]
 
 
-def test_compare_writes_its_table_atomically(tmp_path, stages, monkeypatch):
+def test_compare_writes_its_table_atomically(tmp_path, fake, monkeypatch):
     argv = compare_once(tmp_path, "--conditions", "no priming")
     out = tmp_path / "out"
     before = {name: (out / name).read_text() for name in ("table.md", "results.json")}
@@ -244,7 +231,7 @@ def test_compare_writes_its_table_atomically(tmp_path, stages, monkeypatch):
     assert {name: (out / name).read_text() for name in before} == before and not list(out.glob("*.tmp-*"))
 
 
-def test_compare_mirrors_a_record_atomically(tmp_path, stages, monkeypatch):
+def test_compare_mirrors_a_record_atomically(tmp_path, fake, monkeypatch):
     argv = compare_once(tmp_path, "--conditions", "no priming")
     run = next((tmp_path / "runs").glob("ft-*"))
     kept = tmp_path / "out" / "records" / run.name / "metrics.jsonl"
@@ -262,7 +249,7 @@ def test_compare_mirrors_a_record_atomically(tmp_path, stages, monkeypatch):
     assert kept.read_text() == before and not list(kept.parent.glob("*.tmp-*"))
 
 
-def test_compare_removes_the_temporaries_a_kill_left(tmp_path, stages):
+def test_compare_removes_the_temporaries_a_kill_left(tmp_path, fake):
     out = tmp_path / "out"
     out.mkdir()
     left = [out / "table.md.tmp-k1ll3d_x", out / "results.json.tmp-abcd1234"]
