@@ -77,11 +77,11 @@ class EpisodeSource:
         return tasks
         # END ASSIGNMENT episode
 
-    def state(self):
-        state = {"support": self.support.state(), "query": {line: s.state() for line, s in self.query.items()}}
+    def stream_states(self):
+        state = {"support": self.support.state(), "query": {lang: s.state() for lang, s in self.query.items()}}
         return state | ({"fine_tune": self.fine_tune.state()} if self.fine_tune else {})
 
-    def load_state(self, state):
+    def load_stream_states(self, state):
         self.support.load_state(state["support"])
         for lang, s in self.query.items():
             s.load_state(state["query"][lang])

@@ -203,12 +203,12 @@ def run_child(command):
     so no stage outlives compare.py holding its run's lock."""
     child, received = None, []
 
-    def forward(signum, frame):
+    def pass_on(signum, frame):
         received.append(signum)
         if child is not None:
             child.send_signal(signum)
     forwarded = [sig for sig in FORWARDED if signal.getsignal(sig) != signal.SIG_IGN]
-    previous = {sig: signal.signal(sig, forward) for sig in forwarded}
+    previous = {sig: signal.signal(sig, pass_on) for sig in forwarded}
     try:
         child = subprocess.Popen(command, process_group=0)
         for signum in received:  # arrived while it was starting

@@ -37,7 +37,8 @@ def save(out, step, model, optimizer, source, rngs, extra=None, carried=None, ru
     `load` compares."""
     torch_save(Path(out) / FILE, {
         "step": step, "run": run or {}, "model": trained_state(model, also), "optimizer": optimizer.state_dict(),
-        "streams": source.state(), "task_rng": rngs["task_rng"].get_state(), "phi_rng": rngs["phi_rng"].get_state(),
+        "streams": source.stream_states(), "task_rng": rngs["task_rng"].get_state(),
+        "phi_rng": rngs["phi_rng"].get_state(),
         "rank_rngs": rngs["processes"], "extra": {k: v.detach().cpu() for k, v in (extra or {}).items()},
         **({"carried": carried} if carried is not None else {})})
 
@@ -59,7 +60,7 @@ def load(out, model, optimizer, source, rngs, rank=0, extra=None, carried=None, 
     check_same_run(path, state.get("run", {}), run or {}, out)
     model.load_state_dict(state["model"], strict=False)  # the frozen rest is the input model's
     optimizer.load_state_dict(state["optimizer"])
-    source.load_state(state["streams"])
+    source.load_stream_states(state["streams"])
     rngs["task_rng"].set_state(state["task_rng"])
     rngs["phi_rng"].set_state(state["phi_rng"])
     with torch.no_grad():
