@@ -123,10 +123,10 @@ def torch_save(path, obj):
     """torch.save atomically (resumable states), through a Python file object: a failed write then keeps its
     OSError (ENOSPC, EFBIG) as the context of torch's RuntimeError, whose own words ("unexpected pos") name
     no cause."""
-    def write(tmp):
+    def dump(tmp):
         with open(tmp, "wb") as f:
             torch.save(obj, f)
-    write_atomic(path, write)
+    write_atomic(path, dump)
 
 
 def check_finite_tensors(tensors, what):

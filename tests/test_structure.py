@@ -53,9 +53,10 @@ def test_components_import_no_stage():
 def test_no_function_name_is_defined_in_two_files():
     where = {}
     for path in project_files():
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.FunctionDef) and node.name not in CLI_ENTRY_POINTS:
-                where.setdefault(node.name, []).append(str(path.relative_to(ROOT)))
+        for node in ast.walk(ast.parse(path.read_text())):   # methods and nested functions too
+            named = isinstance(node, ast.FunctionDef) and not node.name.startswith("__")
+            if named and node.name not in CLI_ENTRY_POINTS:
+                where.setdefault(node.name, set()).add(str(path.relative_to(ROOT)))
     assert {name: files for name, files in where.items() if len(files) > 1} == {}
 
 
