@@ -10,7 +10,8 @@ import contextlib
 import json
 from pathlib import Path
 
-from experiments.stats import mean_std, priming_sd, two_level_difference
+from experiments.compare_conditions import OPT_IN
+from experiments.stats import holm, mean_std, priming_sd, two_level_difference
 from plumbing.files import read_json_object, remove_stale_temporaries, write_atomic
 from plumbing.runs import read_metrics, read_record
 
@@ -95,10 +96,12 @@ def priming_seconds(primed):
 
 
 def collect(runs_of_row, langs):
-    """Per language and average: mean and std of F1 (seqeval default) over the row's runs; the
+    """Per language and average: mean and std of F1 (seqeval default) over the row's balanced runs
+    (balanced_runs: each priming run weighted equally, as the paired differences weight it); the
     average F1 of every (priming seed, fine-tuning seed), the input of the pairing (priming seed
     None for unprimed rows); sigma_p, the spread between priming runs; the priming time of its fastest priming run."""
-    row = {lang: mean_std([r["results"][lang]["f1_default"] for r in runs_of_row]) for lang in [*langs, "average"]}
+    balanced = balanced_runs(runs_of_row)
+    row = {lang: mean_std([r["results"][lang]["f1_default"] for r in balanced]) for lang in [*langs, "average"]}
     row["scores"] = {(r["priming_seed"], r["finetune_seed"]): r["results"]["average"]["f1_default"]
                      for r in sorted(runs_of_row, key=lambda r: (r["priming_seed"] or 0, r["finetune_seed"]))}
     row["priming_runs"] = len({p for p, _ in row["scores"] if p is not None})
@@ -106,40 +109,82 @@ def collect(runs_of_row, langs):
     # the fastest priming run: wall time only grows with what else the machine runs at the time
     seconds = {r["primed"]: r["priming_seconds"] for r in runs_of_row if r["priming_seconds"] is not None}
     row["priming_seconds"] = min(seconds.values()) if seconds else None
-    row["runs"] = len(runs_of_row)
+    row["runs"], row["runs_in_means"] = len(runs_of_row), len(balanced)
     row["exposure"] = runs_of_row[0].get("exposure")   # the same flags in every run of a row
     row["sentences"] = sorted({r["results"][lang]["sentences"] for r in runs_of_row for lang in langs})
     row["code_versions"] = sorted({v for r in runs_of_row for v in r["versions"]})
     return row
 
 
+def balanced_runs(runs_of_row):
+    """The runs a row's means are over: of a primed row, those of the fine-tuning seeds every priming run
+    has (priming run 0 has 5 seeds, the replicates 2: all runs would weight run 0 more than the paired
+    differences do, stats.two_level_difference); of an unprimed row, all. With no seed common to every
+    priming run, all runs (the pairing then falls back to one priming run too)."""
+    by_p = {}
+    for r in runs_of_row:
+        by_p.setdefault(r["priming_seed"], set()).add(r["finetune_seed"])
+    common = set.intersection(*by_p.values())
+    if None in by_p or not common:
+        return runs_of_row
+    return [r for r in runs_of_row if r["finetune_seed"] in common]
+
+
 def paired_rows(table, baselines):
     """Every row against each of its baselines of the same PEFT (compare_conditions.baselines_of: no
     priming; MAML against MTL priming; each ablation against the MAML priming it removes one
     piece of; primings against the multi-source fine-tuning), as stats.two_level_difference:
-    over priming runs where a row has several."""
+    over priming runs where a row has several; with its family and Holm-adjusted p (add_holm)."""
     pairs = [((peft, condition), (peft, base)) for peft, condition in table
              for base in baselines(condition) if (peft, base) in table]
     differences = {f"{peft} | {cond} vs {other}": two_level_difference(table[(peft, cond)]["scores"],
                                                                         table[(peft, other)]["scores"])
                    for (peft, cond), (_, other) in pairs}
-    return {name: d for name, d in differences.items() if d is not None}  # None: no seed finished in both rows
+    families = {f"{peft} | {cond} vs {other}": family_of(peft, cond, table[(peft, other)])
+                for (peft, cond), (_, other) in pairs}
+    paired = {name: d for name, d in differences.items() if d is not None}  # None: no seed finished in both rows
+    return add_holm(paired, families)
+
+
+FAMILIES = {"primed vs primed": "MAML vs MTL, equal compute vs MTL, the ablations vs MAML",
+            "primed vs unprimed": "every comparison against no priming or multi-source, multi-source vs no priming too",
+            "implicit rows": "every comparison of an implicit row"}
+
+
+def family_of(peft, condition, baseline_row):
+    """The family a comparison's Holm adjustment is within, per PEFT: the implicit rows (every comparison of
+    an implicit row), against an unprimed row (no priming, multi-source; multi-source vs no priming too),
+    else primed vs primed (MAML vs MTL, the ablations vs MAML, equal compute vs MTL)."""
+    unprimed = all(p is None for p, _ in baseline_row["scores"])
+    kind = "implicit rows" if condition in OPT_IN else "primed vs unprimed" if unprimed else "primed vs primed"
+    return f"{peft}: {kind}"
+
+
+def add_holm(paired, families):
+    """Each comparison's family, the family's size (the intervals with a p) and Holm-adjusted p."""
+    for family in set(families.values()):
+        members = {name: d["p"] for name, d in paired.items() if families[name] == family}
+        adjusted = holm(members)
+        for name in members:
+            paired[name].update(family=family, family_size=len(adjusted), holm_p=adjusted.get(name))
+    return paired
 
 
 def markdown(table, langs):
-    """One row per condition: runs (and how many priming runs), F1 mean ± std over its runs,
-    sigma_p, the priming cost (seconds of meta-steps of the fastest priming run; F1 gained over no
-    priming per priming hour), the labelled priming-language sentences seen (data_exposure)
-    and, where known, how far priming moved the body."""
-    header = ("| PEFT | condition | runs | priming runs | " + " | ".join(langs)
+    """One row per condition: runs (and how many of them the means are over: balanced_runs) and priming
+    runs, F1 mean ± std over the balanced runs, sigma_p, the priming cost (seconds of meta-steps of the
+    fastest priming run; F1 gained over no priming per priming hour), the labelled priming-language
+    sentences seen (data_exposure) and, where known, how far priming moved the body."""
+    header = ("| PEFT | condition | runs (in the means) | priming runs | " + " | ".join(langs)
               + " | average | σp | priming s | F1 / priming h | priming-language sentences (passes) |")
     rows = [header, "|---|---|---:|---:|" + "---:|" * (len(langs) + 5)]
     changes = any("body_change" in r for r in table.values())
     if changes:  # how far priming moved the body (add_body_change)
         rows = [rows[0] + " body change |", rows[1] + "---:|"]
     for (peft, condition), r in table.items():
+        in_means = r.get("runs_in_means", r["runs"])
         # 1 run: no std
-        cells = " | ".join(f"{r[lang][0]:.2f} ± {r[lang][1]:.2f}" if r["runs"] > 1 else f"{r[lang][0]:.2f}"
+        cells = " | ".join(f"{r[lang][0]:.2f} ± {r[lang][1]:.2f}" if in_means > 1 else f"{r[lang][0]:.2f}"
                            for lang in [*langs, "average"])
         sigma = "-" if r.get("priming_sd") is None else "0*" if r["priming_sd"] == 0 else f"{r['priming_sd']:.2f}"
         seconds, per_hour = "-", "-"
@@ -149,7 +194,8 @@ def markdown(table, langs):
             if base is not None:
                 per_hour = f"{(r['average'][0] - base['average'][0]) / (r['priming_seconds'] / 3600):+.1f}"
         change = (f" {r['body_change']:.1e} |" if "body_change" in r else " - |") if changes else ""
-        rows.append(f"| {peft} | {condition} | {r['runs']} | {r.get('priming_runs', 0) or '-'} | {cells} | {sigma} "
+        runs = f"{r['runs']}" if in_means == r["runs"] else f"{r['runs']} ({in_means})"
+        rows.append(f"| {peft} | {condition} | {runs} | {r.get('priming_runs', 0) or '-'} | {cells} | {sigma} "
                     f"| {seconds} | {per_hour} | {exposure_cell(r.get('exposure'))} |{change}")
     return "\n".join(rows)
 
@@ -161,20 +207,61 @@ def exposure_cell(exposure):
     return f"{'~' if exposure['expected'] else ''}{exposure['sentences']:,} ({exposure['passes']:.2f})"
 
 
+MIN_SIGN_COUNT = 5   # "k of n favour": only from 5 on; 3 of 3 is p = 0.25 in a two-sided sign test, 5 of 5 0.06
+
+
 def paired_markdown(paired):
     """names are "PEFT | condition vs baseline" (paired_rows): two cells. "design" is priming runs x
     fine-tuning seeds; with one priming run the interval is over fine-tuning seeds only (no
     priming variance), else over priming runs (stats.two_level_difference)."""
     rows = ["| PEFT | comparison | priming runs x fine-tuning seeds | mean difference | 95% CI | half-width "
-            "| favouring | sd of differences |",
-            "|---|---|---:|---:|---:|---:|---:|---:|"]
+            "| favouring | sd of the interval's inputs | p | Holm p (family, size) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, d in paired.items():
         ci = f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d["ci95"] else "-"
         half = f"{d['half_width']:.2f}" if d["half_width"] is not None else "-"
         over = f"{d['favour_of']} priming runs" if d["priming_seeds"] > 1 else f"{d['n']} seeds"
+        favour = f"{d['favour']} of {over}" if d.get("favour_of", d["n"]) >= MIN_SIGN_COUNT else "-"
+        holm_p = f"{p_cell(d.get('holm_p'))} ({family_label(d)}, {d['family_size']})" if d.get("holm_p") is not None \
+            else "-"
         rows.append(f"| {name} | {d['priming_seeds']} x {d['finetune_seeds']} | {d['mean']:+.2f} | {ci} | {half} "
-                    f"| {d['favour']} of {over} | {d['sd']:.2f} |")
+                    f"| {favour} | {sd_cell(d)} | {p_cell(d.get('p'))} | {holm_p} |")
     return "\n".join(rows)
+
+
+def family_label(d):
+    return d["family"].split(": ", 1)[1]   # the PEFT is the row's first cell
+
+
+def p_cell(p):
+    return "-" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def sd_cell(d):
+    """The sd of what the interval is over, named: D_p (priming runs' mean differences), d_f (one priming
+    run's seed differences), or X_p and y (Welch: the primed row's priming-run means, the unprimed row's seeds)."""
+    if "baseline_seeds" in d:
+        return f"X_p {d['sd']:.2f}, y {d['baseline_sd']:.2f}"
+    return f"{d['sd']:.2f} ({'D_p' if d['priming_seeds'] > 1 else 'd_f'})"
+
+
+PAIRED_LEGEND = (
+    "favouring: how many priming runs (or seeds) favour the condition, shown from {n} on (a sign test on n of them "
+    "cannot go below p = 2^(1-n): 0.25 at 3, 0.06 at 5). sd of the interval's inputs: D_p, a priming run's mean "
+    "paired difference (primed vs primed); d_f, a fine-tuning seed's paired difference (one priming run); X_p and "
+    "y, the primed row's priming-run means and the unprimed row's seeds (Welch). p: two-sided t test of a zero "
+    "difference (the interval excludes 0 exactly when p < 0.05). Holm p: adjusted for the comparisons of its family "
+    "(size: how many), per PEFT: {families}.")
+
+
+def survival_lines(paired):
+    """Which intervals that exclude 0 survive Holm within their family (adjusted p < 0.05), and which do not."""
+    excluding = [name for name, d in paired.items() if d.get("p") is not None and d["p"] < 0.05]
+    survive = [name for name in excluding if paired[name]["holm_p"] < 0.05]
+    fall = [f"{name} (p {p_cell(paired[name]['p'])}, Holm {p_cell(paired[name]['holm_p'])})"
+            for name in excluding if name not in survive]
+    return [f"Intervals that exclude 0 and survive Holm within their family: {'; '.join(survive) or 'none'}.",
+            f"Intervals that exclude 0 but do not survive it: {'; '.join(fall) or 'none'}."]
 
 
 def dose_markdown(table, paired, doses):
@@ -216,6 +303,9 @@ def provenance(table, args):
 
 def write_results(table, paired, langs, args, out, doses=()):
     text = "\n".join(provenance(table, args)) + "\n\n" + markdown(table, langs) + "\n"
+    text += ("\nMeans ± sd over the runs in the means: of a primed row, the fine-tuning seeds every priming run has "
+             "(each priming run weighted equally, as in the paired differences; rows with other priming runs pair "
+             "only the runs both have); of an unprimed row, all its runs.\n")
     if any(r.get("priming_sd") is not None for r in table.values()):
         text += ("\nσp: the sd of F1 between priming runs net of fine-tuning noise (two-way ANOVA over the fine-tuning "
                  "seeds every priming run has); 0*: the priming runs' means differ no more than fine-tuning noise "
@@ -225,7 +315,10 @@ def write_results(table, paired, langs, args, out, doses=()):
                  "same priming seeds where both rows are primed). Rows with several priming runs: the interval is over "
                  "priming runs and holds their variance (σp in the table above); with 1 priming run it is over "
                  "fine-tuning seeds only and holds none:\n\n")
-        text += paired_markdown(paired) + "\n"
+        text += paired_markdown(paired) + "\n\n"
+        families = "; ".join(f"{name} ({what})" for name, what in FAMILIES.items())
+        text += PAIRED_LEGEND.format(n=MIN_SIGN_COUNT, families=families) + "\n\n"
+        text += "\n".join(survival_lines(paired)) + "\n"
     dose = dose_markdown(table, paired, doses)
     if dose:
         text += "\nDose-response: MAML priming after 0, ..., N meta-steps (same fine-tuning seeds):\n\n" + dose + "\n"

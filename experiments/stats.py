@@ -13,6 +13,9 @@ That interval holds fine-tuning variance only: every fine-tuning seed of a prime
 the same primed body, so the luck of that one priming run is in every d_s and cancels out of
 sd(d). With several priming runs per condition, two_level_difference tests over priming runs,
 and priming_sd measures how far priming runs of one condition differ (sigma_p).
+
+Every interval's two-sided p (t_test_p) is beside it, and holm adjusts the p of a family of
+comparisons (compare_report: primed vs primed, vs an unprimed row, the implicit rows) for their number.
 """
 
 import functools
@@ -56,6 +59,26 @@ def t_quantile(p, df):
             break
     return x
     # END ASSIGNMENT paired_interval
+
+
+def t_test_p(mean, se, df):
+    """Two-sided p of the t test that a difference is 0: P(|T| >= |mean| / se) with df degrees of
+    freedom (the interval excludes 0 exactly when p < 0.05). se 0: p is 0, or 1 for a mean of 0."""
+    if se == 0:
+        return 1.0 if mean == 0 else 0.0
+    return max(0.0, 2 * (1 - t_cdf(abs(mean) / se, df)))
+
+
+def holm(pvalues):
+    """Holm's step-down adjustment of a family of p values ({name: p}; None: no test, left out): the
+    i-th smallest of m becomes max over j <= i of min(1, (m - j + 1) p_(j)). A claim whose adjusted p
+    is below 0.05 keeps the family-wise error rate at 5% however many of the m nulls are true."""
+    ranked = sorted((p, name) for name, p in pvalues.items() if p is not None)
+    adjusted, running = {}, 0.0
+    for i, (p, name) in enumerate(ranked):
+        running = max(running, min(1.0, (len(ranked) - i) * p))
+        adjusted[name] = running
+    return adjusted
 
 
 def paired_difference(condition, baseline):
@@ -115,8 +138,8 @@ def two_level_difference(condition, baseline):
     mean, sd = mean_std(by_p)
     half = t_quantile(0.975, P - 1) * sd / math.sqrt(P) if sd > 0 else 0.0
     return {"n": P * F, "priming_seeds": P, "finetune_seeds": F, "mean": mean, "sd": sd, "df": P - 1,
-            "ci95": (mean - half, mean + half), "half_width": half, "favour": sum(d > 0 for d in by_p),
-            "favour_of": P, "seeds": common, "priming_seed_list": seeds_p,
+            "ci95": (mean - half, mean + half), "half_width": half, "p": t_test_p(mean, sd / math.sqrt(P), P - 1),
+            "favour": sum(d > 0 for d in by_p), "favour_of": P, "seeds": common, "priming_seed_list": seeds_p,
             "design": f"{P} priming runs x {F} fine-tuning seeds: interval over priming runs"}
 
 
@@ -125,7 +148,9 @@ def one_priming_run(pairs):
     the paired interval over that run's fine-tuning seeds, which holds no priming variance."""
     diffs = pairs[max(pairs, key=lambda p: len(pairs[p]))]
     one = paired_difference(diffs, dict.fromkeys(diffs, 0.0))
-    one.update(priming_seeds=1, finetune_seeds=one["n"], design="1 priming run x fine-tuning seeds: "
+    one.update(priming_seeds=1, finetune_seeds=one["n"], df=one["n"] - 1 if one["n"] > 1 else None,
+               p=t_test_p(one["mean"], one["sd"] / math.sqrt(one["n"]), one["n"] - 1) if one["n"] > 1 else None,
+               design="1 priming run x fine-tuning seeds: "
                "the interval holds fine-tuning variance only, not priming variance")
     return one
 
@@ -159,8 +184,9 @@ def against_unprimed(condition, baseline):
     (x_mean, sd), (y_mean, y_sd) = mean_std(by_p), mean_std(y)
     mean = x_mean - y_mean
     out = {"n": P * F, "priming_seeds": P, "finetune_seeds": F, "mean": mean, "sd": sd, "df": None,
-           "ci95": None, "half_width": None, "favour": sum(x > y_mean for x in by_p), "favour_of": P,
-           "seeds": common, "priming_seed_list": seeds_p, "baseline_seeds": B, "baseline_mean": y_mean}
+           "ci95": None, "half_width": None, "p": None, "favour": sum(x > y_mean for x in by_p), "favour_of": P,
+           "seeds": common, "priming_seed_list": seeds_p, "baseline_seeds": B, "baseline_mean": y_mean,
+           "baseline_sd": y_sd}
     if B < 2:
         return out | {"design": f"{P} priming runs x {F} fine-tuning seeds against 1 unprimed seed: no interval "
                                 "(the baseline's spread needs 2 seeds)"}
@@ -169,6 +195,7 @@ def against_unprimed(condition, baseline):
     df = math.floor(df * 100) / 100   # rounded down: a little conservative, and t_quantile computed once per value
     half = t_quantile(0.975, df) * math.sqrt(var_p + var_b) if var_p + var_b > 0 else 0.0
     return out | {"df": df, "ci95": (mean - half, mean + half), "half_width": half,
+                  "p": t_test_p(mean, math.sqrt(var_p + var_b), df),
                   "design": f"{P} priming runs x {F} fine-tuning seeds against the unprimed row's {B} seeds "
                             "(Welch: priming-run means against the baseline's mean)"}
 

@@ -54,8 +54,8 @@ def test_one_priming_run_falls_back_to_fine_tuning_seeds_and_says_so():
     x, y = {(0, f): 70.0 + f for f in range(4)}, {(0, f): 69.0 + 2 * f for f in range(4)}
     d = stats.two_level_difference(x, y)
     assert d == {**stats.paired_difference({f: 70.0 + f for f in range(4)}, {f: 69.0 + 2 * f for f in range(4)}),
-                 "priming_seeds": 1, "finetune_seeds": 4, "design": d["design"]}
-    assert "not priming variance" in d["design"]
+                 "priming_seeds": 1, "finetune_seeds": 4, "df": 3, "p": d["p"], "design": d["design"]}
+    assert "not priming variance" in d["design"] and 0 < d["p"] < 1
 
 
 def test_unbalanced_seeds_use_the_fine_tuning_seeds_every_priming_run_has():
