@@ -32,6 +32,43 @@ HASH_CHARS = 10
 # Bump when a stage trains differently for the same flags (changed defaults, seeding, modules):
 # 2 = AdapterHub adapter placements and non-linearities, seeds derived per purpose (commit b15aa73 on).
 TRAINING_CODE = "2"
+# What TRAINING_CODE's stages log on a tiny random model (tests/test_training_fingerprint.py runs them): a change
+# that trains differently fails that test until TRAINING_CODE is bumped and these losses are stored anew with it.
+TRAINING_FINGERPRINT = {"training_code": "2", "losses": {
+    "adapter MAML priming": [
+        {"support_loss_before": 1.912419, "query_loss": 1.427323, "support_loss_after": 0.734034,
+         "held_out_query_loss": 1.432079, "held_out_query_loss_fresh": 1.923945},
+        {"support_loss_before": 1.888061, "query_loss": 0.714914, "support_loss_after": 0.496125,
+         "held_out_query_loss": 1.429399, "held_out_query_loss_fresh": 1.923291},
+        {"support_loss_before": 1.935152, "query_loss": 2.407012, "support_loss_after": 0.532267,
+         "held_out_query_loss": 1.425544, "held_out_query_loss_fresh": 1.92306},
+    ],
+    "adapter MTL priming": [
+        {"train_loss": 3.936511, "held_out_query_loss": 1.444127, "held_out_query_loss_fresh": 1.92803},
+        {"train_loss": 3.925975, "held_out_query_loss": 1.45018, "held_out_query_loss_fresh": 1.927913},
+        {"train_loss": 3.815355, "held_out_query_loss": 1.455612, "held_out_query_loss_fresh": 1.928712},
+    ],
+    "prefix MAML priming": [
+        {"support_loss_before": 1.966908, "query_loss": 1.506132, "support_loss_after": 0.741504,
+         "held_out_query_loss": 1.432659, "held_out_query_loss_fresh": 1.891495},
+        {"support_loss_before": 1.93983, "query_loss": 0.912011, "support_loss_after": 0.387485,
+         "held_out_query_loss": 1.429998, "held_out_query_loss_fresh": 1.894432},
+        {"support_loss_before": 1.958694, "query_loss": 2.401593, "support_loss_after": 0.545691,
+         "held_out_query_loss": 1.425324, "held_out_query_loss_fresh": 1.897083},
+    ],
+    "adapter fine-tuning on MAML priming": [
+        {"train_loss": 1.988723},
+        {"train_loss": 1.93678},
+        {"train_loss": 1.911513},
+        {"train_loss": 1.930137},
+    ],
+    "prefix fine-tuning (multi-source) on MAML priming": [
+        {"train_loss": 1.995708},
+        {"train_loss": 1.938973},
+        {"train_loss": 1.982654},
+        {"train_loss": 1.984428},
+    ],
+}}
 LOCKS = ".locks"  # in --runs: one lock file per run, held while a compare.py process runs it
 WEIGHTS_MARKERS = ("config.json", "peft_config.json")  # a primed or fully fine-tuned model; PEFT tensors
 RECORD_FILES = ("run.json", "metrics.jsonl", "eval-*.json")  # what --records keeps of every finished run
