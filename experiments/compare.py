@@ -6,8 +6,9 @@
     python experiments/compare.py --langs es,nl --eval-data-dir conll2002 --eval-data-format conll --eval-tag-map MISC=O
 
 Runs the three stages for every condition and seed, then writes into --out:
-  table.md / results.json   target-language F1 (fr, nl, pt test, seqeval default mode) per condition,
-                            and paired differences with 95% CIs (baselines_of: each primed row against no
+  table.md / results.json   target-language F1 (fr, nl, pt test, seqeval default mode) per condition (priming
+                            runs weighted equally), and paired differences with 95% CIs, p and Holm p within
+                            each family of comparisons (baselines_of: each primed row against no
                             priming; MAML against MTL and MTL at MAML's compute; both primings against
                             multi-source; ablations against MAML; the implicit rows against MTL and MAML)
   f1.png, paired.png        average target F1 by condition; paired differences with their CIs
