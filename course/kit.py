@@ -11,10 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-from course.assignments import ASSIGNMENTS
+from course.assignments import ASSIGNMENTS, HIDDEN
 
 ROOT = Path(__file__).resolve().parents[1]   # the reference: the repository this kit belongs to
 MARKER = re.compile(r"^(?P<indent>\s*)# (?P<edge>BEGIN|END) ASSIGNMENT (?P<name>\w+)\s*$")
+INSTRUCTOR_ONLY = ("course/solutions/", "course/mutants/")   # never in a student copy: they show the solutions
 STAGES = ("meta_pretrain.py", "finetune_peft.py", "evaluate_ner.py")   # must answer --help in a student copy
 
 
@@ -70,16 +71,22 @@ def project_files(root: Path) -> list[str]:
     return sorted(f for f in set(out.decode().split("\0")) if f and (root / f).is_file())
 
 
-def copy_project(root: Path, dest: Path, student: bool = False, keep: str | None = None) -> list[str]:
+def copy_project(root: Path, dest: Path, student: bool = False, keep: str | None = None,
+                 hidden: bool = False) -> list[str]:
     """Copy the repository to dest; student=True strips the solution regions of .py files (but those of
-    assignment `keep`) and leaves course/solutions/ out. Returns the files written."""
+    assignment `keep`) and leaves course/solutions/ out, and the hidden tests unless `hidden` (a grading
+    tree). Returns the files written."""
+    if dest.is_symlink() and not dest.exists():
+        raise CourseError(f"{dest} is a symbolic link to nothing ({os.readlink(dest)}): remove it or name a folder")
+    if dest.exists() and not dest.is_dir():
+        raise CourseError(f"{dest} is a file, not a folder: name a new or empty folder")
     if dest.exists() and any(dest.iterdir()):
         raise CourseError(f"{dest} exists and is not empty")
     if dest.resolve().is_relative_to(root):
         raise CourseError(f"{dest} is inside the repository: write the copy elsewhere")
     written = []
     for f in project_files(root):
-        if student and f.startswith("course/solutions/"):
+        if student and (f.startswith(INSTRUCTOR_ONLY) or (f.startswith(HIDDEN) and not hidden)):
             continue
         target = dest / f
         target.parent.mkdir(parents=True, exist_ok=True)
