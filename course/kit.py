@@ -100,13 +100,15 @@ def copy_project(root: Path, dest: Path, student: bool = False, keep: str | None
 
 # ----------------------------------------------------------------------------- tests
 
-def run_tests(assignment, where: Path, stop_first: bool = False, capture: bool = False):
-    """pytest on the assignment's test files, run in `where` (so it imports that copy's code)."""
-    missing = [t for t in assignment.tests if not (where / t).is_file()]
+def run_tests(assignment, where: Path, stop_first: bool = False, capture: bool = False, hidden: bool = False):
+    """pytest on the assignment's test files (and its hidden ones if `hidden`), run in `where` (so it imports
+    that copy's code)."""
+    tests = [*assignment.tests, *(assignment.hidden if hidden else ())]
+    missing = [t for t in tests if not (where / t).is_file()]
     if missing:
         raise CourseError(f"{where} has no {missing[0]}")
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["-x"] if stop_first else []),
-               *assignment.tests]
+               *tests]
     return subprocess.run(command, cwd=where, capture_output=capture, text=True)
 
 
@@ -144,10 +146,15 @@ def check(root: Path = ROOT) -> bool:
         changed = sorted(f for f in files if not f.startswith("course/solutions/")
                          and (student / f).read_bytes() != (root / f).read_bytes())
         left_out = sorted(set(files) - {str(p.relative_to(student)) for p in student.rglob("*") if p.is_file()})
-        report(changed == sorted(set(implement.values())) and all(f.startswith("course/solutions/") for f in left_out),
+        report(changed == sorted(set(implement.values())) and all(f.startswith((*INSTRUCTOR_ONLY, HIDDEN))
+                                                                  for f in left_out),
                f"student copy: differs in {', '.join(changed)}; leaves out {', '.join(left_out) or 'nothing'}")
         jobs = [partial(_help, student, script) for script in STAGES]
         jobs += [partial(_check_assignment, a, root, student, Path(tmp)) for a in ASSIGNMENTS]
+        jobs += [partial(_check_mutant, a, patch, root, Path(tmp)) for a in ASSIGNMENTS for patch in mutants(a, root)]
+        counts = {a.name: len(mutants(a, root)) for a in ASSIGNMENTS if a.kind == "implement"}
+        report(min(counts.values()) >= 3,
+               "mutants: " + ", ".join(f"{n} {c}" for n, c in counts.items()) + " (at least 3 each)")
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:   # each job a subprocess
             for ok, line in pool.map(lambda job: job(), jobs):
                 report(ok, line)
@@ -165,10 +172,10 @@ def _check_assignment(a, root: Path, student: Path, tmp: Path) -> tuple[bool, st
     if a.kind == "implement":
         cut = run_tests(a, student, stop_first=True, capture=True)
         stubbed = f"assignment {a.name}: see" in cut.stdout
-        ref = run_tests(a, root, stop_first=True, capture=True)
+        ref = run_tests(a, root, stop_first=True, capture=True, hidden=True)
         alone = tmp / a.name   # a student copy with this assignment done and no other: graded on its own
-        copy_project(root, alone, student=True, keep=a.name)
-        own = run_tests(a, alone, stop_first=True, capture=True)
+        copy_project(root, alone, student=True, keep=a.name, hidden=True)
+        own = run_tests(a, alone, stop_first=True, capture=True, hidden=True)
         return (cut.returncode == 1 and stubbed and ref.returncode == 0 and own.returncode == 0,
                 f"{a.name} ({a.file}): student copy {_verdict(cut)}{' at its stub' if stubbed else ''},"
                 f" reference {_verdict(ref)}, student copy with this solution alone {_verdict(own)}")
@@ -195,3 +202,26 @@ def _patched_files(patch: Path, scratch: Path) -> list[str]:
     if applied.returncode != 0:
         raise CourseError(f"{patch.name} does not apply: {applied.stderr.strip().splitlines()[0]}")
     return sorted(line.split("\t")[2] for line in stat.stdout.splitlines())
+
+
+# ----------------------------------------------------------------------------- the mutants
+
+def mutants(a, root: Path = ROOT) -> list[Path]:
+    """course/mutants/NAME/*.patch: plausible wrong solutions of the assignment, each named by its file."""
+    return sorted((root / "course" / "mutants" / a.name).glob("*.patch"))
+
+
+def _check_mutant(a, patch: Path, root: Path, tmp: Path) -> tuple[bool, str]:
+    """A mutant applied to a copy of the reference must fail the assignment's tests (hidden ones included).
+    Applied with one line of context, so that small unrelated edits of the reference do not stop it."""
+    scratch = tmp / f"mutant-{a.name}-{patch.stem}"
+    copy_project(root, scratch)
+    name = f"mutant {a.name}/{patch.name}"
+    applied = subprocess.run(["git", "apply", "-C1", "--recount", "--include", a.file, str(patch)], cwd=scratch,
+                             capture_output=True, text=True)
+    if applied.returncode != 0 or (scratch / a.file).read_bytes() == (root / a.file).read_bytes():
+        why = (applied.stderr.strip().splitlines() or [f"it changes nothing in {a.file}"])[0]
+        return False, f"{name}: does not apply to {a.file} ({why}): rewrite it against the reference"
+    run = run_tests(a, scratch, stop_first=True, capture=True, hidden=True)
+    verdict = {0: "pass: a hole in the tests", 1: "fail"}.get(run.returncode, f"error (pytest exit {run.returncode})")
+    return run.returncode == 1, f"{name}: the tests {verdict}"
