@@ -22,7 +22,7 @@ from pathlib import Path
 from course import kit
 from course.grade_plugin import cap
 
-COLLECT_TIMEOUT = 120.0   # s to import the tests (and the submission) and collect them; torch takes ~10 s
+COLLECT_TIMEOUT = 120.0   # s to collect (import torch, the tests, the submission), or to build a test's fixtures
 EVENTS, SKIP, LOG = ".course-grade-events", ".course-grade-skip", ".course-grade-log"
 VISIBILITY = {False: "visible", True: "after_published"}   # Gradescope's: hidden tests show once grades are out
 
@@ -111,7 +111,7 @@ def _pytest_once(where, files, done, broken, timeout, *extra):
     with open(where / LOG, "w") as log:
         process = subprocess.Popen(command, cwd=where, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
-    collected, current, since, offset = None, None, time.monotonic(), 0
+    collected, current, since, offset, limit = None, None, time.monotonic(), 0, COLLECT_TIMEOUT
     try:
         while True:
             ended = process.poll() is not None
@@ -123,19 +123,21 @@ def _pytest_once(where, files, done, broken, timeout, *extra):
                     collected = event["collected"]
                 elif "collect_error" in event:
                     broken[event["collect_error"]] = event["output"]
-                elif "start" in event:
-                    current = event["start"]
+                elif "start" in event:   # its fixtures first: the session's tiny models, built once per process
+                    current, limit = event["start"], COLLECT_TIMEOUT
+                elif "call" in event:
+                    limit = timeout
                 elif "done" in event:
-                    done[event["done"]], current = (event["passed"], event["output"]), None
+                    done[event["done"]], current, limit = (event["passed"], event["output"]), None, COLLECT_TIMEOUT
             if ended:
                 break
-            if time.monotonic() - since > (timeout if collected is not None else COLLECT_TIMEOUT):
+            if time.monotonic() - since > limit:
                 _end(process)
                 if collected is None:   # (a loop at import time: the tests are listed without the submission)
                     broken.update(dict.fromkeys(files, f"timed out: collecting the tests (importing the submission) "
                                                        f"took over {COLLECT_TIMEOUT:g} s"))
                 if current is not None:
-                    done[current] = (False, f"timed out: ended after {timeout:g} s (the other tests still count)")
+                    done[current] = (False, f"timed out: ended after {limit:g} s (the other tests still count)")
                 return collected, True
             time.sleep(0.05)
     finally:

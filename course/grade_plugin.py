@@ -1,7 +1,8 @@
 """The pytest plugin of `python -m course grade` (course/grade.py loads it with -p course.grade_plugin).
 
 It reports, one JSON line each, to the file named by $COURSE_GRADE_EVENTS: the collected tests with
-their points, each test's start, and each test's result with its output. The grader reads that file
+their points, each test's start and the start of its call (after its fixtures), and each test's result
+with its output. The grader reads that file
 while pytest runs, so a test that hangs is seen, ended and named from outside. The tests named in
 the file $COURSE_GRADE_SKIP (one node id a line: those already graded before a restart) are
 deselected.
@@ -48,6 +49,11 @@ def pytest_collectreport(report):
 
 def pytest_runtest_logstart(nodeid, location):
     _emit({"start": nodeid})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+    _emit({"call": item.nodeid})   # the test's own time starts here (its fixtures, built first, are the reference's)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -143,7 +143,7 @@ def check(root: Path = ROOT) -> bool:
     with tempfile.TemporaryDirectory(prefix="course-check-") as tmp:
         student = Path(tmp, "student")
         copy_project(root, student, student=True)
-        changed = sorted(f for f in files if not f.startswith("course/solutions/")
+        changed = sorted(f for f in files if not f.startswith((*INSTRUCTOR_ONLY, HIDDEN))
                          and (student / f).read_bytes() != (root / f).read_bytes())
         left_out = sorted(set(files) - {str(p.relative_to(student)) for p in student.rglob("*") if p.is_file()})
         report(changed == sorted(set(implement.values())) and all(f.startswith((*INSTRUCTOR_ONLY, HIDDEN))
