@@ -148,7 +148,7 @@ def check(root: Path = ROOT) -> bool:
         left_out = sorted(set(files) - {str(p.relative_to(student)) for p in student.rglob("*") if p.is_file()})
         report(changed == sorted(set(implement.values())) and all(f.startswith((*INSTRUCTOR_ONLY, HIDDEN))
                                                                   for f in left_out),
-               f"student copy: differs in {', '.join(changed)}; leaves out {', '.join(left_out) or 'nothing'}")
+               f"student copy: differs in {', '.join(changed)}; leaves out {_folders(left_out) or 'nothing'}")
         jobs = [partial(_help, student, script) for script in STAGES]
         jobs += [partial(_check_assignment, a, root, student, Path(tmp)) for a in ASSIGNMENTS]
         jobs += [partial(_check_mutant, a, patch, root, Path(tmp)) for a in ASSIGNMENTS for patch in mutants(a, root)]
@@ -161,6 +161,14 @@ def check(root: Path = ROOT) -> bool:
     print(f"course check: {'passed' if not failures else f'{len(failures)} failed'}"
           f" ({len(ASSIGNMENTS)} assignments, {time.time() - start:.0f} s)")
     return not failures
+
+
+def _folders(files: list[str]) -> str:
+    """'course/mutants/ (30 files), ...': what a student copy leaves out, by folder."""
+    count = {}
+    for f in files:
+        count[f.rsplit("/", 1)[0] + "/"] = count.get(f.rsplit("/", 1)[0] + "/", 0) + 1
+    return ", ".join(f"{folder} ({n} files)" for folder, n in sorted(count.items()))
 
 
 def _help(student: Path, script: str) -> tuple[bool, str]:
