@@ -102,7 +102,7 @@ class PeftModule(nn.Module):
 
 
 class Adapter(PeftModule):
-    """Bottleneck adapter: delta(a) = W_up f(W_down a) (Houlsby et al. 2019); the placement
+    """Bottleneck adapter: delta(a) = W_up f(W_down a + b_down) + b_up (Houlsby et al. 2019); the placement
     decides where delta is added (see the module docstring)."""
 
     def __init__(self, hidden: int, bottleneck: int, non_linearity: str = "swish", init: str = "near-identity"):

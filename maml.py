@@ -162,6 +162,8 @@ def inner_loop(loss_fn, fast: dict, support_batch: dict, steps: int, lr: float,
     losses: if a list is given, the detached support loss at phi_0 .. phi_{k-1} is
     appended to it (as tensors, to avoid a device sync per step).
     Tensors in `fast` that the loss does not use are returned unchanged.
+    steps=0: phi' = phi_0, loss_fn never called; a tensor that requires grad is returned itself, any
+    other as a new leaf that requires grad (as at every step's start).
     Never writes into the model's parameters: each step builds new tensors.
     """
     # BEGIN ASSIGNMENT inner_loop

@@ -196,6 +196,10 @@ def check_args(args):
     implicit_priming.check_implicit_flags). Returns the PEFT config."""
     world, _, local_rank = distributed.torchrun_world()
     priming_run.check_priming_flags(args, world, local_rank)
+    if args.inner_optimizer != "sgd" and (args.method == "mtl" or args.inner_loop == "implicit"):  # it would do nothing
+        other = "--method mtl" if args.method == "mtl" else "--inner-loop implicit"
+        raise ValueError(f"--inner-optimizer {args.inner_optimizer} sets the unrolled MAML inner loop's update rule; "
+                         f"{other} has none: leave it out")
     implicit_priming.check_implicit_flags(args, world, {"inner_steps": INNER_STEPS, "inner_lr": INNER_LR})
     return peft_config.peft_config_from_flags(args, args.peft)
 

@@ -83,7 +83,7 @@ def holm(pvalues):
 
 def paired_difference(condition, baseline):
     """condition, baseline: {fine-tuning seed: score}. The mean paired difference over the
-    seeds both have, its 95% CI and half-width (None with one seed), the sample std of the
+    seeds both have, its 95% CI and half-width (both None when n < 2: no degrees of freedom), the sample std of the
     differences, and how many seeds favour the condition (difference > 0)."""
     # BEGIN ASSIGNMENT paired_interval
     seeds = sorted(set(condition) & set(baseline))

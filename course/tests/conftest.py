@@ -7,6 +7,11 @@ import torch
 from tests.conftest import data_dir, default_tokenizer, each_tokenizer_read_once, tiny_model_dir  # noqa: F401
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "points(n): what the test is worth when graded (python -m course grade; "
+                                       "1 without the mark)")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny models run fastest on one thread (tests/conftest.py says why)."""

@@ -117,3 +117,32 @@ def test_the_whole_model_changes_with_the_adapters_and_not_without(placement):
                 module.up.weight.zero_()
                 module.up.bias.zero_()
     assert torch.allclose(neutral(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-6)
+
+
+def test_pfeiffer_uses_the_layer_norms_own_weight_bias_and_eps():
+    """A trained LayerNorm is not weight 1, bias 0, and a model's eps is its own (BERT's 1e-12, not 1e-5)."""
+    model = model_with_adapters("pfeiffer")
+    torch.manual_seed(2)
+    ffn = model.bert.encoder.layer[0].output
+    with torch.no_grad():
+        ffn.LayerNorm.weight.normal_(1, 0.5)
+        ffn.LayerNorm.bias.normal_(0, 0.5)
+    ffn.LayerNorm.eps = 0.5   # large, so that an eps of its own choice shows
+    x, z = torch.randn(2, 5, 32) * 0.3, torch.randn(2, 5, 64) * 0.3
+    expected = sub_layer(ffn, z, x, ffn.LayerNorm.adapter, ACTIVATIONS["relu"], pfeiffer=True)
+    assert torch.allclose(ffn(z, x), expected, atol=1e-5)
+
+
+def test_houlsby_adapts_what_the_dropout_lets_through_in_training():
+    """In training the sub-layer's dropout acts first and the adapter sees its output:
+    LN(d + delta(d) + x) with d = dropout(W_o z + b_o) (eval mode alone cannot tell d from h)."""
+    model = model_with_adapters("houlsby").train()
+    ffn = model.bert.encoder.layer[0].output
+    ffn.dropout.p = 0.5
+    x, z = torch.randn(2, 5, 32), torch.randn(2, 5, 64)
+    torch.manual_seed(3)
+    out = ffn(z, x)
+    torch.manual_seed(3)   # the same mask: nn.Dropout draws it with one F.dropout call
+    d = torch.nn.functional.dropout(z @ ffn.dense.weight.T + ffn.dense.bias, 0.5, training=True)
+    expected = hand_layer_norm(d + hand_delta(ffn.dropout.adapter, d, ACTIVATIONS["swish"]) + x, ffn.LayerNorm)
+    assert torch.allclose(out, expected, atol=1e-5)

@@ -109,3 +109,27 @@ def test_the_smallest_curvature_seen_and_a_zero_right_hand_side():
     zero = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
     x, info = conjugate_gradient(operator(torch.eye(7, dtype=torch.float64)), zero, steps=10)
     assert all((t == 0).all() for t in x) and info["cg_iterations"] == 0 and info["cg_residual"] == 0.0
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+def test_the_tolerance_is_relative_to_b_at_every_scale(scale):
+    """Stop when ||r|| <= tol ||b||: the same iterations, the same relative residual and a scaled x for
+    b scaled by 1e-6 or 1e6 (an absolute tolerance stops at once on a tiny b, late on a large one). The
+    spectrum is narrow, so CG stops at the tolerance (4 iterations), well before round-off."""
+    matrix = spd([1.0, 1.0, 1.0, 1.2, 1.5, 2.0, 3.0], seed=2)
+    b = [t * scale for t in B]
+    x, info = conjugate_gradient(operator(matrix), b, steps=50, tol=1e-2)
+    _, unscaled = conjugate_gradient(operator(matrix), B, steps=50, tol=1e-2)
+    assert 0 < info["cg_iterations"] == unscaled["cg_iterations"]
+    assert info["cg_residual"] <= 1e-2 and info["cg_residual"] == pytest.approx(unscaled["cg_residual"], rel=1e-6)
+    assert info["cg_residual"] == pytest.approx(residual(matrix, x, b), rel=1e-6)
+
+
+def test_zero_curvature_of_a_singular_operator_stops_like_negative_curvature():
+    """A singular A with b in its null space: p^T A p = 0 at the first direction. CG must stop there
+    (u = 0, negative_curvature 1), not divide by it."""
+    matrix = torch.diag(torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64))
+    b = unflat(torch.tensor([0.0, 0.0, 0.0, 1.0, -2.0, 0.5, 1.0], dtype=torch.float64))
+    x, info = conjugate_gradient(operator(matrix), b, steps=10)
+    assert all((t == 0).all() for t in x)
+    assert info["negative_curvature"] == 1 and info["cg_iterations"] == 0 and info["cg_min_curvature"] == 0.0

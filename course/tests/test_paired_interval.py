@@ -62,3 +62,13 @@ def test_the_interval_covers_the_true_difference_95_percent_of_the_time():
         low, high = paired_difference(condition, baseline)["ci95"]
         covered += low <= 1.0 <= high
     assert 0.935 < covered / runs < 0.965
+
+
+def test_runs_are_paired_by_seed_whatever_order_they_were_recorded_in():
+    """Each row is {seed: score}; the rows of two conditions need not list their seeds in the same order
+    (runs finish when they finish), nor hold the same seeds."""
+    condition = {2: 70.5, 0: 71.2, 9: 50.0, 1: 69.8}
+    baseline = {0: 70.1, 1: 70.0, 2: 69.2}
+    out = paired_difference(condition, baseline)
+    assert out["seeds"] == [0, 1, 2] and out["mean"] == pytest.approx(0.73333, abs=1e-4)
+    assert out["sd"] == pytest.approx(0.81445, abs=1e-4) and out["favour"] == 2

@@ -139,3 +139,21 @@ def test_gradients_reach_the_prefix_mlp_and_a_deep_copy_is_independent():
     with torch.no_grad():
         twin.bert.encoder.peft_prefix.embedding.add_(1.0)
     assert not torch.allclose(twin(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_attention_dropout_acts_on_the_prefixed_attention_in_training_only(attn):
+    """Only the attention probabilities' dropout is on (p = 0.5, every other dropout 0): two training
+    forwards differ, as the plain model's do; two eval forwards are equal (eval mode alone cannot see it)."""
+    model = prefixed(attn, mlp=False)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for layer in model.bert.encoder.layer:
+        layer.attention.self.dropout.p = 0.5
+    ids = torch.randint(5, 120, (2, 6), generator=torch.Generator().manual_seed(0))
+    model.train()
+    first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert not torch.allclose(first, second)
+    model.eval()
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
