@@ -109,6 +109,14 @@ def batch_order(examples, batch_size, seed, steps, pad_id):
     return [i for b in batches for i in b]
 
 
+def full_batches(train, batch_size):
+    """The first sentences of `train` that fill whole batches: the stream's length pools then all
+    hold a multiple of batch_size (BatchStream cuts pools of 100 batches), so no short batch falls
+    among the steps (the Trainer's sequential sampler cuts fixed-size batches). A split shorter than
+    --train-sentences (the tests' corpus: 120 en train sentences) is cut the same way."""
+    return train.select(range(len(train) - len(train) % batch_size))
+
+
 def hf_train(args, examples, order, tokenizer, seed):
     """Seconds of each timed step of Trainer + HF peft LoRA on the same batches (sequential sampler)."""
     from transformers import TrainerCallback
@@ -204,7 +212,7 @@ def main(argv=None):
     if not 1 <= args.warmup < args.steps - 1:
         raise ValueError(f"--warmup must be at least 1 and below --steps - 1 ({args.steps - 1}), got {args.warmup}")
     tokenizer = load_tokenizer(args.model)
-    train = load_wikiann("en", "train", args.data_dir, args.train_sentences)
+    train = full_batches(load_wikiann("en", "train", args.data_dir, args.train_sentences), args.batch_size)
     examples = encode_sentences(train, tokenizer, args.max_len)
     test = load_wikiann("fr", "test", args.data_dir, args.eval_sentences)
     model = load_token_classifier(args.model, num_labels=len(LABELS), id2label=LABELS)
