@@ -205,3 +205,16 @@ def test_speed_benchmark_prints_both_ratios(tiny_model_dir, corpus, request, cap
     assert "x (target >= 1.0x)" in printed and "x (target >= 2x)" in printed
     with pytest.raises(ValueError, match="--warmup"):
         bench.main(["--model", str(tiny_model_dir), "--steps", "5", "--warmup", "4"])
+
+
+@pytest.mark.slow  # six tiny runs with their start-ups: ~100 s on a loaded 2-core CPU
+def test_whole_run_prints_one_ratio_per_method(tiny_model_dir, data_dir, capsys):
+    """--whole-run on a tiny budget: both sides train and select on the dev set, a line per method."""
+    bench = load_benchmark("bench_vs_hf")
+    ratios = bench.main(["--whole-run", "--model", str(tiny_model_dir), "--steps", "10", "--repeats", "1",
+                         "--data-dir", data_dir])
+    assert sorted(ratios) == ["adapter", "lora", "prefix"] and all(r > 0 for r in ratios.values())
+    printed = capsys.readouterr().out
+    for peft in ratios:
+        assert f"whole-run {peft}: ours " in printed and f"{peft} repeat 0 theirs: " in printed
+    assert printed.count("best dev F1") == 6

@@ -1,6 +1,7 @@
 """Speed beside what a user would pick instead: this project's LoRA fine-tuning against the
 transformers Trainer + HF peft LoRA, and evaluate_ner.py's scoring against transformers'
-token-classification pipeline. Printed as ratios (ours / theirs).
+token-classification pipeline. Printed as ratios (ours / theirs). --whole-run: finetune_peft.py's
+whole default run against the Trainer's, adapter, prefix and LoRA (whole_run.py).
 
     pip install --no-deps -r requirements-optional.txt           # peft, accelerate
     OMP_NUM_THREADS=1 python experiments/benchmarks/bench_vs_hf.py --data-dir ../shared/data/wikiann
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)]
+import whole_run  # noqa: E402
 from hf_peft_trainer import hf_lora_model, hf_trainer, trainer_dataset  # noqa: E402
 
 import adapters  # noqa: E402
@@ -193,7 +195,12 @@ def build_parser():
     p = argparse.ArgumentParser(description="This project's fine-tuning and evaluation speed against transformers'.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="e5-small", help="the body on both sides")
-    p.add_argument("--steps", type=int, default=STEPS, help="fine-tuning steps per side and repeat")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"fine-tuning steps per side and repeat (default {STEPS}; with --whole-run the default "
+                        f"run's {whole_run.DEFAULT_STEPS}, and fewer keep its shape: a run of minutes)")
+    p.add_argument("--whole-run", action="store_true",
+                   help="time finetune_peft.py's whole default run (dev selection included) against the Trainer's, "
+                        "for adapter, prefix and LoRA (whole_run.py)")
     p.add_argument("--warmup", type=int, default=WARMUP, help="first steps left out of the timing")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="sentences per training batch")
     p.add_argument("--train-sentences", type=int, default=TRAIN_SENTENCES, help="English train sentences read")
@@ -208,6 +215,11 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.whole_run:
+        check_at_least(args, 1, "steps", "repeats")
+        print(f"torch threads {torch.get_num_threads()}", flush=True)
+        return whole_run.whole_run(args)
+    args.steps = STEPS if args.steps is None else args.steps
     check_at_least(args, 1, "steps", "batch_size", "train_sentences", "eval_sentences", "max_len", "repeats")
     if not 1 <= args.warmup < args.steps - 1:
         raise ValueError(f"--warmup must be at least 1 and below --steps - 1 ({args.steps - 1}), got {args.warmup}")
