@@ -176,12 +176,14 @@ def build_parser():
     hardware.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
     hardware.add_argument("--precision", choices=pretrained.PRECISIONS, default="fp32",
                           help="fp32, or bf16 autocast for the forward passes")
+    hardware.add_argument("--threads", type=int, default=None, help=cli.THREADS_HELP)
     return cli.parser_taking_negative_numbers(p)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     config = check_args(args)
+    cli.set_threads(args)
     fmt = ner_data.data_format_from_flags(args)
     device = pretrained.pick_device(args.gpu)
     init_path = pretrained.resolve_model(args.init)
