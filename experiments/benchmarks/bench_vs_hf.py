@@ -207,6 +207,7 @@ def build_parser():
     p.add_argument("--eval-sentences", type=int, default=EVAL_SENTENCES, help="fr test sentences scored per side")
     p.add_argument("--max-len", type=int, default=128, help="sub-word truncation length")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every measurement")
+    p.add_argument("--threads", type=int, default=None, help=f"with --whole-run: {cli.THREADS_HELP}")
     p.add_argument("--profile", action="store_true",
                    help="also print cProfile's top functions of each side's fine-tuning and evaluation (first repeat)")
     p.add_argument("--data-dir", default=None, help="PAN-X folder (default: $WIKIANN_DIR, else the hub's wikiann)")
@@ -217,7 +218,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.whole_run:
         check_at_least(args, 1, "steps", "repeats")
-        print(f"torch threads {torch.get_num_threads()}", flush=True)
+        cli.set_threads(args)  # both sides: the Trainer in this process, ours through finetune_peft's --threads
         return whole_run.whole_run(args)
     args.steps = STEPS if args.steps is None else args.steps
     check_at_least(args, 1, "steps", "batch_size", "train_sentences", "eval_sentences", "max_len", "repeats")

@@ -42,12 +42,13 @@ def run_shape(steps):
     return max(1, round(DEV_PER_STEP * steps)), max(1, steps // finetune_peft.EVALS)
 
 
-def ours(model, peft, steps, data_dir, seed):
+def ours(model, peft, steps, data_dir, seed, threads):
     """Seconds of finetune_peft.main (its defaults but --steps, scaled dev) and its best dev F1."""
     dev_sentences, _ = run_shape(steps)
     with tempfile.TemporaryDirectory(prefix="whole-run-") as out:
         argv = ["--init", model, "--peft", peft, "--steps", str(steps), "--dev-sentences", str(dev_sentences),
-                "--seed", str(seed), "--out", out, "--overwrite"] + (["--data-dir", data_dir] if data_dir else [])
+                "--seed", str(seed), "--threads", str(threads), "--out", out,
+                "--overwrite"] + (["--data-dir", data_dir] if data_dir else [])
         t0 = time.perf_counter()
         finetune_peft.main(argv)
         seconds = time.perf_counter() - t0
@@ -76,8 +77,9 @@ def seqeval_metrics(prediction):
     return {"f1": tag_scores(gold, pred)["f1_default"]}
 
 
-def theirs(model, peft, steps, data_dir, seed):
+def theirs(model, peft, steps, data_dir, seed, threads):
     """Seconds of the Trainer's run of the same shape (data read to the end) and its best dev F1."""
+    torch.set_num_threads(threads)
     from hf_peft_trainer import BATCH_SIZE, LR, WARMUP, trainer_dataset
     from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments
     dev_sentences, eval_every = run_shape(steps)
@@ -113,7 +115,7 @@ def whole_run(args):
         for repeat in range(args.repeats):
             sides = [("ours", ours), ("theirs", theirs)][::1 if repeat % 2 == 0 else -1]
             for name, side in sides:
-                seconds, f1 = side(args.model, peft, steps, args.data_dir, repeat)
+                seconds, f1 = side(args.model, peft, steps, args.data_dir, repeat, args.threads)
                 times[name].append(seconds)
                 print(f"  {peft} repeat {repeat} {name}: {seconds:.1f} s, best dev F1 {f1:.2f}", flush=True)
         o, t = statistics.median(times["ours"]), statistics.median(times["theirs"])
