@@ -134,12 +134,14 @@ def build_parser():
     hardware.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass")
     hardware.add_argument("--precision", choices=pretrained.PRECISIONS, default="fp32",
                           help="fp32, or bf16 autocast for the forward passes")
+    hardware.add_argument("--threads", type=int, default=None, help=cli.THREADS_HELP)
     return cli.parser_taking_negative_numbers(p)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cli.check_at_least(args, 1, "max_sentences", "batch_size", "max_len")
+    cli.set_threads(args)
     langs = ner_data.parse_languages(args.langs)
     out = evaluation_run.check_output_paths(args, langs)  # before the model is loaded or anything is scored
     fmt = ner_data.data_format_from_flags(args)

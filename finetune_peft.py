@@ -63,7 +63,9 @@ def fine_tune(args, model, tokenizer, train, dev, out, record, device):
                                   device=device, max_tokens=args.max_tokens)
     dev_examples = batches.encode_sentences(dev, tokenizer, args.max_len)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr)
+    # foreach: one multi-tensor update instead of a Python loop over the ~100 PEFT tensors; the same
+    # arithmetic, so bit-identical weights (fused=True is faster still but rounds differently)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: linear_schedule(i, args.steps, args.warmup))
     record.update(trainable_parameters=sum(p.numel() for p in trainable),
                   total_parameters=sum(p.numel() for p in model.parameters()))
@@ -75,14 +77,15 @@ def fine_tune(args, model, tokenizer, train, dev, out, record, device):
         t0 = time.perf_counter()
         with pretrained.precision_context(device, args.precision):
             loss = model(**stream.next_batch()).loss
-        cli.check_finite(loss.item(), f"the training loss at step {step}",
+        train_loss = loss.item()  # one host sync a step: the check and the metrics line share it
+        cli.check_finite(train_loss, f"the training loss at step {step}",
                           "lower --lr, and start again with --overwrite")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
-        metrics = {"step": step, "train_loss": loss.item(), "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
+        metrics = {"step": step, "train_loss": train_loss, "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
         if step % args.eval_every == 0 or step == args.steps:
             with pretrained.precision_context(device, args.precision):
                 scores = score_model(model, dev, dev_examples, device=device, pad_id=tokenizer.pad_token_id)
@@ -173,12 +176,14 @@ def build_parser():
     hardware.add_argument("--gpu", type=int, default=None, help="CUDA device index; leave out for the CPU")
     hardware.add_argument("--precision", choices=pretrained.PRECISIONS, default="fp32",
                           help="fp32, or bf16 autocast for the forward passes")
+    hardware.add_argument("--threads", type=int, default=None, help=cli.THREADS_HELP)
     return cli.parser_taking_negative_numbers(p)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     config = check_args(args)
+    cli.set_threads(args)
     fmt = ner_data.data_format_from_flags(args)
     device = pretrained.pick_device(args.gpu)
     init_path = pretrained.resolve_model(args.init)

@@ -291,12 +291,14 @@ def build_parser():
                                "on the CPU)")
     hardware.add_argument("--precision", choices=pretrained.PRECISIONS, default="fp32",
                           help="fp32, or bf16 autocast for the forward passes (second-order MAML included)")
+    hardware.add_argument("--threads", type=int, default=None, help=cli.THREADS_HELP)
     return cli.parser_taking_negative_numbers(p)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     config = check_args(args)
+    cli.set_threads(args)
     claimed = []  # filled once --out is this run's: what a Ctrl-C leaves depends on it
     try:
         run(args, config, claimed)

@@ -176,3 +176,22 @@ def run_cli(main, argv=None, interrupted="the last complete checkpoint is kept")
             raise  # a bug, or the full traceback for developers
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
+
+
+THREADS_HELP = "torch's intra-op CPU threads (default: the cores this process may use, os.sched_getaffinity)"
+
+
+def set_threads(args):
+    """torch's intra-op threads: --threads, else the cores this process may use (its affinity, which
+    taskset and container CPU sets narrow; torch's own default counts the machine's cores). Writes
+    the count used into args.threads, so run.json records it, and says it (the run's log)."""
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads} (leave it out for the cores this "
+                         f"process may use)")
+    given = args.threads is not None
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    args.threads = args.threads if given else len(affinity)
+    torch.set_num_threads(args.threads)
+    print(f"torch threads: {args.threads} ({'--threads' if given else 'the cores this process may use'})",
+          flush=True)
+    return args.threads

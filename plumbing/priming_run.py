@@ -17,8 +17,8 @@ from plumbing import cli, distributed, files, model_card, ner_data, pretrained, 
 STAGE = "meta_pretrain"
 # flags that may change between an interrupted run and its --resume (everything else shapes the run;
 # --data-dir is compared resolved, with $WIKIANN_DIR and the files' bytes, by runs.check_same_data)
-NOT_SHAPING = {"steps", "resume", "overwrite", "gpu", "out", "eval_every", "save_every", "reference_ft", "keep_resume",
-               "log_adaptation_every", "data_dir"}
+NOT_SHAPING = {"steps", "resume", "overwrite", "gpu", "threads", "out", "eval_every", "save_every", "reference_ft",
+               "keep_resume", "log_adaptation_every", "data_dir"}
 # what Ctrl-C leaves, said by run_cli
 INTERRUPTED = "the last resumable checkpoint is kept: continue with --resume (same --out)"
 
@@ -67,7 +67,7 @@ def resume_flags(args, data, parser, check):
     if values["model"] not in pretrained.DEFAULT_ALIASES:
         values["model"] = pretrained.resolve_model(args.model)
     values["data_dir"] = (data or {}).get("dir") or values.get("data_dir")
-    return cli.flags_for(parser, values, check, leave_out={"resume", "overwrite", "out", "steps", "gpu",
+    return cli.flags_for(parser, values, check, leave_out={"resume", "overwrite", "out", "steps", "gpu", "threads",
                                                             "reference_ft"})
 
 

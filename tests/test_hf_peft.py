@@ -192,13 +192,29 @@ def test_trainer_reads_the_batches_of_our_fine_tuning(tiny_model_dir, data_dir, 
         assert torch.equal(theirs["labels"].cpu(), ours["labels"])
 
 
-def test_speed_benchmark_prints_both_ratios(tiny_model_dir, data_dir, capsys):
+@pytest.mark.parametrize("corpus", ["data_dir", pytest.param("full_data_dir", marks=pytest.mark.slow)])
+def test_speed_benchmark_prints_both_ratios(tiny_model_dir, corpus, request, capsys):
+    """On the tests' corpus (120 en train sentences: 7.5 batches of 16, so a short batch would fall among
+    the steps unless the benchmark cuts it) and on the full one (160 of 20,000 read)."""
     bench = load_benchmark("bench_vs_hf")
-    rates = bench.main(["--model", str(tiny_model_dir), "--steps", "5", "--warmup", "1", "--repeats", "1",
+    rates = bench.main(["--model", str(tiny_model_dir), "--steps", "7", "--warmup", "1", "--repeats", "1",
                         "--train-sentences", "160", "--eval-sentences", "8", "--max-len", "32",
-                        "--data-dir", data_dir])
+                        "--data-dir", request.getfixturevalue(corpus)])
     assert all(len(v) == 1 and v[0] > 0 for v in rates.values())
     printed = capsys.readouterr().out
     assert "x (target >= 1.0x)" in printed and "x (target >= 2x)" in printed
     with pytest.raises(ValueError, match="--warmup"):
         bench.main(["--model", str(tiny_model_dir), "--steps", "5", "--warmup", "4"])
+
+
+@pytest.mark.slow  # six tiny runs with their start-ups: ~100 s on a loaded 2-core CPU
+def test_whole_run_prints_one_ratio_per_method(tiny_model_dir, data_dir, capsys):
+    """--whole-run on a tiny budget: both sides train and select on the dev set, a line per method."""
+    bench = load_benchmark("bench_vs_hf")
+    ratios = bench.main(["--whole-run", "--model", str(tiny_model_dir), "--steps", "10", "--repeats", "1",
+                         "--data-dir", data_dir])
+    assert sorted(ratios) == ["adapter", "lora", "prefix"] and all(r > 0 for r in ratios.values())
+    printed = capsys.readouterr().out
+    for peft in ratios:
+        assert f"whole-run {peft}: ours " in printed and f"{peft} repeat 0 theirs: " in printed
+    assert printed.count("best dev F1") == 6

@@ -1,6 +1,7 @@
 """Speed beside what a user would pick instead: this project's LoRA fine-tuning against the
 transformers Trainer + HF peft LoRA, and evaluate_ner.py's scoring against transformers'
-token-classification pipeline. Printed as ratios (ours / theirs).
+token-classification pipeline. Printed as ratios (ours / theirs). --whole-run: finetune_peft.py's
+whole default run against the Trainer's, adapter, prefix and LoRA (whole_run.py).
 
     pip install --no-deps -r requirements-optional.txt           # peft, accelerate
     OMP_NUM_THREADS=1 python experiments/benchmarks/bench_vs_hf.py --data-dir ../shared/data/wikiann
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)]
+import whole_run  # noqa: E402
 from hf_peft_trainer import hf_lora_model, hf_trainer, trainer_dataset  # noqa: E402
 
 import adapters  # noqa: E402
@@ -107,6 +109,14 @@ def batch_order(examples, batch_size, seed, steps, pad_id):
     if len(batches) < steps or any(len(b) != batch_size for b in batches):
         raise ValueError(f"--train-sentences is too small for {steps} full batches of {batch_size}")
     return [i for b in batches for i in b]
+
+
+def full_batches(train, batch_size):
+    """The first sentences of `train` that fill whole batches: the stream's length pools then all
+    hold a multiple of batch_size (BatchStream cuts pools of 100 batches), so no short batch falls
+    among the steps (the Trainer's sequential sampler cuts fixed-size batches). A split shorter than
+    --train-sentences (the tests' corpus: 120 en train sentences) is cut the same way."""
+    return train.select(range(len(train) - len(train) % batch_size))
 
 
 def hf_train(args, examples, order, tokenizer, seed):
@@ -185,13 +195,19 @@ def build_parser():
     p = argparse.ArgumentParser(description="This project's fine-tuning and evaluation speed against transformers'.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="e5-small", help="the body on both sides")
-    p.add_argument("--steps", type=int, default=STEPS, help="fine-tuning steps per side and repeat")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"fine-tuning steps per side and repeat (default {STEPS}; with --whole-run the default "
+                        f"run's {whole_run.DEFAULT_STEPS}, and fewer keep its shape: a run of minutes)")
+    p.add_argument("--whole-run", action="store_true",
+                   help="time finetune_peft.py's whole default run (dev selection included) against the Trainer's, "
+                        "for adapter, prefix and LoRA (whole_run.py)")
     p.add_argument("--warmup", type=int, default=WARMUP, help="first steps left out of the timing")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="sentences per training batch")
     p.add_argument("--train-sentences", type=int, default=TRAIN_SENTENCES, help="English train sentences read")
     p.add_argument("--eval-sentences", type=int, default=EVAL_SENTENCES, help="fr test sentences scored per side")
     p.add_argument("--max-len", type=int, default=128, help="sub-word truncation length")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every measurement")
+    p.add_argument("--threads", type=int, default=None, help=f"with --whole-run: {cli.THREADS_HELP}")
     p.add_argument("--profile", action="store_true",
                    help="also print cProfile's top functions of each side's fine-tuning and evaluation (first repeat)")
     p.add_argument("--data-dir", default=None, help="PAN-X folder (default: $WIKIANN_DIR, else the hub's wikiann)")
@@ -200,11 +216,16 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.whole_run:
+        check_at_least(args, 1, "steps", "repeats")
+        cli.set_threads(args)  # both sides: the Trainer in this process, ours through finetune_peft's --threads
+        return whole_run.whole_run(args)
+    args.steps = STEPS if args.steps is None else args.steps
     check_at_least(args, 1, "steps", "batch_size", "train_sentences", "eval_sentences", "max_len", "repeats")
     if not 1 <= args.warmup < args.steps - 1:
         raise ValueError(f"--warmup must be at least 1 and below --steps - 1 ({args.steps - 1}), got {args.warmup}")
     tokenizer = load_tokenizer(args.model)
-    train = load_wikiann("en", "train", args.data_dir, args.train_sentences)
+    train = full_batches(load_wikiann("en", "train", args.data_dir, args.train_sentences), args.batch_size)
     examples = encode_sentences(train, tokenizer, args.max_len)
     test = load_wikiann("fr", "test", args.data_dir, args.eval_sentences)
     model = load_token_classifier(args.model, num_labels=len(LABELS), id2label=LABELS)
