@@ -35,3 +35,27 @@ def test_a_refused_rerun_changes_nothing(tiny_model_dir, data_dir, interrupted, 
     message = error_of(meta_pretrain.main, prime_argv(tiny_model_dir, data_dir, out, *extra), capsys)
     assert said in message
     assert contents(out) == before
+
+
+class Payload:
+    """What a hostile resume.pt holds: unpickling it creates `marker` (it could as well run any command)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_resume_state_that_would_run_code_is_refused_unrun(tiny_model_dir, data_dir, interrupted, tmp_path,
+                                                             capsys):
+    import torch
+    out, marker = tmp_path / "p", tmp_path / "ran"
+    shutil.copytree(interrupted, out)
+    state = torch.load(out / "resume.pt", weights_only=True)
+    torch.save({**state, "run": Payload(marker)}, out / "resume.pt")      # a received resume.pt
+    before = contents(out)
+    message = error_of(meta_pretrain.main, prime_argv(tiny_model_dir, data_dir, out, "--resume"), capsys)
+    assert f"{out / 'resume.pt'} holds more than tensors and plain data" in message
+    assert not marker.exists()                                             # its code never ran
+    assert contents(out) == before
