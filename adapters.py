@@ -177,10 +177,6 @@ class Prefix(PeftModule):
         kv = F.linear(z, self.mlp_out.weight[rows], self.mlp_out.bias[rows]).view(self.length, 2, self.hidden)
         return kv[:, 0], kv[:, 1]
 
-    def all_key_values(self):
-        """All prefixes as one (layers, 2, P, d) tensor."""
-        return torch.stack([torch.stack(self.key_value(layer)) for layer in range(self.num_layers)])
-
     def fresh(self, generator=None):
         if not self.has_mlp:
             return {"key_values": _normal(self.key_values.shape, self.init_std, generator)}

@@ -15,7 +15,7 @@ convergence, with a proximal term that keeps phi near where it started,
 
     phi*(theta) = argmin_phi G(phi, theta),     G = L_S(theta, phi) + (lambda/2) ||phi - phi_0||^2.
 
-`fine_tune` minimises G with SGD or Adam on a stream of source-language batches and keeps no
+`inner_fine_tune` minimises G with SGD or Adam on a stream of source-language batches and keeps no
 graph between steps, so its memory does not grow with the number of steps.
 
 Meta-objective F(theta) = L_Q(theta, phi*(theta)). At the minimum grad_phi G = 0 for every
@@ -61,7 +61,7 @@ of <J^T w, v> in w is J v), H_out by its closed form, J^T y by one backward of z
 logits_fn(fast, batch) -> (logits, labels) with L = the mean cross-entropy over labels != -100.
 curvature="hessian" keeps the exact formula (*) (and its negative-curvature stop).
 
-phi_hat from `fine_tune` is only near phi*: the error of (*) grows with ||grad_phi G(phi_hat)||,
+phi_hat from `inner_fine_tune` is only near phi*: the error of (*) grows with ||grad_phi G(phi_hat)||,
 which `hypergradient` reports (inner_grad_norm) beside the CG iterations and relative residual.
 
 First order: u = 0, dF/dtheta ~ dL_Q/dtheta at phi_hat ("first-order MAML with a converged
@@ -73,7 +73,7 @@ backward of the mixed term. Memory: one double-backward graph of the support bat
 graph of the query batch, whatever the number of fine-tuning steps.
 
 Dropout: CG needs one fixed linear operator, so call `hypergradient` with dropout off
-(model.eval()); `fine_tune` runs in the model's mode (train mode, as downstream fine-tuning).
+(model.eval()); `inner_fine_tune` runs in the model's mode (train mode, as downstream fine-tuning).
 """
 
 from collections import OrderedDict
@@ -126,7 +126,7 @@ def inner_fine_tune(loss_fn, phi_0: dict, batches, optimizer: str = "adam", step
         if losses is not None:
             losses.append(loss.detach())
     if taken < steps:
-        raise ValueError(f"fine_tune: the batches ran out after {taken} of {steps} steps")
+        raise ValueError(f"inner_fine_tune: the batches ran out after {taken} of {steps} steps")
     return OrderedDict((n, t.detach()) for n, t in phi.items()), opt.state_dict()
 
 
@@ -193,7 +193,7 @@ def hypergradient(loss_fn, theta: list, phi_hat: dict, phi_0: dict, support, que
     (first order: the CG and correction entries are absent.)
 
     support is the batch G (its curvature and mixed block) is taken on; damping the lambda that
-    `fine_tune` used; cg_damping (default: damping) the lambda of the linear system; curvature
+    `inner_fine_tune` used; cg_damping (default: damping) the lambda of the linear system; curvature
     "hessian" (the exact H) or "ggn" (J^T H_out J, with logits_fn; module docstring). Nothing is
     written to .grad. Call with dropout off (module docstring).
     """

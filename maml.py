@@ -3,6 +3,18 @@
 This file is METHOD.md steps 3 (inner loop) and 4 (meta-gradient). It adapts any dict of
 tensors and imports nothing else from the project, so it can be read and reused alone.
 
+Example (runs as it is; tests/test_maml.py runs it):
+
+    import torch, maml
+    w = torch.randn(3, requires_grad=True)                 # theta: what the outer loop trains
+    def loss_fn(fast, batch):                              # any loss of (fast tensors, batch)
+        x, y = batch
+        return ((x @ (w + fast["b"]) - y) ** 2).mean()
+    support, query = (torch.randn(8, 3), torch.randn(8)), (torch.randn(8, 3), torch.randn(8))
+    adapted = maml.inner_loop(loss_fn, {"b": torch.zeros(3)}, support, steps=5, lr=0.1)   # phi'
+    loss_fn(adapted, query).backward()                     # w.grad: the second-order meta-gradient
+    losses = maml.meta_step(loss_fn, [(support, query)], lambda i: {"b": torch.zeros(3)}, steps=5, lr=0.1)
+
 Notation
 --------
 theta  the body: the pretrained encoder's own parameters.

@@ -30,6 +30,7 @@ comparison continues where it stopped; two compare.py processes on one --runs fo
 """
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -299,6 +300,22 @@ def half_width_hint(name, d, target=0.7):
     return f"{name}: CI half-width {d['half_width']:.2f}; about {needed} {unit} would give {target}"
 
 
+def check_no_fewer(path, table):
+    """--report-only never replaces results with fewer: runs it cannot match (other flags, other data) read
+    as not finished, and a table of them would hide the real one."""
+    try:
+        written = json.loads(path.read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no results yet, or none this script could read: nothing real to lose
+    now = {f"{p} | {c}": row["runs"] for (p, c), row in table.items()}
+    lost = [name for name, row in written.items() if isinstance(row, dict) and now.get(name, 0) < row.get("runs", 0)]
+    if lost:
+        raise ValueError(f"--report-only: the runs matching these flags would replace {path} with fewer "
+                         f"({lost[0]}: {now.get(lost[0], 0)} run(s) here, {written[lost[0]]['runs']} there): give the "
+                         f"flags and data (--data-dir) those runs were made with (table.md and results.json are "
+                         f"left as they were)")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     langs, conditions = check_args(args)
@@ -324,7 +341,10 @@ def main(argv=None):
             row_runs[(peft, condition)] = finished
             table[(peft, condition)] = collect(finished, langs)
             table = {row: table[row] for row in sorted(table, key=order.get)}
-            write_results(table, paired_rows(table, baselines_of), langs, args, out, dose_ladder(args))
+            if not args.report_only:  # a report is written once, checked first (check_no_fewer)
+                write_results(table, paired_rows(table, baselines_of), langs, args, out, dose_ladder(args))
+    if args.report_only:
+        check_no_fewer(out / "results.json", table)
     row_runs = {row: row_runs[row] for row in table}
     add_body_change(table, row_runs, args.model)
     paired = paired_rows(table, baselines_of)

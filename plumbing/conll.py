@@ -13,8 +13,8 @@ E-/S-/L-/U- tags, else IOB1, which leaves IOB2 tags unchanged.
 import re
 from dataclasses import dataclass
 
-from plumbing import ner_data
-
+LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]  # the hub's wikiann order (ner_data.LABELS)
+TYPES = sorted({label[2:] for label in LABELS if label != "O"})  # entity types the models predict
 TAG_SCHEMES = ("auto", "iob2", "iob1", "bioes")
 DOCSTART = "-DOCSTART-"  # CoNLL-2003's document separator line
 TO_IOB2 = {"B": "B", "I": "I", "E": "I", "S": "B", "L": "I", "U": "B"}  # BIOES and BILOU prefixes -> IOB2
@@ -37,9 +37,9 @@ def parse_tag_map(text):
         old, eq, new = (part.strip() for part in item.partition("="))
         if not eq or not old or not new:
             raise ValueError(f"bad --tag-map item {item!r}: give TYPE=TYPE or TYPE=O, comma-separated, e.g. MISC=O")
-        if new != "O" and new not in ner_data.TYPES:
+        if new != "O" and new not in TYPES:
             raise ValueError(f"--tag-map {old}={new}: {new} is not a type the model predicts "
-                             f"({', '.join(ner_data.TYPES)}) nor O")
+                             f"({', '.join(TYPES)}) nor O")
         if old in pairs:  # else the last one would win silently
             raise ValueError(f"--tag-map {text}: {old} is mapped twice ({old}={pairs[old]} and {old}={new}): "
                              f"give each type once")
@@ -158,7 +158,7 @@ def label_id(prefix, kind, tag_map, where):
     kind = tag_map.get(kind, kind)
     if kind == "O":
         return 0
-    if kind not in ner_data.TYPES:
-        raise ValueError(f"{where}: entity type {kind} is not one the model predicts ({', '.join(ner_data.TYPES)}): "
+    if kind not in TYPES:
+        raise ValueError(f"{where}: entity type {kind} is not one the model predicts ({', '.join(TYPES)}): "
                          f"map it with --tag-map {kind}=O (or {kind}=<type>)")
-    return ner_data.LABELS.index(f"{prefix}-{kind}")
+    return LABELS.index(f"{prefix}-{kind}")

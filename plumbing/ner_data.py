@@ -34,13 +34,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from plumbing import conll
+from plumbing.conll import LABELS  # the label set, defined beside the reader that maps tags onto it
 
-LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]  # the hub's wikiann order
 SPLITS = ("train", "dev", "test")
 HUB_DATASET = "unimelb-nlp/wikiann"  # the hub's wikiann; its "validation" is PAN-X's "dev"
 HUB_WAYS_OUT = ("connect to huggingface.co for the hub route, or pass --data-dir (or set WIKIANN_DIR) "
                 "to a local PAN-X folder (README: The data)")
-TYPES = sorted({label[2:] for label in LABELS if label != "O"})  # entity types the models predict
 DATA_FORMATS = ("panx", "conll")
 CONLL_NAMES = ("{split}", "{split}.txt", "{split}.conll")  # file names of a split in <dir>/<lang>/
 

@@ -109,6 +109,9 @@ def body_only(model, args):
 
 def check_priming_flags(args, world, local_rank):
     """Inconsistent or out-of-range flags of meta_pretrain.py: one clear error each."""
+    if args.resume and args.overwrite:  # --overwrite would delete the resume.pt that --resume reads
+        raise ValueError("--resume continues the run in --out, --overwrite deletes it: give one of them "
+                         "(nothing was changed)")
     if args.method == "mtl":
         for flag, bad in [("--first-order", args.first_order), ("--outer-peft", args.outer_peft),
                           ("--inner-params all", args.inner_params == "all"), ("--meta-sgd", args.meta_sgd)]:

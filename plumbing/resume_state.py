@@ -12,8 +12,11 @@ inner loop with a warm start, the carried fine-tuning (its phi_0, phi and optimi
 run therefore draws the same batches, tasks, phi and dropout masks as an uninterrupted one.
 It also names the run it belongs to ("run": the flags that shape it, --seed and --peft among them), so a
 resume.pt copied in from another run is refused instead of continuing that run under this one's record.
+It holds tensors and plain data only (RNG states are tensors) and is read with weights_only=True, so a
+received resume.pt can carry no code that loading it would run; its identity is checked before any of it is applied.
 """
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -52,11 +55,21 @@ def load(out, model, optimizer, source, rngs, rank=0, extra=None, carried=None, 
         raise FileNotFoundError(f"--resume: {path} does not exist (no checkpoint saved yet, or removed by "
                                 f"--no-keep-resume), so the run in {out} cannot continue: prime into a new --out "
                                 f"(nothing in {out} was changed)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: a received resume.pt is data, never code that unpickling would run
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise ValueError(f"{path} is unreadable (UnpicklingError), so the run in {out} cannot continue: "
+                             f"prime into a new --out (nothing in {out} was changed)") from None
+        raise ValueError(f"{path} holds more than tensors and plain data (Python objects that loading would run), "
+                         f"so this project did not write it: restore the run's own resume.pt, or prime into a new "
+                         f"--out (it was not loaded; nothing in {out} was changed)") from None
     except Exception as e:  # truncated or not a torch file
         raise ValueError(f"{path} is unreadable ({type(e).__name__}), so the run in {out} cannot continue: "
                          f"prime into a new --out (nothing in {out} was changed)") from None
+    if not isinstance(state, dict) or not isinstance(state.get("run", {}), dict):
+        raise ValueError(f"{path} is not a resume state of this project: restore the run's own resume.pt, or prime "
+                         f"into a new --out (nothing in {out} was changed)")
     check_same_run(path, state.get("run", {}), run or {}, out)
     model.load_state_dict(state["model"], strict=False)  # the frozen rest is the input model's
     optimizer.load_state_dict(state["optimizer"])

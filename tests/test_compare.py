@@ -648,3 +648,14 @@ def test_the_gauss_newton_row_is_paired_with_first_order_and_the_exact_hessian()
     bases = compare_conditions.baselines_of("implicit MAML priming (Gauss-Newton)")
     assert bases[-2:] == ["implicit MAML priming (first order)", "implicit MAML priming"]
     assert "implicit MAML priming (Gauss-Newton)" not in compare_conditions.baselines_of("implicit MAML priming")
+
+
+def test_report_only_never_replaces_results_with_fewer(tmp_path, fake):
+    compare.main(base_argv(tmp_path, "--finetune-seeds", "1"))
+    out = tmp_path / "out"
+    before = {name: (out / name).read_bytes() for name in ("table.md", "results.json")}
+    (tmp_path / "elsewhere").mkdir()                                # other data: none of the runs match
+    with pytest.raises(ValueError, match="--report-only: .* would replace .*results.json with fewer"):
+        compare.main(base_argv(tmp_path, "--finetune-seeds", "1", "--report-only") + ["--data-dir",
+                                                                                     str(tmp_path / "elsewhere")])
+    assert {name: (out / name).read_bytes() for name in before} == before

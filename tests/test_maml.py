@@ -248,3 +248,13 @@ def test_meta_step_without_the_after_forward_gives_the_same_gradient():
         assert ("support_loss_after" in out) is measure_after
         grads.append(body(model).grad.clone())
     assert torch.equal(grads[0], grads[1])
+
+
+def test_the_example_at_the_top_of_maml_runs():
+    import textwrap
+    doc = maml.__doc__
+    example = doc[doc.index("Example"):].split("\n\n")[1]
+    space = {}
+    exec(textwrap.dedent(example), space)
+    assert space["w"].grad is not None and space["w"].grad.abs().sum() > 0
+    assert space["losses"]["support_loss_after"] < space["losses"]["support_loss_before"]
