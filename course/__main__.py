@@ -79,7 +79,7 @@ def _grade(assignment, args) -> int:
         print(message, file=sys.stderr)
         return 1
     results = grade.grade(assignment, args.file, args.tree, args.timeout)
-    print(grade.report(assignment, results))
+    print(grade.score_lines(assignment, results))
     if args.json is not None:
         _write_json(args.json, grade.results_json(assignment, results))
     return 0 if all(r.score == r.max_score for r in results) else 1

@@ -54,7 +54,7 @@ def grade(assignment, submission: Path, tree: Path | None = None, timeout: float
         tests, done, broken = run_graded(where, files, timeout)
         if tests is None or broken:   # the submission breaks the import of a test file: list them without it
             (where / assignment.file).write_bytes(own)
-            tests = collect(where, files)
+            tests = collect_tests(where, files)
         results = []
         for test in tests:
             passed, output = done.get(test["id"], (False, _not_run(test["id"], broken)))
@@ -89,7 +89,7 @@ def run_graded(where: Path, files: list[str], timeout: float):
             return tests, done, broken
 
 
-def collect(where: Path, files: list[str]) -> list[dict]:
+def collect_tests(where: Path, files: list[str]) -> list[dict]:
     """The tests of `files` and their points, by the plugin, without running them."""
     collected, _ = _pytest_once(where, files, {}, {}, COLLECT_TIMEOUT, "--collect-only")
     if collected is None:
@@ -162,7 +162,7 @@ def _end(process):
 
 # ----------------------------------------------------------------------------- reports
 
-def report(assignment, results: list[Result]) -> str:
+def score_lines(assignment, results: list[Result]) -> str:
     """One line per test with its points, then the total."""
     width = max((len(r.name) for r in results), default=0)
     lines = [f"{r.score:g}/{r.max_score:g}  {r.name:<{width}}{'  (hidden)' if r.hidden else ''}"

@@ -86,7 +86,7 @@ def test_the_report_and_results_json():
     inner = BY_NAME["inner_loop"]
     results = [grade.Result("test_a.py::test_one", 2, 2, "", False),
                grade.Result("hidden/test_b.py::test_two", 1, 0, "[call] x\nE   AssertionError: wrong\n", True)]
-    lines = grade.report(inner, results).splitlines()
+    lines = grade.score_lines(inner, results).splitlines()
     assert lines[0] == "2/2  test_a.py::test_one"
     assert lines[1] == "0/1  hidden/test_b.py::test_two  (hidden)  AssertionError: wrong"
     assert lines[2] == "total: 2/3 (inner_loop, maml.py)"
